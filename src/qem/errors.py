@@ -1,0 +1,45 @@
+"""Exceptions raised by qem. Each message says what to change.
+
+All derive from :class:`QemError`, and from the matching built-in (``ValueError``,
+``TypeError``, ``FileExistsError``) so that generic handlers keep working.
+"""
+
+
+class QemError(Exception):
+    """Base class of every error qem raises on purpose."""
+
+
+class InvalidParameterError(QemError, ValueError):
+    """A privacy or mechanism parameter is out of its domain (eps, delta, C, gamma, lam, N, ...)."""
+
+
+class CurvatureError(QemError, ValueError):
+    """The quadratic's matrix A is not symmetric, not finite, or not positive definite."""
+
+
+class ShapeError(QemError, ValueError):
+    """An array or tensor does not have the shape the computation needs."""
+
+
+class NonFiniteError(QemError, ValueError):
+    """A NaN or infinity reached privacy-critical arithmetic."""
+
+
+class DataError(QemError, ValueError):
+    """The data is empty, malformed, or has labels out of range."""
+
+
+class UnsupportedModelError(QemError, TypeError):
+    """The model has layers or parameters the chosen subspace or curvature cannot handle."""
+
+
+class RejectionSamplingError(QemError, ValueError):
+    """The pure-eps rejection sampler would need an unreasonable number of draws."""
+
+
+class OutputExistsError(QemError, FileExistsError):
+    """The output directory exists and overwriting was not requested."""
+
+
+class PrivacyWarning(UserWarning):
+    """A setting is legal but weakens the guarantee (for example delta >= 1/N)."""
