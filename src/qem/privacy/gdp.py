@@ -111,7 +111,10 @@ def calibrate_gdp_mu(epsilon: float, delta: float) -> float:
 
 
 def compose_gdp(mus: Iterable[float]) -> float:
-    """Composition of mu_t-GDP releases, adaptive or not: sqrt(sum mu_t^2) (Dong et al. Cor. 3.3)."""
+    """Composition of mu_t-GDP releases, adaptive or not: sqrt(sum mu_t^2).
+
+    Dong, Roth & Su 2022, Corollary 3.3.
+    """
     values = [_check_mu(m) for m in mus]
     if not values:
         raise InvalidParameterError("compose_gdp needs at least one mu.")
@@ -119,7 +122,10 @@ def compose_gdp(mus: Iterable[float]) -> float:
 
 
 def gdp_renyi(mu: float, orders: float | np.ndarray) -> float | np.ndarray:
-    """Renyi divergence of order alpha of a mu-GDP release: alpha mu^2 / 2 (Mironov 2017, Prop. 7)."""
+    """Renyi divergence of order alpha of a mu-GDP release: alpha mu^2 / 2.
+
+    Mironov 2017, Proposition 7 (Gaussian mechanism with sensitivity/sigma = mu).
+    """
     mu = _check_mu(mu)
     alpha = np.asarray(orders, dtype=np.float64)
     if np.any(alpha <= 1):

@@ -4,8 +4,8 @@ The mechanism's mean is m_D = -(N lam A)^-1 sum_i gh_i, so two neighbouring data
 (N lam A)^-1 (gh_j - gh_j'), whose size in the metric of A is ||gh_j - gh_j'||_{A^-1}. This module
 bounds that dual norm:
 
-* dual-norm clipping (||gh||_{A^-1} <= C):        sup ||gh_j - gh_j'||_{A^-1} <= s C
-* Euclidean clipping (||gh||_2 <= C):            sup ||gh_j - gh_j'||_{A^-1} <= s C / sqrt(lambda_min(A))
+* dual-norm clipping (||gh||_{A^-1} <= C): sup ||gh_j - gh_j'||_{A^-1} <= s C
+* Euclidean clipping (||gh||_2 <= C):       sup ||gh_j - gh_j'||_{A^-1} <= s C / sqrt(lambda_min(A))
 
 with s = 2 for replace-one neighbours and s = 1 for add/remove (where N is a declared constant
 that does not change when a record is added or removed). Both bounds are attained, so the
@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from qem.errors import InvalidParameterError
 
 
-class Adjacency(str, Enum):
+class Adjacency(StrEnum):
     """Which datasets count as neighbours."""
 
     REPLACE_ONE = "replace_one"
@@ -33,7 +33,7 @@ class Adjacency(str, Enum):
         return 2 if self is Adjacency.REPLACE_ONE else 1
 
 
-class ClipNorm(str, Enum):
+class ClipNorm(StrEnum):
     """The norm in which per-example subspace gradients are clipped."""
 
     DUAL = "dual"
