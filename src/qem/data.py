@@ -4,14 +4,13 @@ yielding (input, target) pairs or a tuple of two tensors (inputs, targets)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from qem.errors import DataError, ShapeError
 
-DataLike = Union[Dataset, tuple[torch.Tensor, torch.Tensor]]
+DataLike = Dataset | tuple[torch.Tensor, torch.Tensor]
 
 
 def as_dataset(data: DataLike, name: str = "data") -> Dataset:
