@@ -1,0 +1,210 @@
+"""The public quadratic A = P^T H0 P + gamma I_k (DESIGN.md §1).
+
+H0 is the curvature of the MEAN per-example loss over the public data at theta0, so that
+
+    (1/n) sum_i loss(theta0 + P w; z_i) ~ const + g^T w + 1/2 w^T (P^T H0 P) w .
+
+Each curvature type (one class per file) supplies the sum over one batch of its per-example
+k x k contribution; this base class runs the pass over the public data (model in eval mode,
+computed in the model's dtype, accumulated in float64), averages, symmetrises, damps and checks
+the result, and fingerprints the public data it used for the privacy report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from qem.data import DataLike, batches, num_examples
+from qem.errors import CurvatureError, InvalidParameterError, NonFiniteError
+from qem.losses import check_per_example_loss
+from qem.parameters import check_finite_parameters
+from qem.privacy.sensitivity import check_positive
+from qem.subspace.base import LossFn, Subspace
+
+ModelCall = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+"""outputs = call(theta, inputs): the model with the spanned parameters replaced by ``theta``."""
+
+
+class _DataHasher:
+    """Incremental sha256 over a dataset's tensors: bytes, dtypes and per-example shapes.
+
+    Inputs and targets are hashed in separate streams, so the digest does not depend on how the
+    data is cut into batches.
+    """
+
+    def __init__(self) -> None:
+        self._streams = (hashlib.sha256(), hashlib.sha256())
+        self._layout: list[list] = []  # runs of [input dtype/shape, target dtype/shape, count]
+        self.n = 0
+
+    def update(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        layout = [f"{t.dtype}{tuple(t.shape[1:])}" for t in (inputs, targets)]
+        if self._layout and self._layout[-1][:2] == layout:
+            self._layout[-1][2] += inputs.shape[0]
+        else:
+            self._layout.append([*layout, inputs.shape[0]])
+        for stream, t in zip(self._streams, (inputs, targets), strict=True):
+            raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            stream.update(raw.numpy().tobytes())
+        self.n += inputs.shape[0]
+
+    def hexdigest(self) -> str:
+        final = hashlib.sha256(b"qem-public-data-v1")
+        final.update(repr(self._layout).encode())
+        for stream in self._streams:
+            final.update(stream.digest())
+        return final.hexdigest()
+
+
+def fingerprint(data: DataLike, batch_size: int = 256) -> str:
+    """sha256 hex digest of a dataset's tensors (bytes, shapes and dtypes), batch-independent."""
+    hasher = _DataHasher()
+    for inputs, targets in batches(data, batch_size, name="public data"):
+        hasher.update(inputs, targets)
+    return hasher.hexdigest()
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode for the duration; restore each one's flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.train(training)
+
+
+def functional_model(
+    model: nn.Module, subspace: Subspace
+) -> tuple[dict[str, torch.Tensor], ModelCall]:
+    """theta0 (the spanned parameters, detached) and a pure call with the others held fixed."""
+    theta = subspace.parameters_of(model)
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in theta}
+    fixed.update(dict(model.named_buffers()))
+
+    def call(params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, {**fixed, **params}, (inputs,))
+
+    return theta, call
+
+
+class Curvature(ABC):
+    """A = P^T H0 P + gamma I_k, float64 (k, k); gamma (``damping``) must be > 0."""
+
+    kind: str = "abstract"
+
+    def __init__(self, damping: float, batch_size: int = 64, progress: bool = True) -> None:
+        self.damping = check_positive(
+            "damping gamma", damping, "Pass a positive damping so that A is positive definite."
+        )
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+            raise InvalidParameterError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+        self.batch_size = int(batch_size)
+        self.progress = bool(progress)
+        self.n_public: int | None = None
+        self.public_data_fingerprint: str | None = None
+
+    @abstractmethod
+    def matrix(
+        self, model: nn.Module, loss_fn: LossFn, subspace: Subspace, public_data: DataLike
+    ) -> np.ndarray:
+        """A = P^T H0 P + gamma I_k as a symmetric positive definite float64 (k, k) array."""
+
+    def describe(self) -> dict:
+        """Public description of A for the privacy report (data fields filled in by ``matrix``)."""
+        return {
+            "type": self.kind,
+            "damping": self.damping,
+            "n_public": self.n_public,
+            "public_data_fingerprint": self.public_data_fingerprint,
+        }
+
+
+class DataCurvature(Curvature):
+    """A curvature estimated by one pass over the public data.
+
+    Subclasses implement ``batch_sum``: sum over the examples of one batch of P^T H_i P, where
+    H_i is the example's curvature (GGN, empirical Fisher, exact Hessian), as a (k, k) tensor.
+    """
+
+    @abstractmethod
+    def batch_sum(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        subspace: Subspace,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        """sum_{i in batch} P^T H_i P as a (k, k) tensor (float64)."""
+
+    def postprocess(self, curvature: np.ndarray) -> np.ndarray:
+        """Hook on the averaged, symmetrised P^T H0 P before damping (identity by default)."""
+        return curvature
+
+    def matrix(
+        self, model: nn.Module, loss_fn: LossFn, subspace: Subspace, public_data: DataLike
+    ) -> np.ndarray:
+        """A = P^T H0 P + gamma I_k, float64 (k, k), symmetric positive definite.
+
+        H0 = (1/n) sum_i H_i over the n public examples. The model is used in eval mode and is
+        left exactly as it was passed.
+        """
+        check_finite_parameters(model)
+        hasher = _DataHasher()
+        total = torch.zeros(subspace.k, subspace.k, dtype=torch.float64)
+        reference = next(iter(subspace.parameters_of(model).values()))
+        n_batches = math.ceil(num_examples(public_data) / self.batch_size)
+        stream = batches(public_data, self.batch_size, name="public data")
+        bar = tqdm(
+            stream,
+            total=n_batches,
+            desc=f"curvature ({self.kind})",
+            unit="batch",
+            disable=not self.progress,
+        )
+        with eval_mode(model):
+            for index, (inputs, targets) in enumerate(bar):
+                hasher.update(inputs, targets)
+                inputs, targets = (_like(t, reference) for t in (inputs, targets))
+                if index == 0:
+                    with torch.no_grad():
+                        check_per_example_loss(loss_fn, model(inputs[:2]), targets[:2])
+                batch = self.batch_sum(model, loss_fn, subspace, inputs, targets)
+                total += batch.detach().to("cpu", torch.float64)
+        if not torch.isfinite(total).all():
+            raise NonFiniteError(
+                f"the {self.kind} curvature holds NaN or infinity: check the public data and the "
+                "model's outputs and loss on it."
+            )
+        curvature = (total / hasher.n).numpy()
+        curvature = self.postprocess(0.5 * (curvature + curvature.T))
+        A = 0.5 * (curvature + curvature.T) + self.damping * np.eye(subspace.k)
+        smallest = float(np.linalg.eigvalsh(A)[0])
+        if not smallest > 0:
+            raise CurvatureError(
+                f"A = P^T H0 P + gamma I is not positive definite (smallest eigenvalue "
+                f"{smallest:.3g}). Increase the damping; 'ggn' also needs a loss that is convex in "
+                "the model's outputs ('hessian' clamps negative eigenvalues instead)."
+            )
+        self.n_public = hasher.n
+        self.public_data_fingerprint = hasher.hexdigest()
+        return A
+
+
+def _like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Move to the reference's device; floating tensors also take its dtype."""
+    dtype = reference.dtype if tensor.is_floating_point() else tensor.dtype
+    return tensor.to(device=reference.device, dtype=dtype)
