@@ -20,6 +20,7 @@ worst case over all datasets of at most n_max records is computable from public 
 from __future__ import annotations
 
 import math
+import numbers
 
 from scipy import optimize, stats
 
@@ -29,6 +30,12 @@ from qem.privacy.sensitivity import Sensitivity, check_positive
 
 MIN_ACCEPTANCE = 1e-3
 """Below this worst-case acceptance probability the sampler refuses to run."""
+
+
+def _check_dimension(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise InvalidParameterError(f"the subspace dimension k must be an integer >= 1, got {k!r}.")
+    return int(k)
 
 
 def pure_beta(epsilon: float, radius: float, sensitivity: Sensitivity) -> float:
@@ -53,15 +60,14 @@ def worst_case_acceptance(
     n_max: float,
 ) -> float:
     """Smallest P(||w||_A <= R) over all datasets of at most n_max clipped gradients."""
-    if int(k) < 1:
-        raise InvalidParameterError(f"k must be >= 1, got {k}.")
+    k = _check_dimension(k)
     radius = check_positive("radius R", radius)
     beta = check_positive("beta", beta)
     scale = check_positive("N", N) * check_positive("lam", lam) * beta
     n_max = check_positive("n_max", n_max)
     mean_norm_bound = n_max * sensitivity.per_example_dual_bound / (N * lam)
     noncentrality = scale * mean_norm_bound**2
-    return float(stats.ncx2.cdf(scale * radius**2, df=int(k), nc=noncentrality))
+    return float(stats.ncx2.cdf(scale * radius**2, df=k, nc=noncentrality))
 
 
 def acceptance_at_radius(
@@ -114,7 +120,7 @@ def choose_radius(
 
 def check_acceptance(acceptance: float) -> None:
     """Refuse a radius whose worst-case acceptance is below MIN_ACCEPTANCE."""
-    if acceptance < MIN_ACCEPTANCE:
+    if not acceptance >= MIN_ACCEPTANCE:  # also refuses NaN
         raise RejectionSamplingError(
             f"the worst-case acceptance probability of the pure-eps sampler is {acceptance:.3g}"
             f" (< {MIN_ACCEPTANCE}): an expected {1 / max(acceptance, 1e-300):.3g} draws. "

@@ -48,6 +48,14 @@ def check_positive(name: str, value: float, hint: str = "") -> float:
     return value
 
 
+def _member(enum: type[StrEnum], value: str, name: str) -> StrEnum:
+    try:
+        return enum(value)
+    except ValueError:
+        options = ", ".join(repr(m.value) for m in enum)
+        raise InvalidParameterError(f"{name} must be one of {options}, got {value!r}.") from None
+
+
 @dataclass(frozen=True)
 class Sensitivity:
     """Bound on ||gh_j - gh_j'||_{A^-1} between neighbouring datasets.
@@ -63,14 +71,14 @@ class Sensitivity:
 
     def __post_init__(self) -> None:
         check_positive("clip_norm C", self.clip_norm, "Use a clipping bound such as 1.0.")
-        object.__setattr__(self, "adjacency", Adjacency(self.adjacency))
-        object.__setattr__(self, "clipping", ClipNorm(self.clipping))
-        if self.clipping is ClipNorm.EUCLIDEAN:
-            if self.lambda_min is None:
-                raise InvalidParameterError(
-                    "Euclidean clipping needs lambda_min(A) to bound the dual norm; "
-                    "pass lambda_min or use clipping='dual'."
-                )
+        object.__setattr__(self, "adjacency", _member(Adjacency, self.adjacency, "adjacency"))
+        object.__setattr__(self, "clipping", _member(ClipNorm, self.clipping, "clipping"))
+        if self.clipping is ClipNorm.EUCLIDEAN and self.lambda_min is None:
+            raise InvalidParameterError(
+                "Euclidean clipping needs lambda_min(A) to bound the dual norm; "
+                "pass lambda_min or use clipping='dual'."
+            )
+        if self.lambda_min is not None:
             check_positive("lambda_min(A)", self.lambda_min, "Increase the damping gamma.")
 
     @property
@@ -99,9 +107,15 @@ class Sensitivity:
 
 def gdp_mu(beta: float, N: float, lam: float, sensitivity: Sensitivity) -> float:
     """mu = sqrt(beta / (N lam)) * sup ||gh_j - gh_j'||_{A^-1} (DESIGN.md §1a)."""
+    beta = check_positive("beta", beta)
+    N = check_positive("N", N, "N is the public (declared) dataset size.")
+    lam = check_positive("lam", lam)
     return math.sqrt(beta / (N * lam)) * sensitivity.dual_norm_bound
 
 
 def gdp_beta(mu: float, N: float, lam: float, sensitivity: Sensitivity) -> float:
     """The inverse temperature that makes the release mu-GDP: beta = mu^2 N lam / bound^2."""
+    mu = check_positive("mu", mu)
+    N = check_positive("N", N, "N is the public (declared) dataset size.")
+    lam = check_positive("lam", lam)
     return mu * mu * N * lam / sensitivity.dual_norm_bound**2
