@@ -1,0 +1,1 @@
+"""The ``qem`` command line: one module per subcommand."""

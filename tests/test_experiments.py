@@ -1,0 +1,379 @@
+"""Experiment runner, report and CLI, with a fake method and a fake scenario (the real methods
+and scenarios are tested in their own files)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+from torch import nn
+
+from qem.cli import experiment as experiment_cli
+from qem.datasets.scenarios import Scenario
+from qem.errors import InvalidParameterError, OutputExistsError
+from qem.experiments import runner as runner_module
+from qem.experiments.config import load_config, parse_config
+from qem.experiments.report import write_report
+from qem.experiments.runner import Registry, run_experiment, write_json_atomic
+from qem.finetune import FineTuneResult
+
+FIXTURES = Path(__file__).parent / "fixtures" / "experiments"
+REPO = Path(__file__).parent.parent
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CELL_KEYS = {
+    "scenario", "method", "epsilon", "seed", "metric", "metric_name", "loss", "seconds",
+    "peak_memory_mb", "hyperparameters", "grid_scores", "report",
+}  # fmt: skip
+FEATURES, CLASSES = 4, 3
+
+
+def toy_scenario(seed: int = 0) -> Scenario:
+    """Labels y = argmax(x W): a linear model with weight W^T is exactly right."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(FEATURES, CLASSES, generator=generator, dtype=torch.float64)
+
+    def pair(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, FEATURES, generator=generator, dtype=torch.float64)
+        return x, (x @ weight).argmax(dim=1)
+
+    scenario = Scenario("toy", "toy", pair(30), pair(30), pair(40), pair(50))
+    scenario.true_weight = weight.T.contiguous()  # type: ignore[attr-defined]
+    return scenario
+
+
+class Fakes:
+    """A registry whose method sets the model to the true weights when ``good`` is True (zeros
+    otherwise, which predicts class 0), counts its calls and fails on call ``fail_at``."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.fail_at = fail_at
+        self.calls: list[dict] = []
+        self.pretrained: list[nn.Module] = []
+        self.scenario = toy_scenario()
+
+    def method(self, model, loss_fn, public_data, private_data, *, epsilon, delta, adjacency,
+               validation_data, seed, progress, good=False, scale=1.0):  # fmt: skip
+        self.calls.append({"epsilon": epsilon, "seed": seed, "good": good, "model": model})
+        if len(self.calls) == self.fail_at:
+            raise RuntimeError("simulated crash")
+        with torch.no_grad():
+            target = self.scenario.true_weight if good else torch.zeros_like(model.weight)
+            model.weight.copy_(scale * target)
+        return FineTuneResult(model, {"epsilon": epsilon, "delta": delta, "seed": seed})
+
+    def none(self, model, loss_fn, public_data, private_data, **kwargs):
+        self.calls.append({"epsilon": kwargs["epsilon"], "seed": kwargs["seed"], "model": model})
+        return FineTuneResult(model, {"epsilon": None})
+
+    def pretrainer(self, scenario, spec, config, loss_fn, cache_dir, progress) -> nn.Module:
+        model = nn.Linear(FEATURES, CLASSES, bias=False).double()
+        nn.init.zeros_(model.weight)
+        self.pretrained.append(model)
+        return model
+
+    def registry(self) -> Registry:
+        return Registry(
+            scenarios={"toy": lambda **options: self.scenario},
+            methods={"fake": self.method, "none": self.none},
+            pretrainer=self.pretrainer,
+        )
+
+
+def toy_config(**changes) -> dict:
+    config = {
+        "name": "toy",
+        "scenarios": [{"name": "toy"}],
+        "methods": [
+            {"name": "fake", "label": "fake_grid", "grid": {"good": [False, True]}},
+            {"name": "none"},
+        ],
+        "epsilons": [1, 4],
+        "seeds": [0, 1],
+        "pretrain": {"epochs": 1, "seed": 0},
+    }
+    config.update(changes)
+    return config
+
+
+def expected_keys() -> set[str]:
+    fake = {f"toy__fake_grid__eps{e}__seed{s}" for e in ("1.0", "4.0") for s in (0, 1)}
+    return fake | {f"toy__none__epsnone__seed{s}" for s in (0, 1)}
+
+
+def test_interrupted_sweep_resumes_without_duplicates_or_losses(tmp_path):
+    # 4 fake cells x 2 grid points + 2 budget-free cells = 10 calls; call 5 is in cell 3.
+    crashing = Fakes(fail_at=5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_experiment(toy_config(), tmp_path, progress=False, registry=crashing.registry())
+    cells = tmp_path / "cells"
+    assert sorted(p.name for p in cells.iterdir()) == [
+        "toy__fake_grid__eps1.0__seed0.json",
+        "toy__fake_grid__eps1.0__seed1.json",
+    ]  # two whole cells, and no temporary file of the interrupted one
+    assert not (tmp_path / "results.json").exists()
+    before = {p.name: p.read_bytes() for p in cells.iterdir()}
+
+    resumed = Fakes()
+    results = run_experiment(toy_config(), tmp_path, progress=False, registry=resumed.registry())
+    assert len(resumed.calls) == 2 * 2 + 2  # only the 4 unfinished cells ran
+    files = sorted(cells.iterdir())
+    assert {p.stem for p in files} == expected_keys()
+    assert all(p.suffix == ".json" and not p.name.startswith(".") for p in files)
+    for name, content in before.items():
+        assert (cells / name).read_bytes() == content
+    for path in files:
+        record = json.loads(path.read_text())
+        assert set(record) >= CELL_KEYS
+        assert record["key"] == path.stem
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert rows == results
+    assert all(set(row) == {"scenario", "method", "epsilon", "seed", "metric", "seconds"}
+               for row in rows)  # fmt: skip
+    identities = {(r["scenario"], r["method"], r["epsilon"], r["seed"]) for r in rows}
+    assert len(rows) == len(identities) == 6
+
+    finished = Fakes()
+    run_experiment(toy_config(), tmp_path, progress=False, registry=finished.registry())
+    assert finished.calls == [] and finished.pretrained == []  # nothing left to do or load
+
+
+def test_cell_records_the_choice_on_public_validation_and_the_test_metric(tmp_path):
+    fakes = Fakes()
+    config = toy_config(epsilons=[2], seeds=[3])
+    config["methods"][0]["fixed"] = {"scale": 2.0}
+    run_experiment(config, tmp_path, progress=False, registry=fakes.registry())
+    record = json.loads((tmp_path / "cells" / "toy__fake_grid__eps2.0__seed3.json").read_text())
+    test_y, valid_y = fakes.scenario.test[1], fakes.scenario.public_valid[1]
+    zero_valid = float((valid_y == 0).double().mean())  # the zero model predicts class 0
+    assert record["hyperparameters"] == {"good": True, "scale": 2.0}
+    grid = [g["hyperparameters"] for g in record["grid_scores"]]
+    assert grid == [{"good": False}, {"good": True}]
+    assert [g["valid_metric"] for g in record["grid_scores"]] == pytest.approx([zero_valid, 1.0])
+    assert record["valid_metric"] == 1.0
+    assert (record["metric"], record["metric_name"]) == (1.0, "accuracy")
+    assert (record["epsilon"], record["delta"], record["seed"]) == (2.0, 1e-5, 3)
+    assert record["report"] == {"epsilon": 2.0, "delta": 1e-5, "seed": 3}
+    assert set(record["seconds"]) == {"tuning", "fine_tune", "evaluate", "total"}
+    assert record["seconds"]["total"] >= record["seconds"]["tuning"] >= 0
+    assert record["peak_memory_mb"] > 0
+    assert math.isfinite(record["loss"]) and record["loss"] > 0
+
+    none = json.loads((tmp_path / "cells" / "toy__none__epsnone__seed3.json").read_text())
+    assert none["epsilon"] is None and none["delta"] is None
+    assert none["metric"] == pytest.approx(float((test_y == 0).double().mean()))
+    assert [c["epsilon"] for c in fakes.calls] == [2.0, 2.0, None]
+    # one pretraining for the scenario; every method got its own copy, never the original
+    assert len(fakes.pretrained) == 1
+    assert all(c["model"] is not fakes.pretrained[0] for c in fakes.calls)
+    assert torch.count_nonzero(fakes.pretrained[0].weight) == 0
+
+
+def test_default_pretrainer_caches_the_public_model_once_per_scenario(tmp_path):
+    fakes = Fakes()
+    registry = Registry(
+        scenarios={"toy": lambda **options: fakes.scenario},
+        methods={"none": fakes.none},
+        pretrainer=runner_module.cached_pretrainer,
+    )
+    logreg = {"name": "logreg", "options": {"in_features": FEATURES, "out_features": CLASSES}}
+    config = toy_config(methods=[{"name": "none"}], model=logreg)
+    config["pretrain"] = {"epochs": 20, "lr": 0.05, "batch_size": 10, "seed": 0}
+    cache = tmp_path / "cache"
+    for run in ("a", "b"):
+        run_experiment(config, tmp_path / run, progress=False, registry=registry, cache_dir=cache)
+    assert len(list(cache.glob("toy-logreg-*.pt"))) == 1  # trained once, loaded the second time
+    runs = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/results.json"))]
+    first, second = ([row["metric"] for row in rows] for rows in runs)
+    assert first == second  # the same pretrained model, from the cache
+    assert first[0] == first[1] > 0.6  # learnt from the public data; shared by the seeds
+
+
+def test_rerun_with_a_changed_method_refuses_but_new_seeds_extend(tmp_path):
+    run_experiment(toy_config(seeds=[0]), tmp_path, progress=False, registry=Fakes().registry())
+    extended = Fakes()
+    run_experiment(toy_config(seeds=[0, 1]), tmp_path, progress=False, registry=extended.registry())
+    assert len(extended.calls) == 2 * 2 + 1  # only the seed-1 cells
+    changed = toy_config(seeds=[0, 1])
+    changed["methods"][0]["grid"] = {"good": [True]}
+    with pytest.raises(OutputExistsError, match="different configuration"):
+        run_experiment(changed, tmp_path, progress=False, registry=Fakes().registry())
+
+
+def test_unknown_names_and_hyperparameters_fail_before_any_work(tmp_path):
+    fakes = Fakes()
+    config = toy_config(methods=[{"name": "dpsgd"}])
+    with pytest.raises(InvalidParameterError, match="unknown method 'dpsgd'"):
+        run_experiment(config, tmp_path, progress=False, registry=fakes.registry())
+    config = toy_config(scenarios=[{"name": "mnist_s9"}])
+    with pytest.raises(InvalidParameterError, match="unknown scenario 'mnist_s9'"):
+        run_experiment(config, tmp_path, progress=False, registry=fakes.registry())
+    config = toy_config(methods=[{"name": "fake", "fixed": {"learning_rate": 0.1}}])
+    with pytest.raises(InvalidParameterError, match="learning_rate"):
+        run_experiment(config, tmp_path, progress=False, registry=fakes.registry())
+    assert fakes.calls == [] and fakes.pretrained == []
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"colour": "red"}, r"unknown key\(s\) \['colour'\]"),
+        ({"epsilons": []}, "epsilons must be a non-empty list"),
+        ({"seeds": []}, "seeds must be a non-empty list"),
+        ({"methods": []}, "methods must be a non-empty list"),
+        ({"epsilons": [1, 0]}, r"epsilons\[1\] must be > 0"),
+        ({"epsilons": [1, 1.0]}, "epsilons must be unique"),
+        ({"seeds": [0, -1]}, r"seeds\[1\] must be an integer >= 0"),
+        ({"delta": 1.5}, r"delta must lie in \(0, 1\)"),
+        ({"adjacency": "swap"}, "adjacency must be one of"),
+        ({"loss": "hinge"}, "loss must be one of"),
+        ({"pretrain": {"epochs": 1}}, r"pretrain: missing required key\(s\) \['seed'\]"),
+        ({"pretrain": {"epochs": 1, "seed": 0, "momentum": 0.9}}, "momentum"),
+        ({"scenarios": [{"name": "toy", "opts": {}}]}, r"scenarios\[0\]: unknown key"),
+        ({"methods": [{"name": "fake", "grid": {"k": []}}]}, r"grid\['k'\] must be a non-empty"),
+        ({"methods": [{"name": "fake", "fixed": {"epsilon": 1}}]}, "set by the runner"),
+        ({"methods": [{"name": "fake", "grid": {"k": [1]}, "fixed": {"k": 2}}]}, "both grid"),
+        ({"methods": [{"name": "fake"}, {"name": "fake"}]}, "method labels must be unique"),
+        ({"methods": [{"name": "fake", "label": "a__b"}]}, "no '__'"),
+    ],
+)
+def test_config_validation_errors_say_what_to_change(change, message):
+    with pytest.raises(InvalidParameterError, match=message):
+        parse_config(toy_config(**change))
+
+
+def test_missing_key_and_bad_json_file(tmp_path):
+    config = toy_config()
+    del config["seeds"]
+    with pytest.raises(InvalidParameterError, match=r"missing required key\(s\) \['seeds'\]"):
+        parse_config(config)
+    path = tmp_path / "broken.json"
+    path.write_text("{")
+    with pytest.raises(InvalidParameterError, match="not valid JSON"):
+        load_config(path)
+
+
+def test_example_config_is_valid():
+    config = load_config(REPO / "configs" / "smoke.json")
+    assert config.name == "smoke" and config.epsilons == (1.0, 8.0)
+    assert parse_config(config.to_dict()) == config
+
+
+def test_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "cell.json"
+    write_json_atomic(path, {"metric": 0.5})
+    with pytest.raises(ValueError):
+        write_json_atomic(path, {"metric": math.nan})  # strict JSON refuses NaN
+    monkeypatch.setattr(runner_module.os, "replace", _fail_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_json_atomic(path, {"metric": 0.9})
+    assert json.loads(path.read_text()) == {"metric": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["cell.json"]
+
+
+def _fail_replace(source, target):
+    raise OSError("disk full")
+
+
+def parse_tables(markdown: str) -> dict[tuple[str, str], dict[str, dict[str, str]]]:
+    """{(scenario, table title): {row name: {column name: text}}} from ``results.md``."""
+    tables: dict = {}
+    scenario = title = None
+    header: list[str] = []
+    for line in markdown.splitlines():
+        if line.startswith("## "):
+            scenario = line[3:].split(" ")[0]
+        elif line.startswith("### "):
+            title, header = line[4:], []
+        elif line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not header:
+                header = cells
+            elif set(cells) != {"---"}:
+                tables.setdefault((scenario, title), {})[cells[0]] = dict(
+                    zip(header, cells, strict=True)
+                )
+    return tables
+
+
+def parse_mean_sd(text: str) -> tuple[float, float | None]:
+    match = re.fullmatch(r"(-?[\d.]+)(?: ± ([\d.]+))?(?: \(.*\))*", text)
+    assert match, text
+    return float(match[1]), None if match[2] is None else float(match[2])
+
+
+def fixture_cells() -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((FIXTURES / "cells").glob("*.json"))]
+
+
+def test_report_tables_equal_the_fixture_cells_and_plots_are_png(tmp_path):
+    written = write_report(FIXTURES, tmp_path)
+    assert {p.name for p in written} == {
+        "results.md", "privacy_utility_mnist_s1.png", "privacy_utility_mimic_mort_icu.png",
+        "seconds.png",
+    }  # fmt: skip
+    markdown = (tmp_path / "results.md").read_text()
+    tables = parse_tables(markdown)
+    cells = fixture_cells()
+    checked = 0
+    for (scenario, title), rows in tables.items():
+        field = {"Test accuracy": "metric", "Test AUROC": "metric"}.get(title)
+        field = "fine_tune" if title == "Fine-tuning seconds" else field
+        if field is None:
+            continue
+        digits = 2 if field == "fine_tune" else 4
+        for method, columns in rows.items():
+            for column, text in list(columns.items())[1:]:
+                epsilon = None if column == "no budget" else float(column.removeprefix("ε = "))
+                values = [
+                    c["seconds"]["fine_tune"] if field == "fine_tune" else c[field]
+                    for c in cells
+                    if (c["scenario"], c["method"], c["epsilon"]) == (scenario, method, epsilon)
+                ]
+                finite = [v for v in values if v is not None]
+                if not values:
+                    assert text == "—"
+                    continue
+                mean, sd = parse_mean_sd(text)
+                assert mean == pytest.approx(statistics.fmean(finite), abs=0.6 * 10**-digits)
+                if len(finite) > 1:
+                    assert sd == pytest.approx(statistics.stdev(finite), abs=0.6 * 10**-digits)
+                checked += 1
+    assert checked == 2 * 6 + 2 * 3  # filled entries of the metric and seconds tables
+    s1 = tables[("mnist_s1", "Test accuracy")]
+    assert s1["qem_T2"]["ε = 1"] == "0.9200 ± 0.0200"  # (0.90, 0.92, 0.94), written by hand
+    assert s1["none"]["no budget"] == "0.8533 ± 0.0058"
+    assert tables[("mimic_mort_icu", "Test AUROC")]["dpsgd"]["ε = 1"] == "0.6600 (1 null)"
+    ratio = tables[("mnist_s1", "Seconds ratio DP-SGD / qem")]["dpsgd / qem_T2"]
+    assert float(ratio["ε = 1"]) == pytest.approx(42.0 / 2.5, abs=0.005)
+    assert "## mimic_mort_icu (SYNTHETIC" in markdown
+    for path in written[1:]:
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        height, width, _ = matplotlib.image.imread(path).shape
+        assert height > 200 and width > 200
+
+
+def test_cli_run_and_report(tmp_path, monkeypatch, capsys):
+    fakes = Fakes()
+    monkeypatch.setattr(runner_module, "default_registry", fakes.registry)
+    config_path = tmp_path / "toy.json"
+    config_path.write_text(json.dumps(toy_config()))
+    parser = argparse.ArgumentParser(prog="qem")
+    experiment_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    run_dir = tmp_path / "run"
+    args = parser.parse_args(["experiment", "run", str(config_path), "--out", str(run_dir),
+                              "--no-progress"])  # fmt: skip
+    assert args.handler(args) == 0
+    assert len(json.loads((run_dir / "results.json").read_text())) == 6
+    args = parser.parse_args(["experiment", "report", str(run_dir), "--out", str(tmp_path / "r")])
+    assert args.handler(args) == 0
+    markdown = (tmp_path / "r" / "results.md").read_text()
+    assert markdown.startswith("# Experiment results: toy")
+    assert "| fake_grid | 1.0000 ± 0.0000 | 1.0000 ± 0.0000 | — |" in markdown
+    assert str(tmp_path / "r" / "seconds.png") in capsys.readouterr().out
