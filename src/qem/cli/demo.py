@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     pretrained = cached_pretrain(
         args.cache_dir,
         "s1-cnn",
-        lambda: build_model("cnn"),
+        lambda: build_model("cnn", seed=0),
         scenario.public_train,
         progress=not args.no_progress,
         **PRETRAIN,

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import hessian, jacrev, vmap
+from torch.func import hessian, vmap
 
-from qem.curvature.base import DataCurvature, functional_model
+from qem.curvature.base import DataCurvature
 from qem.subspace.base import LossFn, Subspace
 
 
 class GaussNewton(DataCurvature):
-    """GGN: per example, J_i by reverse mode (vmap over jacrev), projected, then H_L,i.
-
-    Memory per batch is batch_size x outputs x d (the unprojected Jacobians), never d x d.
+    """GGN: per example, the rows of J_i P are the projected per-example gradients of each output
+    coordinate, ``subspace.per_example_gradients`` with the "loss" f_c(x_i); so the Kronecker
+    subspace's cheap path serves here too. H_L,i comes from torch.func.hessian of the one-example
+    loss. Memory per batch is batch_size x outputs x k, never d x d.
     """
 
     kind = "ggn"
@@ -35,18 +36,24 @@ class GaussNewton(DataCurvature):
         targets: torch.Tensor,
     ) -> torch.Tensor:
         """sum_i (J_i P)^T H_L,i (J_i P) over the batch, (k, k) float64."""
-        theta, call = functional_model(model, subspace)
+        with torch.no_grad():
+            outputs = model(inputs)
+        size = inputs.shape[0]
+        m = outputs[0].numel()
 
-        def output(params: dict[str, torch.Tensor], x: torch.Tensor):
-            out = call(params, x.unsqueeze(0)).squeeze(0)
-            return out, out
+        def coordinate(c: int) -> LossFn:
+            return lambda out, _targets: out.reshape(out.shape[0], -1)[:, c]
+
+        projected = torch.stack(
+            [
+                subspace.per_example_gradients(model, coordinate(c), inputs, targets)
+                for c in range(m)
+            ],
+            dim=1,
+        )  # (B, m, k) float64: J_i P
 
         def one_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return loss_fn(out.unsqueeze(0), y.unsqueeze(0)).sum()
 
-        jacobians, outputs = vmap(jacrev(output, has_aux=True), in_dims=(None, 0))(theta, inputs)
-        size, m = inputs.shape[0], outputs[0].numel()
-        jacobian = torch.cat([j.reshape(size, m, -1) for j in jacobians.values()], dim=-1)
-        projected = subspace.project(jacobian)  # (B, m, k) float64
         loss_hessian = vmap(hessian(one_loss))(outputs, targets).reshape(size, m, m)
         return torch.einsum("bmk,bmn,bnl->kl", projected, loss_hessian.to(projected), projected)

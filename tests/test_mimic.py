@@ -1,0 +1,179 @@
+"""MIMIC-Extract loader and care-unit scenario on the synthetic file; AUROC."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from qem.datasets.mimic import (
+    MimicCohort,
+    auroc,
+    impute,
+    load_mimic_extract,
+    mimic_careunit_scenario,
+)
+from qem.datasets.synthetic_mimic import write_synthetic_mimic
+from qem.errors import DataError, NonFiniteError
+from qem.models import build_model
+from qem.pretrain import evaluate_auroc, pretrain
+
+
+@pytest.fixture(scope="module")
+def h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_mimic(tmp_path_factory.mktemp("mimic") / "all.h5", 600, seed=1)
+
+
+@pytest.fixture(scope="module")
+def raw(h5: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    with pd.HDFStore(h5, "r") as store:
+        return store["patients"], store["vitals_labs"]
+
+
+@pytest.fixture(scope="module")
+def cohort(h5: Path) -> MimicCohort:
+    with pytest.warns(UserWarning, match="SYNTHETIC"):
+        return load_mimic_extract(h5, seed=0)
+
+
+def test_cohort_keeps_exactly_eligible_first_stays(
+    cohort: MimicCohort, raw: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    stays = raw[0].reset_index()
+    first = stays.loc[stays.groupby("subject_id")["intime"].idxmin()]
+    eligible = first[(first.age > 15) & (first.los_icu > 1.5) & (first.max_hours > 30)]
+    assert set(cohort.icustay_id.tolist()) == set(eligible.icustay_id.tolist())
+    assert len(set(cohort.subject_id.tolist())) == len(cohort.subject_id)
+    # the file really contains every kind of stay that must be excluded
+    later = stays[~stays.icustay_id.isin(first.icustay_id)]
+    smaller_id_later = later.icustay_id < later.subject_id.map(
+        first.set_index("subject_id").icustay_id
+    )
+    assert smaller_id_later.any()  # ordering by icustay_id instead of intime would be caught
+    assert (first.age <= 15).any() and (first.los_icu * 24 <= 36).any()
+    assert not set(cohort.icustay_id.tolist()) & set(later.icustay_id.tolist())
+    labels = eligible.set_index("icustay_id").loc[cohort.icustay_id]
+    assert np.array_equal(cohort.labels["mort_icu"], labels.mort_icu.to_numpy())
+    assert np.array_equal(cohort.labels["los_3"], (labels.los_icu > 3).to_numpy().astype(int))
+    assert np.array_equal(cohort.care_unit, labels.first_careunit.to_numpy().astype(str))
+
+
+def test_window_masks_and_standardisation(
+    cohort: MimicCohort, raw: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    means = raw[1].xs("mean", axis=1, level="Aggregation Function")
+    means = means.droplevel(["subject_id", "hadm_id"])
+    grid = pd.MultiIndex.from_tuples(list(product(cohort.icustay_id, range(24))))
+    expected = means.reindex(grid).to_numpy().reshape(len(cohort.icustay_id), 24, -1)
+    assert cohort.values.shape == expected.shape and cohort.feature_names == list(means.columns)
+    observed = ~np.isnan(expected)
+    assert np.array_equal(cohort.mask, observed.astype(np.float32))
+    assert 0.05 < cohort.mask.mean() < 0.95
+    standardised = (expected - cohort.feature_mean) / cohort.feature_std
+    assert np.allclose(cohort.values[observed], standardised[observed], atol=1e-5)
+    train = expected[cohort.split == "train"]
+    assert np.allclose(cohort.feature_mean, np.nanmean(train, axis=(0, 1)))
+    assert np.allclose(cohort.feature_std, np.nanstd(train, axis=(0, 1)))
+    features = cohort.features()
+    assert features.shape == (len(cohort.values), 2 * 24 * len(cohort.feature_names))
+    assert not torch.isnan(features).any() and not np.isnan(cohort.values).any()
+
+
+def test_split_by_subject(h5: Path, cohort: MimicCohort) -> None:
+    groups = {
+        s: set(cohort.subject_id[cohort.split == s].tolist()) for s in ("train", "valid", "test")
+    }
+    assert not (groups["train"] & groups["valid"] or groups["train"] & groups["test"])
+    assert not groups["valid"] & groups["test"]
+    n = len(cohort.subject_id)
+    assert len(groups["train"]) == n * 7 // 10
+    assert len(groups["valid"]) == n * 8 // 10 - n * 7 // 10
+    with pytest.warns(UserWarning, match="SYNTHETIC"):
+        other = load_mimic_extract(h5, seed=1)
+    assert not np.array_equal(other.split, cohort.split)
+    assert np.array_equal(other.icustay_id, cohort.icustay_id)
+
+
+def test_impute_rules() -> None:
+    nan = np.nan
+    values = np.array([[[nan, 5.0, nan], [1.0, nan, nan], [nan, nan, nan], [3.0, nan, nan]]])
+    filled = impute(values)
+    # column 0: leading NaN -> stay mean 2, then forward fill; 1: forward fill; 2: never seen -> 0
+    assert np.array_equal(filled[0, :, 0], [2.0, 1.0, 1.0, 3.0])
+    assert np.array_equal(filled[0, :, 1], [5.0, 5.0, 5.0, 5.0])
+    assert np.array_equal(filled[0, :, 2], [0.0, 0.0, 0.0, 0.0])
+
+
+def test_careunit_scenario(cohort: MimicCohort) -> None:
+    scenario = mimic_careunit_scenario(cohort, "mort_icu", public_unit="MICU")
+    assert scenario.metric == "auroc" and scenario.num_classes == 2 and scenario.synthetic
+    assert scenario.name.startswith("synthetic_") and "SYNTHETIC" in scenario.description
+    units = {
+        side: set(cohort.care_unit[idx.numpy()].tolist()) for side, idx in scenario.indices.items()
+    }
+    assert units["public_train"] == units["public_valid"] == {"MICU"}
+    assert "MICU" not in units["private_train"] | units["test"] and len(units["test"]) > 1
+    splits = {
+        side: set(cohort.split[idx.numpy()].tolist()) for side, idx in scenario.indices.items()
+    }
+    assert splits == {
+        "public_train": {"train"},
+        "public_valid": {"valid"},
+        "private_train": {"train"},
+        "test": {"test"},
+    }
+    x, y = scenario.private_train
+    rows = scenario.indices["private_train"].numpy()
+    assert torch.equal(x, cohort.features()[rows])
+    assert torch.equal(y, torch.from_numpy(cohort.labels["mort_icu"][rows]))
+    with pytest.raises(DataError, match="choose one of"):
+        mimic_careunit_scenario(cohort, "mort_icu", public_unit="NICU")
+    with pytest.raises(DataError, match="unknown MIMIC task"):
+        mimic_careunit_scenario(cohort, "los_7")
+
+
+@pytest.mark.parametrize("task", ["mort_icu", "los_3"])
+def test_synthetic_tasks_are_learnable(cohort: MimicCohort, task: str) -> None:
+    scenario = mimic_careunit_scenario(cohort, task)
+    model = build_model("logreg", seed=0, in_features=scenario.test[0].shape[1], out_features=2)
+    pretrain(model, scenario.private_train, epochs=20, lr=1e-3, seed=0, progress=False)
+    assert evaluate_auroc(model, scenario.test) > 0.75
+
+
+def test_real_schema_is_not_flagged_and_bad_files_fail(h5: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "plain.h5"
+    shutil.copy(h5, plain)
+    with pd.HDFStore(plain, "a") as store:
+        store.remove("qem_synthetic")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not load_mimic_extract(plain).synthetic
+    with pytest.raises(DataError, match="no MIMIC-Extract file"):
+        load_mimic_extract(tmp_path / "missing.h5")
+    with pd.HDFStore(tmp_path / "partial.h5", "w") as store:
+        store.put("patients", pd.DataFrame({"age": [40.0]}), track_times=False)
+    with pytest.raises(DataError, match="vitals_labs"):
+        load_mimic_extract(tmp_path / "partial.h5")
+
+
+def test_auroc_matches_pair_count() -> None:
+    rng = np.random.default_rng(0)
+    for n in (2, 7, 60):
+        scores = rng.integers(0, 4, n).astype(float)  # many ties
+        labels = rng.integers(0, 2, n)
+        labels[:2] = [0, 1]
+        pos, neg = scores[labels == 1], scores[labels == 0]
+        diff = pos[:, None] - neg[None, :]
+        brute = ((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size
+        assert auroc(torch.from_numpy(scores), torch.from_numpy(labels)) == pytest.approx(brute)
+    assert auroc([0.1, 0.2, 0.9], [0, 0, 1]) == 1.0 and auroc([0.9, 0.2], [0, 1]) == 0.0
+    with pytest.raises(DataError, match="both classes"):
+        auroc([0.1, 0.2], [1, 1])
+    with pytest.raises(NonFiniteError):
+        auroc([np.nan, 0.2], [0, 1])
