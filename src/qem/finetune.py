@@ -1,0 +1,341 @@
+"""The high-level call (DESIGN.md §2 `finetune`): model + loss + public data + private data +
+budget -> FineTuneResult(model, report, preview).
+
+One round (DESIGN.md §1):
+  1. public pass:  A = P^T H0 P + gamma I at the current parameters (qem.curvature);
+  2. clip bound:   C given, or a quantile of PUBLIC per-example gradient norms;
+  3. private pass: sum_i gh_i (qem.statistics);
+  4. mechanism:    w ~ Normal(-(N lam A)^-1 sum gh, (beta N lam A)^-1) (qem.mechanism);
+  5. step:         theta <- theta + alpha P w.
+In Gaussian-DP mode the draw is made at lam = 1 and alpha is chosen afterwards by a line
+search on public validation data (§1e: post-processing, free) unless ``prior_weight`` is given.
+``rounds = T`` repeats this at the released point, each round mu_t = mu / sqrt(T) so that the
+composed sqrt(sum mu_t^2) equals the calibrated mu (§1d); pure mode splits eps evenly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import qem
+from qem.curvature.base import Curvature
+from qem.curvature.factory import make_curvature
+from qem.data import DataLike, as_dataset, batches
+from qem.errors import InvalidParameterError
+from qem.io import save_run
+from qem.losses import check_per_example_loss
+from qem.mechanism import QuadraticExponentialMechanism
+from qem.mechanism.clipping import validate_curvature
+from qem.parameters import check_finite_parameters
+from qem.privacy.gdp import calibrate_gdp_mu, check_delta, check_epsilon, compose_gdp
+from qem.privacy.sensitivity import Adjacency, ClipNorm, check_positive, gdp_beta
+from qem.statistics import check_targets, private_gradient_sum, public_clip_norm
+from qem.subspace.base import LossFn, Subspace
+from qem.subspace.factory import make_subspace
+
+DEFAULT_STEP_GRID = (0.0, *np.geomspace(1 / 64, 4.0, 17).tolist())
+"""Step lengths alpha tried by the public line search (alpha = 0 keeps the current model)."""
+
+
+@dataclass
+class FineTuneResult:
+    """The fine-tuned model, its privacy report (a JSON-ready dict) and the data-free preview
+    of every round."""
+
+    model: nn.Module
+    report: dict
+    preview: list[dict] = field(default_factory=list)
+
+    def save(self, directory: str, overwrite: bool = False) -> None:
+        """Write the state dict and privacy_report.json together, atomically (qem.io)."""
+        save_run(directory, self.model.state_dict(), self.report, overwrite=overwrite)
+
+
+def mean_loss(model: nn.Module, loss_fn: LossFn, data: DataLike, batch_size: int = 1024) -> float:
+    """Mean per-example loss of ``model`` on ``data``."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for inputs, targets in batches(data, batch_size):
+            total += float(loss_fn(model(inputs), targets).double().sum())
+            count += inputs.shape[0]
+    return total / count
+
+
+def line_search_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    subspace: Subspace,
+    w: np.ndarray,
+    validation: DataLike,
+    grid: Sequence[float] = DEFAULT_STEP_GRID,
+) -> tuple[float, float]:
+    """Pick alpha in ``grid`` minimising the public validation loss of theta + alpha P w.
+
+    Post-processing of the released w: it costs no privacy (DESIGN.md §1e). Returns
+    (alpha, validation loss); ``model`` is left at theta.
+    """
+    step = torch.as_tensor(w, dtype=torch.float64)
+    best = (0.0, math.inf)
+    for alpha in grid:
+        trial = copy.deepcopy(model)
+        subspace.apply_step(trial, alpha * step)
+        loss = mean_loss(trial, loss_fn, validation)
+        if loss < best[1]:
+            best = (float(alpha), loss)
+    return best
+
+
+def _round_seeds(seed: int | None, rounds: int) -> list[int | None]:
+    if seed is None:
+        return [None] * rounds
+    children = np.random.SeedSequence(seed).spawn(rounds)
+    return [int(c.generate_state(1)[0]) for c in children]
+
+
+def fine_tune(
+    model: nn.Module,
+    loss_fn: LossFn,
+    public_data: DataLike,
+    private_data: DataLike,
+    *,
+    epsilon: float,
+    delta: float | None = 1e-5,
+    subspace: str | Subspace = "srht",
+    k: int | None = 512,
+    subspace_seed: int = 0,
+    curvature: str | Curvature = "ggn",
+    damping: float = 1e-2,
+    clip_norm: float | None = None,
+    clip_quantile: float = 0.9,
+    clipping: str = "dual",
+    prior_weight: float | None = None,
+    mode: str = "gdp",
+    adjacency: str = "replace_one",
+    N: int | None = None,
+    rounds: int = 1,
+    validation_data: DataLike | None = None,
+    radius: float | None = None,
+    seed: int | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+    noise: bool = True,
+    phase_callback: Callable[[str, float], None] | None = None,
+) -> FineTuneResult:
+    """Fine-tune ``model`` on ``private_data`` with a differential-privacy guarantee.
+
+    The returned model is a copy; the input model is not modified. ``seed`` makes the noise
+    reproducible and is recorded as such in the report; by default noise comes from operating
+    system entropy. ``noise=False`` exists only for tests (it releases the exact mean and the
+    report says so); never use it on real data.
+    """
+    epsilon = check_epsilon(epsilon)
+    if mode not in ("gdp", "pure"):
+        raise InvalidParameterError(f"mode must be 'gdp' or 'pure', got {mode!r}.")
+    if mode == "gdp":
+        delta = check_delta(delta)
+    rounds = int(rounds)
+    if rounds < 1:
+        raise InvalidParameterError(f"rounds must be >= 1, got {rounds}.")
+    adjacency = Adjacency(adjacency)
+    clipping = ClipNorm(clipping)
+    check_positive("damping gamma", damping, "Typical values are 1e-3 to 1.")
+    if prior_weight is not None:
+        check_positive("prior_weight lam", prior_weight)
+    check_finite_parameters(model)
+    public = as_dataset(public_data, "public data")
+    private = as_dataset(private_data, "private data")
+    validation = public if validation_data is None else as_dataset(validation_data, "validation")
+    if N is None:
+        if adjacency is Adjacency.ADD_REMOVE:
+            raise InvalidParameterError(
+                "add/remove adjacency needs a declared, public dataset size N that does not "
+                "depend on the private data; pass N."
+            )
+        N = len(private)
+    N = int(check_positive("N", N))
+    probe_x, probe_y = next(iter(batches(private, 2)))
+    with torch.no_grad():
+        probe_outputs = model(probe_x)
+    for data in (public, private, validation):
+        if isinstance(data, TensorDataset):
+            check_targets(probe_outputs, data.tensors[1])
+    check_per_example_loss(loss_fn, probe_outputs, probe_y)
+
+    timings: dict[str, float] = {}
+
+    def timed(phase: str, start: float) -> None:
+        seconds = time.perf_counter() - start
+        timings[phase] = timings.get(phase, 0.0) + seconds
+        if phase_callback is not None:
+            phase_callback(phase, seconds)
+
+    current = copy.deepcopy(model).eval()
+    basis = (
+        subspace
+        if isinstance(subspace, Subspace)
+        else make_subspace(subspace, current, k=k, seed=subspace_seed)
+    )
+    curv = (
+        curvature
+        if isinstance(curvature, Curvature)
+        else make_curvature(curvature, damping, batch_size=batch_size, progress=progress)
+    )
+    mu_total = calibrate_gdp_mu(epsilon, delta) if mode == "gdp" else None
+    round_seeds = _round_seeds(seed, rounds)
+    rounds_report, previews = [], []
+
+    for t in range(rounds):
+        start = time.perf_counter()
+        A = curv.matrix(current, loss_fn, basis, public)
+        cholesky = validate_curvature(A)
+        timed("curvature", start)
+
+        start = time.perf_counter()
+        if clip_norm is None:
+            C = public_clip_norm(
+                current,
+                loss_fn,
+                basis,
+                public,
+                quantile=clip_quantile,
+                clipping=clipping,
+                cholesky=cholesky,
+                batch_size=batch_size,
+            )
+            clip_source = f"public quantile {clip_quantile}"
+        else:
+            C, clip_source = float(clip_norm), "user"
+        timed("clip_norm", start)
+
+        start = time.perf_counter()
+        stats = private_gradient_sum(
+            current,
+            loss_fn,
+            basis,
+            private,
+            clip_norm=C,
+            clipping=clipping,
+            cholesky=cholesky,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        timed("private_pass", start)
+
+        start = time.perf_counter()
+        lam = 1.0 if (mode == "gdp" and prior_weight is None) else float(prior_weight or 1.0)
+        mechanism = QuadraticExponentialMechanism(
+            A,
+            N=N,
+            lam=lam,
+            clip_norm=C,
+            adjacency=adjacency,
+            clipping=clipping,
+            mode=mode,
+            radius=radius,
+            seed=round_seeds[t],
+        )
+        if mode == "gdp":
+            mu_t = mu_total / math.sqrt(rounds)
+            mechanism.set_beta(gdp_beta(mu_t, N, lam, mechanism.sensitivity))
+        else:
+            mechanism.calibrate(epsilon / rounds)
+        preview = mechanism.preview().to_dict()
+        w = mechanism.sample(stats.gradient_sum) if noise else mechanism.mean(stats.gradient_sum)
+        timed("mechanism", start)
+
+        start = time.perf_counter()
+        if mode == "gdp" and prior_weight is None:
+            alpha, val_loss = line_search_step(current, loss_fn, basis, w, validation)
+        else:
+            alpha, val_loss = 1.0, None
+        basis.apply_step(current, alpha * torch.as_tensor(w, dtype=torch.float64))
+        timed("line_search", start)
+
+        previews.append(preview)
+        rounds_report.append(
+            {
+                "round": t + 1,
+                "mu": preview.get("mu"),
+                "epsilon": preview.get("epsilon"),
+                "beta": preview["beta"],
+                "lam": lam,
+                "clip_norm": C,
+                "clip_norm_source": clip_source,
+                "step_length": alpha,
+                "public_validation_loss": val_loss,
+                "curvature": curv.describe(),
+                "preview": preview,
+                "seed": mechanism.seed_info(),
+            }
+        )
+
+    report = _build_report(
+        mode=mode,
+        adjacency=adjacency,
+        clipping=clipping,
+        epsilon=epsilon,
+        delta=delta,
+        mu_total=mu_total,
+        N=N,
+        damping=damping,
+        basis=basis,
+        curvature=curv,
+        seed=seed,
+        rounds=rounds_report,
+        noise=noise,
+        timings=timings,
+    )
+    return FineTuneResult(model=current, report=report, preview=previews)
+
+
+def _build_report(
+    *,
+    mode,
+    adjacency,
+    clipping,
+    epsilon,
+    delta,
+    mu_total,
+    N,
+    damping,
+    basis,
+    curvature,
+    seed,
+    rounds,
+    noise,
+    timings,
+) -> dict:
+    """The privacy report: every field of DESIGN.md §4, plus each round's details."""
+    mus = [r["mu"] for r in rounds if r["mu"] is not None]
+    report = {
+        "qem_version": qem.__version__,
+        "mode": mode,
+        "adjacency": adjacency.value,
+        "clipping": clipping.value,
+        "epsilon": epsilon,
+        "delta": delta if mode == "gdp" else 0.0,
+        "mu": compose_gdp(mus) if mus else None,
+        "mu_calibrated": mu_total,
+        "C": [r["clip_norm"] for r in rounds] if len(rounds) > 1 else rounds[0]["clip_norm"],
+        "N": N,
+        "lam": rounds[0]["lam"],
+        "gamma": damping,
+        "k": basis.k,
+        "subspace": basis.describe(),
+        "curvature": curvature.describe(),
+        "rounds": rounds,
+        "step_lengths": [r["step_length"] for r in rounds],
+        "seed": {"source": "user_seed" if seed is not None else "os_entropy", "seed": seed},
+        "noise": "exact sampling" if noise else "DISABLED (test-only path): NOT PRIVATE",
+        "seconds": timings,
+    }
+    return report

@@ -1,0 +1,268 @@
+"""End to end on a small synthetic task: fine_tune, the private pass, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import qem.io
+from qem.curvature.factory import make_curvature
+from qem.errors import (
+    DataError,
+    InvalidParameterError,
+    NonFiniteError,
+    OutputExistsError,
+    ShapeError,
+)
+from qem.finetune import fine_tune, mean_loss
+from qem.io import load
+from qem.losses import cross_entropy
+from qem.mechanism.clipping import clip_gradients, validate_curvature
+from qem.privacy.gdp import calibrate_gdp_mu
+from qem.statistics import private_gradient_sum
+from qem.subspace.factory import make_subspace
+
+REQUIRED_REPORT_FIELDS = {
+    "mode",
+    "adjacency",
+    "epsilon",
+    "delta",
+    "mu",
+    "C",
+    "N",
+    "lam",
+    "gamma",
+    "k",
+    "subspace",
+    "curvature",
+    "qem_version",
+    "seed",
+}
+
+
+def make_task(n: int, seed: int, shift: float = 0.0):
+    """Two Gaussian blobs in 6 dimensions (3 classes); ``shift`` moves the private data."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.tensor([[2.0, 0, 0, 0, 0, 0], [0, 2.0, 0, 0, 0, 0], [0, 0, 2.0, 0, 0, 0]])
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = centers[y] + torch.randn(n, 6, generator=g) + shift
+    return x.double(), y
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+@pytest.fixture(scope="module")
+def task():
+    model = make_model()
+    public = make_task(200, 1)
+    private = make_task(400, 2, shift=0.8)
+    valid = make_task(200, 3, shift=0.8)
+    return model, public, private, valid
+
+
+def test_noise_off_equals_closed_form_step(task):
+    model, public, private, _ = task
+    kwargs = dict(
+        epsilon=1.0,
+        delta=1e-5,
+        subspace="dense",
+        k=20,
+        curvature="ggn",
+        damping=0.1,
+        clip_norm=0.5,
+        prior_weight=2.0,
+        progress=False,
+    )
+    result = fine_tune(model, cross_entropy, public, private, noise=False, **kwargs)
+
+    basis = make_subspace("dense", model, k=20, seed=0)
+    A = make_curvature("ggn", 0.1, progress=False).matrix(model, cross_entropy, basis, public)
+    P = basis.materialize().numpy()
+    grads = []
+    for x, y in zip(*private, strict=True):
+        model.zero_grad()
+        cross_entropy(model(x[None]), y[None]).sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy() @ P)
+    clipped, _ = clip_gradients(np.array(grads), 0.5, "dual", validate_curvature(A))
+    N, lam = 400, 2.0
+    expected_w = -np.linalg.solve(N * lam * A, clipped.sum(axis=0))
+    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+    theta1 = torch.cat([p.detach().reshape(-1) for p in result.model.parameters()]).numpy()
+    np.testing.assert_allclose(theta1 - theta0, P @ expected_w, atol=1e-10)
+    assert "NOT PRIVATE" in result.report["noise"]
+
+
+def test_improves_validation_loss_at_large_epsilon(task):
+    model, public, private, valid = task
+    before = mean_loss(model, cross_entropy, valid)
+    result = fine_tune(
+        model,
+        cross_entropy,
+        public,
+        private,
+        epsilon=50.0,
+        delta=1e-5,
+        subspace="dense",
+        k=40,
+        damping=0.05,
+        validation_data=valid,
+        rounds=2,
+        seed=3,
+        progress=False,
+    )
+    after = mean_loss(result.model, cross_entropy, valid)
+    assert after < before - 0.05
+    assert result.report["step_lengths"] and all(a >= 0 for a in result.report["step_lengths"])
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_reported_mu_equals_calibration(task, rounds):
+    model, public, private, valid = task
+    result = fine_tune(
+        model,
+        cross_entropy,
+        public,
+        private,
+        epsilon=2.0,
+        delta=1e-6,
+        subspace="srht",
+        k=16,
+        rounds=rounds,
+        validation_data=valid,
+        seed=0,
+        progress=False,
+    )
+    report = result.report
+    target = calibrate_gdp_mu(2.0, 1e-6)
+    assert report["mu"] == pytest.approx(target, rel=1e-12)
+    per_round = [r["mu"] for r in report["rounds"]]
+    assert len(per_round) == rounds
+    np.testing.assert_allclose(per_round, target / np.sqrt(rounds), rtol=1e-12)
+    assert set(report) >= REQUIRED_REPORT_FIELDS
+    assert report["seed"] == {"source": "user_seed", "seed": 0}
+
+
+def test_input_model_not_modified_and_os_entropy_default(task):
+    model, public, private, valid = task
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    result = fine_tune(
+        model,
+        cross_entropy,
+        public,
+        private,
+        epsilon=1.0,
+        subspace="srht",
+        k=8,
+        validation_data=valid,
+        progress=False,
+    )
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name])
+    assert result.report["seed"]["source"] == "os_entropy"
+
+
+def test_save_load_round_trip(task, tmp_path):
+    model, public, private, valid = task
+    result = fine_tune(
+        model,
+        cross_entropy,
+        public,
+        private,
+        epsilon=1.0,
+        subspace="srht",
+        k=8,
+        validation_data=valid,
+        seed=1,
+        progress=False,
+    )
+    out = tmp_path / "run"
+    result.save(out)
+    saved = load(out)
+    assert saved.report == json.loads(json.dumps(result.report))
+    restored = saved.into(make_model(5))
+    for name, value in result.model.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value)
+    with pytest.raises(OutputExistsError):
+        result.save(out)
+    result.save(out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_failure_between_writes_leaves_nothing(task, tmp_path, monkeypatch):
+    model, public, private, valid = task
+    result = fine_tune(
+        model,
+        cross_entropy,
+        public,
+        private,
+        epsilon=1.0,
+        subspace="srht",
+        k=8,
+        validation_data=valid,
+        seed=1,
+        progress=False,
+    )
+    calls = []
+    original = qem.io._write_file
+
+    def fail_on_second(path, write):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise OSError("disk full (injected)")
+        original(path, write)
+
+    monkeypatch.setattr(qem.io, "_write_file", fail_on_second)
+    with pytest.raises(OSError, match="injected"):
+        result.save(tmp_path / "run")
+    assert calls == ["model.pt", "privacy_report.json"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_private_pass_names_non_finite_example(task):
+    model, _, private, _ = task
+    x, y = private[0].clone(), private[1]
+    x[37, 2] = float("nan")
+    basis = make_subspace("srht", model, k=8, seed=0)
+    with pytest.raises(NonFiniteError, match="example 37"):
+        private_gradient_sum(
+            model,
+            cross_entropy,
+            basis,
+            (x, y),
+            clip_norm=1.0,
+            clipping="euclidean",
+            batch_size=16,
+            progress=False,
+        )
+
+
+def test_bad_inputs(task):
+    model, public, private, _ = task
+    base = dict(epsilon=1.0, subspace="srht", k=8, progress=False)
+    x, y = private
+    with pytest.raises(DataError, match="empty"):
+        fine_tune(model, cross_entropy, public, (x[:0], y[:0]), **base)
+    with pytest.raises(ShapeError):
+        fine_tune(model, cross_entropy, public, (x, y[:-1]), **base)
+    with pytest.raises(DataError, match="outside"):
+        fine_tune(model, cross_entropy, public, (x, y + 5), **base)
+    with pytest.raises(ShapeError, match="one loss per example"):
+        fine_tune(model, lambda o, t: cross_entropy(o, t).mean(), public, private, **base)
+    with pytest.raises(InvalidParameterError):
+        fine_tune(model, cross_entropy, public, private, **{**base, "k": 10_000})
+    with pytest.raises(InvalidParameterError, match="declared"):
+        fine_tune(model, cross_entropy, public, private, adjacency="add_remove", **base)
+    with pytest.raises(InvalidParameterError):
+        fine_tune(model, cross_entropy, public, private, **{**base, "epsilon": 0.0})
+    broken = make_model()
+    with torch.no_grad():
+        broken[0].weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"0\.weight"):
+        fine_tune(broken, cross_entropy, public, private, **base)
