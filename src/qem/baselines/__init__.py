@@ -1,0 +1,137 @@
+"""Baselines that qem is compared with, side by side (DESIGN.md §5): DP-SGD through Opacus
+(``dpsgd``), non-private fine-tuning (``nonprivate``) and no fine-tuning (``none``); the table
+of methods, qem included, is ``qem.baselines.registry``.
+
+Every method has fine_tune's core signature,
+``method(model, loss_fn, public_data, private_data, *, epsilon, delta, adjacency,
+validation_data, seed, progress, **hyperparameters) -> FineTuneResult``, never modifies the
+input model, and returns a report built by :func:`baseline_report`. This module holds what the
+methods share: the report, input checks, the seed handling and the per-phase timer.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+import qem
+from qem.errors import InvalidParameterError, PrivacyWarning
+from qem.privacy.gdp import check_delta, check_epsilon
+from qem.privacy.sensitivity import Adjacency
+
+
+def parse_adjacency(adjacency: str) -> Adjacency:
+    """The Adjacency named ``adjacency``, or InvalidParameterError listing the options."""
+    try:
+        return Adjacency(adjacency)
+    except ValueError:
+        options = ", ".join(repr(a.value) for a in Adjacency)
+        raise InvalidParameterError(
+            f"adjacency must be one of {options}, got {adjacency!r}."
+        ) from None
+
+
+def check_requested_budget(epsilon: float | None, delta: float | None) -> dict:
+    """The (epsilon, delta) a non-private method was called with, checked when given: sweeps
+    pass every method the same budget, and a bad one should fail everywhere."""
+    return {
+        "epsilon": None if epsilon is None else check_epsilon(epsilon),
+        "delta": None if delta is None else check_delta(delta),
+    }
+
+
+def check_count(name: str, value: int) -> int:
+    """Return ``value`` as an int, or raise if it is not an integer >= 1."""
+    if isinstance(value, bool) or not float(value).is_integer() or value < 1:
+        raise InvalidParameterError(f"{name} must be an integer >= 1, got {value!r}.")
+    return int(value)
+
+
+def seed_info(seed: int | None) -> dict:
+    """How the randomness was seeded, in the report's format (as fine_tune writes it).
+
+    A seed drawn from OS entropy is never written down: knowing it would reveal the noise.
+    """
+    return {"source": "user_seed" if seed is not None else "os_entropy", "seed": seed}
+
+
+def torch_generators(
+    seed: int | None, devices: Sequence[torch.device | str]
+) -> list[torch.Generator]:
+    """One independent torch generator per entry of ``devices`` (on that device): children of
+    ``seed`` (numpy SeedSequence) when it is given, otherwise each seeded with 63 bits of
+    operating-system entropy (``secrets``)."""
+    if seed is None:
+        seeds = [secrets.randbits(63) for _ in devices]
+    else:
+        children = np.random.SeedSequence(seed).spawn(len(devices))
+        seeds = [int(c.generate_state(1)[0]) for c in children]
+    return [torch.Generator(device=d).manual_seed(s) for d, s in zip(devices, seeds, strict=True)]
+
+
+def warn_large_delta(delta: float, n: int) -> None:
+    """PrivacyWarning when delta >= 1/n (DESIGN.md §4)."""
+    if delta >= 1.0 / n:
+        warnings.warn(
+            f"delta = {delta:.3g} >= 1/n = {1.0 / n:.3g}: a mechanism that publishes one record "
+            "outright would meet this guarantee; choose delta well below 1/n.",
+            PrivacyWarning,
+            stacklevel=3,
+        )
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase (the report's ``seconds``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def baseline_report(
+    method: str,
+    *,
+    privacy: str,
+    epsilon: float | None,
+    delta: float | None,
+    adjacency: str,
+    N: int,
+    accountant: dict | None,
+    hyperparameters: dict,
+    seed: int | None,
+    seconds: dict[str, float],
+    **details: object,
+) -> dict:
+    """The JSON-ready report every baseline returns.
+
+    ``privacy`` states the guarantee in words; ``epsilon`` is the epsilon the method's
+    accountant certifies (None when the method is not private); ``accountant`` holds the
+    accountant's inputs and cross-checks.
+    """
+    return {
+        "qem_version": qem.__version__,
+        "method": method,
+        "privacy": privacy,
+        "epsilon": epsilon,
+        "delta": delta,
+        "adjacency": adjacency,
+        "N": N,
+        "accountant": accountant,
+        "hyperparameters": hyperparameters,
+        "seed": seed_info(seed),
+        "seconds": seconds,
+        **details,
+    }

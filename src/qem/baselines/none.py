@@ -1,0 +1,54 @@
+"""No fine-tuning: the pretrained model, unchanged. It reads no private data, so it is
+trivially (0, 0)-DP; it is the floor every fine-tuning method must beat."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from qem.baselines import (
+    PhaseTimer,
+    baseline_report,
+    check_requested_budget,
+    parse_adjacency,
+)
+from qem.data import DataLike, as_dataset
+from qem.finetune import FineTuneResult
+from qem.subspace.base import LossFn
+
+
+def none(
+    model: nn.Module,
+    loss_fn: LossFn,
+    public_data: DataLike,
+    private_data: DataLike,
+    *,
+    epsilon: float | None = None,
+    delta: float | None = None,
+    adjacency: str = "replace_one",
+    validation_data: DataLike | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+) -> FineTuneResult:
+    """Return an unchanged copy of ``model``; the budget, checked when given, is unused."""
+    requested = check_requested_budget(epsilon, delta)
+    adjacency = parse_adjacency(adjacency)
+    n = len(as_dataset(private_data, "private data"))
+    timer = PhaseTimer()
+    with timer.phase("copy"):
+        unchanged = copy.deepcopy(model)
+    report = baseline_report(
+        "none",
+        privacy="(0, 0)-DP: the pretrained model, no private data used",
+        epsilon=0.0,
+        delta=0.0,
+        adjacency=adjacency.value,
+        N=n,
+        accountant=None,
+        hyperparameters={},
+        seed=seed,
+        seconds=timer.seconds,
+        requested_budget=requested,
+    )
+    return FineTuneResult(model=unchanged, report=report)
