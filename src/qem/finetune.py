@@ -110,7 +110,7 @@ def fine_tune(
     epsilon: float,
     delta: float | None = 1e-5,
     subspace: str | Subspace = "srht",
-    k: int | None = 512,
+    k: int | None = None,
     subspace_seed: int = 0,
     curvature: str | Curvature = "ggn",
     damping: float = 1e-2,

@@ -50,7 +50,12 @@ def add_parser(subparsers) -> None:
         default="srht",
         choices=("identity", "last_layer", "biases", "dense", "srht", "kronecker"),
     )
-    method.add_argument("--k", type=int, default=512, help="subspace dimension")
+    method.add_argument(
+        "--k",
+        type=int,
+        help="subspace dimension (default 512 for dense/srht/kronecker; "
+        "fixed by the parameters for identity/last_layer/biases)",
+    )
     method.add_argument("--subspace-seed", type=int, default=0, help="public seed of P")
     method.add_argument(
         "--curvature", default="ggn", choices=("ggn", "fisher", "hessian", "identity")

@@ -1,5 +1,24 @@
 """Public bases P of the fine-tuning subspace (one class per file)."""
 
-from qem.subspace.base import LossFn, Subspace
+from qem.subspace.base import LossFn, Subspace, check_examples_independent
+from qem.subspace.dense import DenseGaussian
+from qem.subspace.factory import KINDS, make_subspace
+from qem.subspace.identity import Identity
+from qem.subspace.kronecker import Kronecker
+from qem.subspace.srht import SRHT
+from qem.subspace.subset import ParameterSubset, biases, last_layer
 
-__all__ = ["LossFn", "Subspace"]
+__all__ = [
+    "KINDS",
+    "SRHT",
+    "DenseGaussian",
+    "Identity",
+    "Kronecker",
+    "LossFn",
+    "ParameterSubset",
+    "Subspace",
+    "biases",
+    "check_examples_independent",
+    "last_layer",
+    "make_subspace",
+]

@@ -7,25 +7,47 @@ architecture and a public seed only, never of data.
 
 from __future__ import annotations
 
+import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from qem.errors import InvalidParameterError, UnsupportedModelError
+from qem.errors import InvalidParameterError, ShapeError, UnsupportedModelError
 from qem.parameters import flatten, select_parameters, unflatten
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """A loss returning one value per example: loss_fn(outputs (B, ...), targets (B, ...)) -> (B,)."""
 
 
+def check_examples_independent(model: nn.Module) -> None:
+    """Raise UnsupportedModelError if a module mixes examples of a batch.
+
+    Per-example gradients exist only when example i's loss depends on example i alone. A
+    BatchNorm that normalises with batch statistics (train mode, or no running statistics)
+    couples the examples; put it in eval mode or replace it (for example by GroupNorm).
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+            module.training or module.running_mean is None
+        ):
+            raise UnsupportedModelError(
+                f"module {name!r} ({type(module).__name__}) normalises with batch statistics, "
+                "which mixes examples, so per-example gradients are undefined; call model.eval() "
+                "(with running statistics) or replace it by GroupNorm/LayerNorm."
+            )
+
+
 class Subspace(ABC):
     """P in R^{d x k} with orthonormal columns over the parameters ``parameter_names``.
 
-    Subclasses implement ``project`` (g -> P^T g) and ``lift`` (w -> P w); everything else
+    Subclasses implement ``project`` (g -> P^T g) and ``lift`` (w -> P w), both in float64 on
+    ``self.device`` (the spanned parameters' device at construction). Everything else
     (materialising P for tests, per-example projected gradients, moving a model) follows.
+    Random bases are drawn from a CPU ``torch.Generator`` seeded with the public ``seed`` (when
+    None, a fresh seed is drawn and recorded, so ``describe()`` always reproduces P).
     """
 
     kind: str = "abstract"
@@ -41,6 +63,9 @@ class Subspace(ABC):
         self.parameter_names: tuple[str, ...] = tuple(params)
         self.parameter_shapes: dict[str, torch.Size] = {n: p.shape for n, p in params.items()}
         self.d: int = sum(p.numel() for p in params.values())
+        self.device: torch.device = next(iter(params.values())).device
+        if isinstance(k, bool) or int(k) != k:
+            raise InvalidParameterError(f"subspace dimension k={k!r} must be an integer.")
         k = int(k)
         if not 1 <= k <= self.d:
             raise InvalidParameterError(
@@ -50,17 +75,49 @@ class Subspace(ABC):
         self.k: int = k
         self.seed = seed
 
+    def _generator(self) -> torch.Generator:
+        """A CPU generator seeded with the public seed (drawn and recorded when None)."""
+        if self.seed is None:
+            self.seed = secrets.randbits(63)
+        return torch.Generator(device="cpu").manual_seed(int(self.seed))
+
+    def _vectors(self, x: torch.Tensor, length: int) -> torch.Tensor:
+        """``x`` as float64 on ``self.device`` after checking its last dimension is ``length``.
+
+        Subclasses call this at the top of ``project`` (length d) and ``lift`` (length k).
+        """
+        if x.shape[-1:] != (length,):
+            raise ShapeError(
+                f"expected vectors of length {length} (d={self.d}, k={self.k}), got shape "
+                f"{tuple(x.shape)}."
+            )
+        return x.to(device=self.device, dtype=torch.float64)
+
     @abstractmethod
     def project(self, g: torch.Tensor) -> torch.Tensor:
-        """P^T g for g of shape (..., d); returns (..., k)."""
+        """P^T g for g of shape (..., d); returns (..., k) in float64 on ``self.device``."""
 
     @abstractmethod
     def lift(self, w: torch.Tensor) -> torch.Tensor:
-        """P w for w of shape (..., k); returns (..., d)."""
+        """P w for w of shape (..., k); returns (..., d) in float64 on ``self.device``."""
+
+    def project_parameter_dict(
+        self, tensors: Mapping[str, torch.Tensor], batch_dims: int = 0
+    ) -> torch.Tensor:
+        """P^T g where g is given per parameter (name -> (*batch, *shape)); returns (*batch, k).
+
+        The tensors are flattened in the subspace's parameter order, so a gradient dict from
+        ``torch.autograd.grad`` or ``torch.func.grad`` can be passed whatever its key order.
+        """
+        missing = [n for n in self.parameter_names if n not in tensors]
+        if missing:
+            raise ShapeError(f"no tensors for the spanned parameters {missing}.")
+        ordered = {n: tensors[n] for n in self.parameter_names}
+        return self.project(flatten(ordered, batch_dims=batch_dims))
 
     def materialize(self) -> torch.Tensor:
         """P as a dense (d, k) float64 tensor. For tests and small d only."""
-        eye = torch.eye(self.k, dtype=torch.float64)
+        eye = torch.eye(self.k, dtype=torch.float64, device=self.device)
         return self.lift(eye).T.contiguous()
 
     def describe(self) -> dict:
@@ -84,11 +141,11 @@ class Subspace(ABC):
     def apply_step(self, model: nn.Module, w: torch.Tensor) -> None:
         """In place: theta <- theta + P w on the spanned parameters of ``model``."""
         like = self.parameters_of(model)
-        delta = unflatten(self.lift(w.to(torch.float64)), like)
+        delta = unflatten(self.lift(w), like)
         with torch.no_grad():
             params = dict(model.named_parameters())
             for name, step in delta.items():
-                params[name].add_(step.to(params[name].dtype))
+                params[name].add_(step.to(device=params[name].device, dtype=params[name].dtype))
 
     def per_example_gradients(
         self, model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
@@ -99,6 +156,7 @@ class Subspace(ABC):
         parameters and buffers are held fixed), flattened and projected. Subclasses with a
         cheaper structure (Kronecker) override this.
         """
+        check_examples_independent(model)
         spanned = self.parameters_of(model)
         fixed = {n: p.detach() for n, p in model.named_parameters() if n not in spanned}
         fixed.update(dict(model.named_buffers()))
@@ -108,5 +166,4 @@ class Subspace(ABC):
             return loss_fn(out, y.unsqueeze(0)).sum()
 
         grads = vmap(grad(one_loss), in_dims=(None, 0, 0))(spanned, inputs, targets)
-        flat = flatten(grads, batch_dims=1).to(torch.float64)
-        return self.project(flat)
+        return self.project_parameter_dict(grads, batch_dims=1)

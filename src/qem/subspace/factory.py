@@ -1,0 +1,55 @@
+"""Build a subspace from its kind name (used by fine_tune and the CLI)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from qem.errors import InvalidParameterError
+from qem.subspace.base import Subspace
+from qem.subspace.dense import DenseGaussian
+from qem.subspace.identity import Identity
+from qem.subspace.kronecker import Kronecker
+from qem.subspace.srht import SRHT
+from qem.subspace.subset import ParameterSubset, biases, last_layer
+
+_FIXED: dict[str, Callable[..., Subspace]] = {
+    "identity": Identity,
+    "last_layer": last_layer,
+    "biases": biases,
+    "subset": ParameterSubset,
+}
+_RANDOM: dict[str, Callable[..., Subspace]] = {
+    "dense": DenseGaussian,
+    "srht": SRHT,
+    "kronecker": Kronecker,
+}
+KINDS: tuple[str, ...] = (*_FIXED, *_RANDOM)
+FIXED_SIZE_KINDS: tuple[str, ...] = tuple(_FIXED)
+DEFAULT_K = 512
+"""Dimension of a random subspace when none is given."""
+
+
+def make_subspace(
+    kind: str, model: nn.Module, k: int | None = None, seed: int | None = None, **options
+) -> Subspace:
+    """The subspace ``kind`` over ``model``; ``options`` go to its constructor.
+
+    identity, last_layer, biases, subset: P is a coordinate embedding, k is its size (a given k
+    must equal it) and the seed is not used. dense, srht, kronecker: k defaults to DEFAULT_K
+    (Kronecker also accepts shapes= instead) and P is drawn from ``seed``.
+    """
+    if kind in _FIXED:
+        subspace = _FIXED[kind](model, **options)
+        if k is not None and k != subspace.k:
+            raise InvalidParameterError(
+                f"subspace {kind!r} has k={subspace.k} fixed by the parameters it spans, but "
+                f"k={k} was requested; drop k or use 'dense', 'srht' or 'kronecker'."
+            )
+        return subspace
+    if kind in _RANDOM:
+        if k is None and not (kind == "kronecker" and "shapes" in options):
+            k = DEFAULT_K
+        return _RANDOM[kind](model, k, seed, **options)
+    raise InvalidParameterError(f"unknown subspace kind {kind!r}; choose one of {list(KINDS)}.")

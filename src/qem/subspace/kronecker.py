@@ -1,0 +1,415 @@
+"""Per-layer Kronecker basis for nn.Linear and nn.Conv2d: the gradient G of [W | b] of each layer
+is projected as P_out^T G P_in, and per-example projections cost about one forward/backward."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qem.errors import InvalidParameterError, ShapeError, UnsupportedModelError
+from qem.subspace.base import LossFn, Subspace, check_examples_independent
+from qem.subspace.dense import orthonormal_gaussian
+
+_SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
+@dataclass
+class KroneckerLayer:
+    """One spanned layer: G in R^{out x in_dim} (weight flattened to out x (in*kh*kw), then the
+    bias as last column when it is trained) and its factors P_out (out x k_out),
+    P_in (in_dim x k_in)."""
+
+    module: str
+    weight: str
+    bias: str | None
+    out_dim: int
+    in_dim: int
+    k_out: int = 0
+    k_in: int = 0
+    p_out: torch.Tensor | None = None
+    p_in: torch.Tensor | None = None
+
+    @property
+    def weight_cols(self) -> int:
+        """Columns of G that come from the weight."""
+        return self.in_dim - (self.bias is not None)
+
+
+class Kronecker(Subspace):
+    """P = blockdiag_l (P_out,l (x) P_in,l) over the Linear and Conv2d layers, in module order.
+
+    For layer l with gradient matrix G_l = [grad W | grad b] (out x in_dim, conv weights
+    flattened as out x (in*kh*kw)), the block of P^T g is vec_row(P_out^T G_l P_in) (k_out*k_in
+    entries). Factors are Haar-random orthonormal (QR of seeded Gaussians), so P^T P = I_k.
+    ``parameter_names`` are the spanned weights and biases in ``named_parameters`` order.
+
+    Allocation of k (unless ``shapes=[(k_out, k_in), ...]`` gives it per layer, module order):
+    layer l gets a budget k d_l / d proportional to its size d_l = out*in_dim; budgets are
+    rounded from the smallest layer to the largest, each to a product k_out*k_in (1 <= k_out <=
+    out, 1 <= k_in <= in_dim, k_out/k_in within a factor 4 of out/in_dim) closest to the budget
+    plus the rounding error carried from the previous layers. The achieved total is ``self.k``
+    (usually the requested k; ``describe()`` reports both).
+
+    Per-example gradients (``per_example_gradients``): forward hooks record each layer's input
+    a_i (Conv2d: unfolded, (in*kh*kw, L) with L output positions), tensor hooks the backprop
+    delta_i = d loss_i / d output_i (out, L), obtained from one backward pass of the SUM of the
+    per-example losses. This is exact only when examples do not interact (no BatchNorm with
+    batch statistics: refused). Then P_out^T G_i P_in = sum_L (P_out^T delta_i)(P_in^T a_i)^T:
+    both sides are projected first, the d-dimensional gradient is never formed. Memory is that
+    of the unfolded activations, O(B in_dim L) per Conv2d.
+
+    Any trainable parameter outside Linear/Conv2d layers (LayerNorm, embeddings, ...) is refused
+    unless ``layers=[module names]`` restricts P to those layers (then others are not spanned).
+    Conv2d needs groups=1; a module called several times in a forward pass is summed over calls.
+    """
+
+    kind = "kronecker"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        k: int | None = None,
+        seed: int | None = None,
+        *,
+        layers: list[str] | None = None,
+        shapes: list[tuple[int, int]] | None = None,
+    ) -> None:
+        self.layers = _find_layers(model, layers)
+        dims = [(layer.out_dim, layer.in_dim) for layer in self.layers]
+        if shapes is not None:
+            shapes = _check_shapes(shapes, self.layers)
+            total = sum(a * b for a, b in shapes)
+            if k is not None and k != total:
+                raise InvalidParameterError(
+                    f"k={k} disagrees with the per-layer shapes, whose total is {total}; "
+                    "give one of them."
+                )
+            k = total
+        elif k is None:
+            raise InvalidParameterError("Kronecker needs k (total dimension) or shapes=.")
+        names = [n for layer in self.layers for n in (layer.weight, layer.bias) if n]
+        super().__init__(model, k, parameter_names=names, seed=seed)
+        self.requested_k = self.k
+        if shapes is None:
+            shapes = allocate(dims, self.k)
+        generator = self._generator()
+        offset = 0
+        self.offsets: dict[str, int] = {}
+        for name in self.parameter_names:
+            self.offsets[name] = offset
+            offset += math.prod(self.parameter_shapes[name])
+        for layer, (k_out, k_in) in zip(self.layers, shapes, strict=True):
+            layer.k_out, layer.k_in = k_out, k_in
+            layer.p_out = orthonormal_gaussian(layer.out_dim, k_out, generator).to(self.device)
+            layer.p_in = orthonormal_gaussian(layer.in_dim, k_in, generator).to(self.device)
+        self.k = sum(a * b for a, b in shapes)
+
+    def _matrices(self, x: torch.Tensor, layer: KroneckerLayer) -> torch.Tensor:
+        """G_l (..., out, in_dim) from flat vectors x (..., d)."""
+        lead, cols = x.shape[:-1], layer.weight_cols
+        start = self.offsets[layer.weight]
+        g = x[..., start : start + layer.out_dim * cols].reshape(*lead, layer.out_dim, cols)
+        if layer.bias is not None:
+            start = self.offsets[layer.bias]
+            g = torch.cat([g, x[..., start : start + layer.out_dim, None]], dim=-1)
+        return g
+
+    def project(self, g: torch.Tensor) -> torch.Tensor:
+        """P^T g: the blocks vec_row(P_out^T G_l P_in), stacked in module order."""
+        x = self._vectors(g, self.d)
+        blocks = [
+            (layer.p_out.T @ self._matrices(x, layer) @ layer.p_in).flatten(-2)
+            for layer in self.layers
+        ]
+        return torch.cat(blocks, dim=-1)
+
+    def lift(self, w: torch.Tensor) -> torch.Tensor:
+        """P w: each block W_l (k_out x k_in) of w becomes G_l = P_out W_l P_in^T."""
+        w = self._vectors(w, self.k)
+        lead = w.shape[:-1]
+        out = w.new_zeros((*lead, self.d))
+        start = 0
+        for layer in self.layers:
+            size = layer.k_out * layer.k_in
+            block = w[..., start : start + size].reshape(*lead, layer.k_out, layer.k_in)
+            g = layer.p_out @ block @ layer.p_in.T
+            start += size
+            cols = layer.weight_cols
+            at = self.offsets[layer.weight]
+            out[..., at : at + layer.out_dim * cols] = g[..., :cols].flatten(-2)
+            if layer.bias is not None:
+                at = self.offsets[layer.bias]
+                out[..., at : at + layer.out_dim] = g[..., cols]
+        return out
+
+    def per_example_gradients(
+        self, model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """g_i = P^T grad loss_i, (B, k) float64, from hooked activations and backprops."""
+        check_examples_independent(model)
+        modules = dict(model.named_modules())
+        params = dict(model.named_parameters())
+        calls: dict[str, list[list[torch.Tensor | None]]] = {m.module: [] for m in self.layers}
+
+        def record(name: str):
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                entry: list[torch.Tensor | None] = [args[0].detach(), None]
+                calls[name].append(entry)
+                if output.requires_grad:
+                    output.register_hook(lambda grad: entry.__setitem__(1, grad.detach()))
+
+            return hook
+
+        handles = [modules[m.module].register_forward_hook(record(m.module)) for m in self.layers]
+        try:
+            with torch.enable_grad():
+                losses = loss_fn(model(inputs), targets)
+                if losses.shape != (inputs.shape[0],):
+                    raise ShapeError(
+                        f"the loss returned shape {tuple(losses.shape)} for a batch of "
+                        f"{inputs.shape[0]}; qem needs one loss per example."
+                    )
+                weights = [params[m.weight] for m in self.layers]
+                torch.autograd.grad(losses.sum(), weights, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        blocks = []
+        for layer in self.layers:
+            if not calls[layer.module]:
+                raise UnsupportedModelError(
+                    f"layer {layer.module!r} was not called through its forward() (its parent "
+                    "may use its weights directly); restrict with layers= or use 'srht'."
+                )
+            module = modules[layer.module]
+            blocks.append(self._layer_projection(module, layer, calls[layer.module], len(inputs)))
+        return torch.cat(blocks, dim=-1)
+
+    def _layer_projection(
+        self,
+        module: nn.Module,
+        layer: KroneckerLayer,
+        calls: list[list[torch.Tensor | None]],
+        batch: int,
+    ) -> torch.Tensor:
+        """sum over calls and positions of (P_out^T delta)(P_in^T a)^T, flattened: (B, k_l)."""
+        total = torch.zeros(batch, layer.k_out, layer.k_in, dtype=torch.float64, device=self.device)
+        for activation, backprop in calls:
+            if activation.shape[0] != batch:
+                raise UnsupportedModelError(
+                    f"layer {layer.module!r} received a tensor of shape "
+                    f"{tuple(activation.shape)} whose first dimension is not the batch ({batch}); "
+                    "Kronecker needs layers applied per example. Use 'srht' or 'dense'."
+                )
+            if backprop is None:  # this call's output did not reach the loss
+                continue
+            activation = activation.to(device=self.device, dtype=torch.float64)
+            backprop = backprop.to(device=self.device, dtype=torch.float64)
+            p_delta, p_a = _projected_call(module, layer, activation, backprop)
+            total += p_delta.transpose(1, 2) @ p_a  # (B, k_out, k_in)
+        return total.flatten(1)
+
+    def describe(self) -> dict:
+        """The base description plus the requested k and each layer's factor shapes."""
+        return {
+            **super().describe(),
+            "requested_k": self.requested_k,
+            "layers": [
+                {
+                    "module": m.module,
+                    "out": m.out_dim,
+                    "in": m.in_dim,
+                    "k_out": m.k_out,
+                    "k_in": m.k_in,
+                }
+                for m in self.layers
+            ],
+        }
+
+
+def _projected_call(
+    module: nn.Module, layer: KroneckerLayer, activation: torch.Tensor, backprop: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """P_out^T delta (B, L, k_out) and P_in^T [a; 1] (B, L, k_in) per position of one layer
+    call, so that the example's projected gradient is their product summed over the L positions.
+
+    Conv2d: a = unfold(input) (B, in*kh*kw, L), delta = d loss / d output as (B, out, L).
+    Linear on (B, ..., in): the middle dimensions are the positions.
+    """
+    batch, cols = activation.shape[0], layer.weight_cols
+    p_weight = layer.p_in[:cols]
+    if isinstance(module, nn.Conv2d):
+        if activation.dim() != 4:
+            raise UnsupportedModelError(
+                f"Conv2d input of shape {tuple(activation.shape)}: Kronecker needs batched "
+                "(B, C, H, W) inputs."
+            )
+        padded = F.pad(
+            activation,
+            _conv_padding(module),
+            mode="constant" if module.padding_mode == "zeros" else module.padding_mode,
+        )
+        a = F.unfold(padded, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        delta = backprop.reshape(batch, layer.out_dim, -1)
+        p_a = (p_weight.T @ a).transpose(1, 2)
+        p_delta = (layer.p_out.T @ delta).transpose(1, 2)
+    else:
+        if activation.dim() < 2:
+            raise UnsupportedModelError(
+                f"Linear input of shape {tuple(activation.shape)}: Kronecker needs a batch "
+                "dimension."
+            )
+        p_a = activation.reshape(batch, -1, cols) @ p_weight
+        p_delta = backprop.reshape(batch, -1, layer.out_dim) @ layer.p_out
+    if layer.bias is not None:
+        p_a = p_a + layer.p_in[cols]
+    return p_delta, p_a
+
+
+def _conv_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding of a Conv2d, as F.pad takes it (torch's 'same' puts
+    the odd pixel on the right/bottom)."""
+    if module.padding == "valid":
+        return (0, 0, 0, 0)
+    if module.padding == "same":
+        pads = []
+        for dilation, size in zip(module.dilation, module.kernel_size, strict=True):
+            total = dilation * (size - 1)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        return (left, right, top, bottom)
+    ph, pw = module.padding
+    return (pw, pw, ph, ph)
+
+
+def _find_layers(model: nn.Module, names: list[str] | None) -> list[KroneckerLayer]:
+    """The spanned layers in module order, after checking every trainable parameter is covered
+    (when ``names`` is None) or that every named module is a supported layer."""
+    modules = dict(model.named_modules())
+    param_name = {id(p): n for n, p in model.named_parameters()}
+    if names is None:
+        chosen = [
+            n for n, m in modules.items() if isinstance(m, _SUPPORTED) and m.weight.requires_grad
+        ]
+    else:
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in modules]
+        if unknown:
+            raise UnsupportedModelError(
+                f"the model has no modules {unknown}; available: {[n for n in modules if n]}"
+            )
+        wanted = set(names)
+        chosen = [n for n in modules if n in wanted]
+    layers, seen = [], set()
+    for name in chosen:
+        module = modules[name]
+        if not isinstance(module, _SUPPORTED):
+            raise UnsupportedModelError(
+                f"module {name!r} is a {type(module).__name__}; Kronecker spans only nn.Linear "
+                "and nn.Conv2d layers."
+            )
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            raise UnsupportedModelError(
+                f"Conv2d {name!r} has groups={module.groups}; Kronecker supports groups=1 only. "
+                "Use 'srht' or 'dense', or exclude it with layers=."
+            )
+        if not module.weight.requires_grad:
+            raise UnsupportedModelError(f"the weight of {name!r} is frozen; nothing to span.")
+        bias = module.bias if module.bias is not None and module.bias.requires_grad else None
+        tensors = [module.weight] if bias is None else [module.weight, bias]
+        if any(id(t) in seen for t in tensors):
+            raise UnsupportedModelError(
+                f"layer {name!r} shares parameters with another layer; Kronecker needs "
+                "untied weights."
+            )
+        seen.update(id(t) for t in tensors)
+        tied = [param_name[id(t)] for t in tensors if param_name[id(t)].rpartition(".")[0] != name]
+        if tied:
+            raise UnsupportedModelError(
+                f"layer {name!r} uses the parameters {tied} of another module (tied weights); "
+                "Kronecker needs each spanned parameter used by its layer only."
+            )
+        weight = module.weight
+        layers.append(
+            KroneckerLayer(
+                module=name,
+                weight=param_name[id(weight)],
+                bias=None if bias is None else param_name[id(bias)],
+                out_dim=weight.shape[0],
+                in_dim=weight[0].numel() + (bias is not None),
+            )
+        )
+    if names is None:
+        owner = {id(p): type(m).__name__ for m in modules.values() for p in m.parameters(False)}
+        others = [
+            f"{n} ({owner[id(p)]})"
+            for n, p in model.named_parameters()
+            if p.requires_grad and id(p) not in seen
+        ]
+        if others:
+            raise UnsupportedModelError(
+                f"Kronecker spans only nn.Linear and nn.Conv2d weights and biases, but the "
+                f"trainable parameters {others} belong to other modules. Freeze them "
+                "(requires_grad=False), pass layers=[...] to span chosen layers only, or use "
+                "'srht' or 'dense'."
+            )
+    if not layers:
+        raise UnsupportedModelError("the model has no trainable nn.Linear or nn.Conv2d layer.")
+    return layers
+
+
+def _check_shapes(
+    shapes: list[tuple[int, int]], layers: list[KroneckerLayer]
+) -> list[tuple[int, int]]:
+    """Validate explicit per-layer (k_out, k_in)."""
+    shapes = [(int(a), int(b)) for a, b in shapes]
+    if len(shapes) != len(layers):
+        raise InvalidParameterError(
+            f"shapes has {len(shapes)} entries but Kronecker spans {len(layers)} layers "
+            f"{[m.module for m in layers]}."
+        )
+    for (k_out, k_in), layer in zip(shapes, layers, strict=True):
+        if not (1 <= k_out <= layer.out_dim and 1 <= k_in <= layer.in_dim):
+            raise InvalidParameterError(
+                f"layer {layer.module!r}: (k_out, k_in)=({k_out}, {k_in}) must satisfy "
+                f"1 <= k_out <= {layer.out_dim} and 1 <= k_in <= {layer.in_dim}."
+            )
+    return shapes
+
+
+def allocate(dims: list[tuple[int, int]], k: int) -> list[tuple[int, int]]:
+    """Per-layer (k_out, k_in) for a total near k: budgets proportional to out*in_dim, rounded
+    smallest layer first with the rounding error carried forward (see Kronecker's docstring)."""
+    if k < len(dims):
+        raise InvalidParameterError(
+            f"k={k} is smaller than the number of spanned layers ({len(dims)}): each layer needs "
+            "at least one direction. Raise k or restrict with layers=."
+        )
+    d = sum(o * i for o, i in dims)
+    shapes: list[tuple[int, int]] = [(0, 0)] * len(dims)
+    carry = 0.0
+    for index in sorted(range(len(dims)), key=lambda j: dims[j][0] * dims[j][1]):
+        out_dim, in_dim = dims[index]
+        budget = k * out_dim * in_dim / d + carry
+        shapes[index] = _closest_product(max(budget, 1.0), out_dim, in_dim)
+        carry = budget - shapes[index][0] * shapes[index][1]
+    return shapes
+
+
+def _closest_product(target: float, out_dim: int, in_dim: int) -> tuple[int, int]:
+    """(k_out, k_in) with k_out*k_in closest to target, aspect within 4x of out/in_dim
+    (ties: closest aspect)."""
+    ideal = math.sqrt(target * out_dim / in_dim)
+    low = max(1, math.floor(ideal / 2))
+    high = min(out_dim, max(low, math.ceil(ideal * 2)))
+    best, best_key = (1, 1), (math.inf, math.inf)
+    for k_out in range(low, high + 1):
+        k_in = min(in_dim, max(1, round(target / k_out)))
+        key = (abs(k_out * k_in - target), abs(math.log(k_out / ideal)))
+        if key < best_key:
+            best, best_key = (k_out, k_in), key
+    return best

@@ -1,0 +1,218 @@
+"""Kronecker subspace: the hook-based per-example path, layer coverage, allocation, errors.
+
+The hook path is checked against the generic ``torch.func`` path of the base class, which
+test_subspace.py checks against a per-example loop.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qem.errors import InvalidParameterError, ShapeError, UnsupportedModelError
+from qem.losses import cross_entropy
+from qem.subspace import Kronecker, Subspace
+from qem.subspace.kronecker import allocate
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny float64 models run faster on one thread (no OpenMP barriers on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Shared(nn.Module):
+    """One Linear applied twice (summed over calls), and a layer whose output is unused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.unused = nn.Linear(4, 2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.unused(x)
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+class Sequence(nn.Module):
+    """Linear layers on (B, T, C) inputs: several positions per example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 5)
+        self.head = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.embed(x))).mean(dim=1)
+
+
+def conv_model(padding, padding_mode: str = "zeros") -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 4, padding=padding, padding_mode=padding_mode, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(3, 2, 3, stride=(2, 1), padding=(1, 2), padding_mode=padding_mode),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+    )
+
+
+CASES = {
+    "shared_and_unused": (Shared, (5, 4)),
+    "sequence": (Sequence, (5, 6, 3)),
+    "same_even_kernel": (lambda: conv_model("same"), (5, 2, 7, 6)),
+    "reflect": (lambda: conv_model(1, "reflect"), (5, 2, 7, 6)),
+    "circular": (lambda: conv_model(0, "circular"), (5, 2, 7, 6)),
+}
+
+
+def build(case: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    factory, shape = CASES[case]
+    torch.manual_seed(0)
+    model = factory()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen, dtype=F64)
+    model(x.float())  # materialise lazy layers
+    return model.double(), x, torch.randint(0, 3, (shape[0],), generator=gen)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("case", list(CASES))
+def test_hook_path_matches_generic_path(case):
+    model, x, y = build(case)
+    subspace = Kronecker(model, 12, seed=0)
+    got = subspace.per_example_gradients(model, cross_entropy, x, y)
+    expected = Subspace.per_example_gradients(subspace, model, cross_entropy, x, y)
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    p = subspace.materialize()
+    torch.testing.assert_close(p.T @ p, torch.eye(subspace.k, dtype=F64), atol=1e-10, rtol=0)
+
+
+def test_frozen_bias_float32_model_and_parameter_order():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    model[0].bias.requires_grad_(False)
+    x, y = torch.randn(7, 4), torch.randint(0, 3, (7,))
+    subspace = Kronecker(model, 10, seed=1)
+    assert subspace.parameter_names == ("0.weight", "2.weight", "2.bias")
+    assert [(m.out_dim, m.in_dim) for m in subspace.layers] == [(6, 4), (3, 7)]
+    got = subspace.per_example_gradients(model, cross_entropy, x, y)
+    assert got.dtype == F64
+    reference = Subspace.per_example_gradients(
+        subspace, model.double(), cross_entropy, x.double(), y
+    )
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_layers_restrict_the_span_and_eval_batchnorm_is_accepted():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.LayerNorm(12)
+    )
+    model.append(nn.Linear(12, 2))
+    model.double()
+    with pytest.raises(UnsupportedModelError, match=r"1\.weight.*4\.bias|LayerNorm"):
+        Kronecker(model, 6, seed=0)
+    subspace = Kronecker(model, 6, seed=0, layers=["0", "5"])
+    assert subspace.parameter_names == ("0.weight", "0.bias", "5.weight", "5.bias")
+    x, y = torch.randn(4, 1, 4, 4, dtype=F64), torch.tensor([0, 1, 1, 0])
+    with pytest.raises(UnsupportedModelError, match="BatchNorm2d"):
+        subspace.per_example_gradients(model, cross_entropy, x, y)
+    model.eval()
+    got = subspace.per_example_gradients(model, cross_entropy, x, y)
+    expected = Subspace.per_example_gradients(subspace, model, cross_entropy, x, y)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+
+
+def test_unsupported_layers():
+    with pytest.raises(UnsupportedModelError, match="groups=2"):
+        Kronecker(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)), 4, seed=0)
+    with pytest.raises(UnsupportedModelError, match="Conv1d"):
+        Kronecker(nn.Sequential(nn.Conv1d(2, 4, 3)), 4, seed=0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    with pytest.raises(UnsupportedModelError, match="LayerNorm"):
+        Kronecker(model, 4, seed=0, layers=["1"])
+    with pytest.raises(UnsupportedModelError, match="no modules"):
+        Kronecker(model, 4, seed=0, layers=["9"])
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(UnsupportedModelError, match="shares parameters"):
+        Kronecker(tied, 4, seed=0)
+
+
+def test_layer_bypassing_its_forward_is_refused():
+    class Bypass(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.fc.weight, self.fc.bias)
+
+    model = Bypass().double()
+    subspace = Kronecker(model, 2, seed=0)
+    with pytest.raises(UnsupportedModelError, match="not called"):
+        subspace.per_example_gradients(
+            model, cross_entropy, torch.ones(2, 3, dtype=F64), torch.ones(2).long()
+        )
+    with pytest.raises(ShapeError, match="one loss per example"):
+        Kronecker(nn.Linear(3, 2).double(), 2, seed=0).per_example_gradients(
+            nn.Linear(3, 2).double(), lambda o, t: o.sum(), torch.ones(2, 3, dtype=F64), None
+        )
+
+
+def bench_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(512, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+
+
+@pytest.mark.parametrize("k", [4, 64, 512, 2048, 5000])
+def test_allocation_meets_k_within_bounds(k):
+    model = bench_cnn()
+    subspace = Kronecker(model, k, seed=0)
+    assert subspace.requested_k == k
+    assert abs(subspace.k - k) <= 0.001 * k  # exact unless no product k_out*k_in fits
+    if k in (512, 2048):
+        assert subspace.k == k
+    sizes = []
+    for layer in subspace.layers:
+        assert 1 <= layer.k_out <= layer.out_dim and 1 <= layer.k_in <= layer.in_dim
+        sizes.append(layer.k_out * layer.k_in)
+    if k >= 64:  # the 512x64 Linear holds most of the parameters, so most of k
+        assert sizes.index(max(sizes)) == 2
+
+
+def test_allocation_rules_and_explicit_shapes():
+    assert allocate([(3, 2), (5, 100)], 2) == [(1, 1), (1, 1)]
+    with pytest.raises(InvalidParameterError, match="number of spanned layers"):
+        allocate([(3, 2), (5, 100)], 1)
+    assert sum(a * b for a, b in allocate([(3, 2), (5, 100)], 506)) == 506  # everything
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    subspace = Kronecker(model, seed=0, shapes=[(2, 3), (3, 7)])
+    assert subspace.k == 27 and [(m.k_out, m.k_in) for m in subspace.layers] == [(2, 3), (3, 7)]
+    with pytest.raises(InvalidParameterError, match="k_out"):
+        Kronecker(model, seed=0, shapes=[(7, 1), (1, 1)])
+    with pytest.raises(InvalidParameterError, match="entries"):
+        Kronecker(model, seed=0, shapes=[(1, 1)])
+    with pytest.raises(InvalidParameterError, match="disagrees"):
+        Kronecker(model, 5, seed=0, shapes=[(1, 1), (1, 1)])
+    with pytest.raises(InvalidParameterError, match="needs k"):
+        Kronecker(model, seed=0)
