@@ -42,7 +42,7 @@ from qem.statistics import check_targets, private_gradient_sum, public_clip_norm
 from qem.subspace.base import LossFn, Subspace
 from qem.subspace.factory import make_subspace
 
-DEFAULT_STEP_GRID = (0.0, *np.geomspace(1 / 64, 4.0, 17).tolist())
+DEFAULT_STEP_GRID = (0.0, *np.geomspace(1 / 16, 256.0, 25).tolist())
 """Step lengths alpha tried by the public line search (alpha = 0 keeps the current model)."""
 
 

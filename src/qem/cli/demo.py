@@ -41,6 +41,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="re-linearised rounds (default 2)")
     parser.add_argument("--damping", type=float, default=1e-2, help="gamma (default 1e-2)")
     parser.add_argument("--private-size", type=int, help="use only this many private images")
+    parser.add_argument("--test-size", type=int, help="use only this many test images")
+    parser.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=PRETRAIN["epochs"],
+        help=f"epochs of public pretraining (default {PRETRAIN['epochs']})",
+    )
     parser.add_argument("--cache-dir", default=".qem_cache", help="pretrained-model cache")
     parser.add_argument("--seed", type=int, help="reproducible noise; default OS entropy")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -58,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    scenario = mnist_s1(load_mnist(), seed=0, private_size=args.private_size)
+    scenario = mnist_s1(
+        load_mnist(), seed=0, private_size=args.private_size, test_size=args.test_size
+    )
+    pretrain_options = {**PRETRAIN, "epochs": args.pretrain_epochs}
     seconds["load_data"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -68,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         lambda: build_model("cnn", seed=0),
         scenario.public_train,
         progress=not args.no_progress,
-        **PRETRAIN,
+        **pretrain_options,
     )
     seconds["pretrain"] = time.perf_counter() - start
     pretrained_accuracy = evaluate_accuracy(pretrained, scenario.test)

@@ -207,10 +207,12 @@ class Kronecker(Subspace):
                 )
             if backprop is None:  # this call's output did not reach the loss
                 continue
-            activation = activation.to(device=self.device, dtype=torch.float64)
-            backprop = backprop.to(device=self.device, dtype=torch.float64)
+            # Projected in the model's precision (the per-example gradients themselves are no
+            # more precise); clipping and sums downstream are float64.
+            activation = activation.to(device=self.device)
+            backprop = backprop.to(device=self.device, dtype=activation.dtype)
             p_delta, p_a = _projected_call(module, layer, activation, backprop)
-            total += p_delta.transpose(1, 2) @ p_a  # (B, k_out, k_in)
+            total += (p_delta.transpose(1, 2) @ p_a).to(torch.float64)  # (B, k_out, k_in)
         return total.flatten(1)
 
     def describe(self) -> dict:
@@ -241,7 +243,8 @@ def _projected_call(
     Linear on (B, ..., in): the middle dimensions are the positions.
     """
     batch, cols = activation.shape[0], layer.weight_cols
-    p_weight = layer.p_in[:cols]
+    p_in, p_out = layer.p_in.to(activation.dtype), layer.p_out.to(activation.dtype)
+    p_weight = p_in[:cols]
     if isinstance(module, nn.Conv2d):
         if activation.dim() != 4:
             raise UnsupportedModelError(
@@ -256,7 +259,7 @@ def _projected_call(
         a = F.unfold(padded, module.kernel_size, dilation=module.dilation, stride=module.stride)
         delta = backprop.reshape(batch, layer.out_dim, -1)
         p_a = (p_weight.T @ a).transpose(1, 2)
-        p_delta = (layer.p_out.T @ delta).transpose(1, 2)
+        p_delta = (p_out.T @ delta).transpose(1, 2)
     else:
         if activation.dim() < 2:
             raise UnsupportedModelError(
@@ -264,9 +267,9 @@ def _projected_call(
                 "dimension."
             )
         p_a = activation.reshape(batch, -1, cols) @ p_weight
-        p_delta = backprop.reshape(batch, -1, layer.out_dim) @ layer.p_out
+        p_delta = backprop.reshape(batch, -1, layer.out_dim) @ p_out
     if layer.bias is not None:
-        p_a = p_a + layer.p_in[cols]
+        p_a = p_a + p_in[cols]
     return p_delta, p_a
 
 
