@@ -67,6 +67,24 @@ def task():
     return model, public, private, valid
 
 
+@pytest.fixture(scope="module")
+def released(task):
+    """One private release of the synthetic task, reused by the save/load tests."""
+    model, public, private, valid = task
+    return fine_tune(
+        model,
+        cross_entropy,
+        public,
+        private,
+        epsilon=1.0,
+        subspace="srht",
+        k=8,
+        validation_data=valid,
+        seed=1,
+        progress=False,
+    )
+
+
 def test_noise_off_equals_closed_form_step(task):
     model, public, private, _ = task
     kwargs = dict(
@@ -168,20 +186,8 @@ def test_input_model_not_modified_and_os_entropy_default(task):
     assert result.report["seed"]["source"] == "os_entropy"
 
 
-def test_save_load_round_trip(task, tmp_path):
-    model, public, private, valid = task
-    result = fine_tune(
-        model,
-        cross_entropy,
-        public,
-        private,
-        epsilon=1.0,
-        subspace="srht",
-        k=8,
-        validation_data=valid,
-        seed=1,
-        progress=False,
-    )
+def test_save_load_round_trip(released, tmp_path):
+    result = released
     out = tmp_path / "run"
     result.save(out)
     saved = load(out)
@@ -195,20 +201,8 @@ def test_save_load_round_trip(task, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_failure_between_writes_leaves_nothing(task, tmp_path, monkeypatch):
-    model, public, private, valid = task
-    result = fine_tune(
-        model,
-        cross_entropy,
-        public,
-        private,
-        epsilon=1.0,
-        subspace="srht",
-        k=8,
-        validation_data=valid,
-        seed=1,
-        progress=False,
-    )
+def test_failure_between_writes_leaves_nothing(released, tmp_path, monkeypatch):
+    result = released
     calls = []
     original = qem.io._write_file
 

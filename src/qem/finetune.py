@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
 
 import qem
 from qem.curvature.base import Curvature
@@ -36,6 +37,7 @@ from qem.losses import check_per_example_loss
 from qem.mechanism import QuadraticExponentialMechanism
 from qem.mechanism.clipping import validate_curvature
 from qem.parameters import check_finite_parameters
+from qem.privacy.accounting import compose_with_dp_events
 from qem.privacy.gdp import calibrate_gdp_mu, check_delta, check_epsilon, compose_gdp
 from qem.privacy.sensitivity import Adjacency, ClipNorm, check_positive, gdp_beta
 from qem.statistics import check_targets, private_gradient_sum, public_clip_norm
@@ -77,6 +79,7 @@ def line_search_step(
     w: np.ndarray,
     validation: DataLike,
     grid: Sequence[float] = DEFAULT_STEP_GRID,
+    progress: bool = False,
 ) -> tuple[float, float]:
     """Pick alpha in ``grid`` minimising the public validation loss of theta + alpha P w.
 
@@ -85,7 +88,7 @@ def line_search_step(
     """
     step = torch.as_tensor(w, dtype=torch.float64)
     best = (0.0, math.inf)
-    for alpha in grid:
+    for alpha in tqdm(grid, desc="step line search (public)", disable=not progress):
         trial = copy.deepcopy(model)
         subspace.apply_step(trial, alpha * step)
         loss = mean_loss(trial, loss_fn, validation)
@@ -210,6 +213,7 @@ def fine_tune(
                 clipping=clipping,
                 cholesky=cholesky,
                 batch_size=batch_size,
+                progress=progress,
             )
             clip_source = f"public quantile {clip_quantile}"
         else:
@@ -254,7 +258,9 @@ def fine_tune(
 
         start = time.perf_counter()
         if mode == "gdp" and prior_weight is None:
-            alpha, val_loss = line_search_step(current, loss_fn, basis, w, validation)
+            alpha, val_loss = line_search_step(
+                current, loss_fn, basis, w, validation, progress=progress
+            )
         else:
             alpha, val_loss = 1.0, None
         basis.apply_step(current, alpha * torch.as_tensor(w, dtype=torch.float64))
@@ -324,6 +330,11 @@ def _build_report(
         "epsilon": epsilon,
         "delta": delta if mode == "gdp" else 0.0,
         "mu": compose_gdp(mus) if mus else None,
+        "dp_accounting_epsilon": (
+            compose_with_dp_events(mus, delta=delta, value_discretization_interval=1e-3)
+            if mus
+            else None
+        ),
         "mu_calibrated": mu_total,
         "C": [r["clip_norm"] for r in rounds] if len(rounds) > 1 else rounds[0]["clip_norm"],
         "N": N,

@@ -9,6 +9,7 @@ vmap over grad, or the Kronecker shortcut), batch by batch: memory is O(batch x 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,8 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qem.data import DataLike, as_dataset, batches
-from qem.errors import DataError, NonFiniteError
-from qem.mechanism.clipping import clip_gradients, dual_norms
+from qem.errors import DataError, InvalidParameterError, NonFiniteError
+from qem.mechanism.clipping import clip_gradients
 from qem.privacy.sensitivity import ClipNorm
 from qem.subspace.base import LossFn, Subspace
 
@@ -47,6 +48,61 @@ def check_targets(outputs: torch.Tensor, targets: torch.Tensor, offset: int = 0)
             )
 
 
+def whitening(
+    cholesky: np.ndarray | None, clipping: ClipNorm
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """g -> u with ||u||_2 = the clipping norm of g: u = L^-1 g for the dual norm (A = L L^T),
+    u = g for the Euclidean norm. The triangular solve runs in torch (float64) on torch's own
+    threads: scipy's OpenBLAS threads, interleaved with the model's torch threads, made the
+    private pass 3.0x a plain epoch instead of 1.8x (k = 512, 2 cores)."""
+    if clipping is ClipNorm.EUCLIDEAN:
+        return lambda g: g
+    if cholesky is None:
+        raise InvalidParameterError(
+            "dual-norm clipping needs the Cholesky factor of A (validate_curvature(A))."
+        )
+    factor = torch.from_numpy(np.ascontiguousarray(cholesky, dtype=np.float64))
+    return lambda g: torch.linalg.solve_triangular(factor, g.T, upper=False).T
+
+
+def projected_gradient_batches(
+    model: nn.Module,
+    loss_fn: LossFn,
+    subspace: Subspace,
+    data: DataLike,
+    *,
+    batch_size: int,
+    name: str,
+    progress: bool = False,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (offset, g) per batch: g = P^T grad loss(theta; z_i), a float64 (B, k) tensor, with the
+    model in eval mode (restored afterwards) and labels checked against the model's outputs.
+    A non-finite row raises NonFiniteError naming the example's index in ``data``."""
+    dataset = as_dataset(data, name)
+    was_training = model.training
+    model.eval()
+    offset = 0
+    try:
+        with tqdm(total=len(dataset), desc=name, unit="ex", disable=not progress) as bar:
+            for inputs, targets in batches(dataset, batch_size, name):
+                with torch.no_grad():
+                    check_targets(model(inputs[:1]), targets, offset)
+                grads = subspace.per_example_gradients(model, loss_fn, inputs, targets)
+                grads = grads.detach().to("cpu", torch.float64)
+                finite = torch.isfinite(grads).all(dim=1)
+                if not finite.all():
+                    index = offset + int((~finite).nonzero()[0, 0])
+                    raise NonFiniteError(
+                        f"the gradient of {name} example {index} is not finite (NaN or "
+                        "infinity); check that example and the loss."
+                    )
+                yield offset, grads
+                offset += len(grads)
+                bar.update(len(grads))
+    finally:
+        model.train(was_training)
+
+
 def private_gradient_sum(
     model: nn.Module,
     loss_fn: LossFn,
@@ -62,37 +118,29 @@ def private_gradient_sum(
     """Stream over ``private_data`` and return the float64 sum of clipped subspace gradients.
 
     ``cholesky`` is the lower Cholesky factor L of A (A = L L^T), required for dual-norm
-    clipping ||g||_{A^-1} = ||L^-1 g||_2. A non-finite per-example gradient raises
-    NonFiniteError naming the example's index in ``private_data``.
+    clipping ||g||_{A^-1} = ||L^-1 g||_2.
     """
-    dataset = as_dataset(private_data, "private data")
     clipping = ClipNorm(clipping)
-    total = np.zeros(subspace.k, dtype=np.float64)
+    whiten = whitening(cholesky, clipping)
+    whitened_total = np.zeros(subspace.k, dtype=np.float64)
     count = clipped = 0
-    was_training = model.training
-    model.eval()
-    try:
-        bar = tqdm(total=len(dataset), desc="private pass", unit="ex", disable=not progress)
-        for inputs, targets in batches(dataset, batch_size):
-            with torch.no_grad():
-                check_targets(model(inputs[:1]), targets, count)
-            grads = subspace.per_example_gradients(model, loss_fn, inputs, targets)
-            grads = grads.detach().cpu().numpy().astype(np.float64, copy=False)
-            finite = np.isfinite(grads).all(axis=1)
-            if not finite.all():
-                index = count + int(np.flatnonzero(~finite)[0])
-                raise NonFiniteError(
-                    f"the gradient of private example {index} is not finite (NaN or infinity); "
-                    "check that example's input and the loss."
-                )
-            clipped_batch, n_clipped = clip_gradients(grads, clip_norm, clipping, cholesky)
-            total += clipped_batch.sum(axis=0)
-            count += grads.shape[0]
-            clipped += n_clipped
-            bar.update(grads.shape[0])
-        bar.close()
-    finally:
-        model.train(was_training)
+    batches_of_gradients = projected_gradient_batches(
+        model,
+        loss_fn,
+        subspace,
+        private_data,
+        batch_size=batch_size,
+        name="private data",
+        progress=progress,
+    )
+    for _, grads in batches_of_gradients:
+        # Clipping u = L^-1 g in the Euclidean norm is clipping g in ||.||_{A^-1}: the factor
+        # min(1, C/||u||) is the same, and gh = L uh.
+        clipped_batch, n_clipped = clip_gradients(whiten(grads).numpy(), clip_norm, "euclidean")
+        whitened_total += clipped_batch.sum(axis=0)
+        count += len(grads)
+        clipped += n_clipped
+    total = whitened_total if clipping is ClipNorm.EUCLIDEAN else cholesky @ whitened_total
     return GradientStatistics(gradient_sum=total, count=count, clipped_count=clipped)
 
 
@@ -106,27 +154,25 @@ def public_clip_norm(
     clipping: ClipNorm | str = ClipNorm.DUAL,
     cholesky: np.ndarray | None = None,
     batch_size: int = 256,
+    progress: bool = False,
 ) -> float:
     """A clipping bound chosen without private data: the ``quantile`` of the per-example
     subspace-gradient norms (dual or Euclidean, as clipping will use) on PUBLIC data."""
     if not 0.0 < quantile <= 1.0:
         raise DataError(f"clip quantile must lie in (0, 1], got {quantile!r}.")
-    clipping = ClipNorm(clipping)
-    norms = []
-    was_training = model.training
-    model.eval()
-    try:
-        for inputs, targets in batches(public_data, batch_size, "public data"):
-            grads = subspace.per_example_gradients(model, loss_fn, inputs, targets)
-            grads = grads.detach().cpu().numpy().astype(np.float64, copy=False)
-            if clipping is ClipNorm.DUAL:
-                norms.append(dual_norms(grads, cholesky))
-            else:
-                norms.append(np.linalg.norm(grads, axis=1))
-    finally:
-        model.train(was_training)
-    values = np.concatenate(norms)
-    values = values[np.isfinite(values)]
-    if values.size == 0 or not np.any(values > 0):
-        raise DataError("public per-example gradients are all zero or non-finite: pass clip_norm.")
+    whiten = whitening(cholesky, ClipNorm(clipping))
+    batches_of_gradients = projected_gradient_batches(
+        model,
+        loss_fn,
+        subspace,
+        public_data,
+        batch_size=batch_size,
+        name="public data",
+        progress=progress,
+    )
+    values = torch.cat(
+        [torch.linalg.vector_norm(whiten(grads), dim=1) for _, grads in batches_of_gradients]
+    ).numpy()
+    if not np.any(values > 0):
+        raise DataError("public per-example gradients are all zero: pass clip_norm.")
     return float(np.quantile(values, quantile))

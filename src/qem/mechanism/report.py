@@ -12,7 +12,9 @@ class Preview:
     noise_scale = 1/sqrt(beta N lam): std of each coordinate of L^T w, i.e. in the metric of A.
     max_euclidean_std = 1/sqrt(beta N lam lambda_min(A)): largest std of any direction of w.
     expected_excess_loss = k / (2 beta N) = E[F_D(w)] - F_D(m_D) for the surrogate
-    F_D(w) = (1/N) sum_i gh_i^T w + (lam/2) w^T A w.
+    F_D(w) = (1/N) sum_i gh_i^T w + (lam/2) w^T A w. It is exact in Gaussian-DP mode; in
+    pure mode it is the value of the untruncated Normal, since the sampler's law is truncated to
+    ||w||_A <= R (neither exact nor a bound there; docs/theory.md §11 b3).
     """
 
     k: int
