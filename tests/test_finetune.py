@@ -260,3 +260,34 @@ def test_bad_inputs(task):
         broken[0].weight[0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match=r"0\.weight"):
         fine_tune(broken, cross_entropy, public, private, **base)
+
+
+def test_pure_mode_and_add_remove_reach_the_report(task):
+    model, public, private, _ = task
+    result = fine_tune(
+        model,
+        cross_entropy,
+        public,
+        private,
+        epsilon=4.0,
+        mode="pure",
+        adjacency="add_remove",
+        N=500,
+        subspace="srht",
+        k=6,
+        clip_norm=0.5,
+        seed=2,
+        progress=False,
+    )
+    report = result.report
+    assert (report["mode"], report["adjacency"], report["delta"], report["N"]) == (
+        "pure",
+        "add_remove",
+        0.0,
+        500,
+    )
+    assert report["mu"] is None and report["dp_accounting_epsilon"] is None
+    preview = result.preview[0]
+    assert preview["epsilon"] == pytest.approx(4.0)
+    assert preview["worst_case_acceptance"] == pytest.approx(0.5)  # the chooser's target
+    assert report["step_lengths"] == [1.0]

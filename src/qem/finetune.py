@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,7 +131,6 @@ def fine_tune(
     batch_size: int = 256,
     progress: bool = True,
     noise: bool = True,
-    phase_callback: Callable[[str, float], None] | None = None,
 ) -> FineTuneResult:
     """Fine-tune ``model`` on ``private_data`` with a differential-privacy guarantee.
 
@@ -178,8 +177,6 @@ def fine_tune(
     def timed(phase: str, start: float) -> None:
         seconds = time.perf_counter() - start
         timings[phase] = timings.get(phase, 0.0) + seconds
-        if phase_callback is not None:
-            phase_callback(phase, seconds)
 
     current = copy.deepcopy(model).eval()
     basis = (
