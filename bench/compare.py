@@ -14,8 +14,12 @@ chosen configuration, DP-SGD/qem time ratio) is printed and written with the plo
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import sys
 from pathlib import Path
+
+import torch
 
 from qem.experiments.report import write_report
 from qem.experiments.runner import run_experiment
@@ -77,6 +81,12 @@ def main() -> None:
     docs = Path(args.docs)
     paths = write_report(args.out, docs)
     shutil.copyfile(Path(args.out) / "results.json", docs / "results.json")
+    command = " ".join(["python", *sys.argv])
+    body = paths[0].read_text()
+    paths[0].write_text(
+        f"Produced by `{command}` (the cells are in `{args.out}`) on {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}.\n\n{body}"
+    )
     print(paths[0].read_text())
 
 

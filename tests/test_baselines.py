@@ -88,7 +88,7 @@ def run_dpsgd(model, adjacency: str, epsilon: float = 4.0, seed: int | None = 1,
 
 @pytest.fixture(scope="module")
 def replace_one_run():
-    model = make_model()
+    model = make_model().eval()  # a pretrained model usually arrives in eval mode
     before = copy.deepcopy(model)
     return model, before, run_dpsgd(model, "replace_one")
 
@@ -103,6 +103,7 @@ def test_dpsgd_learns_a_separable_task(replace_one_run):
 def test_dpsgd_leaves_the_input_model_unchanged(replace_one_run):
     model, before, result = replace_one_run
     assert same_weights(model, before)
+    assert not model.training  # the caller's mode is untouched
     assert not same_weights(result.model, before)
     assert type(result.model) is type(model) and not hasattr(result.model, "_module")
 

@@ -156,7 +156,9 @@ def calibrate_noise_multiplier(
 
 
 def _check_opacus_compatible(model: nn.Module) -> None:
-    errors = ModuleValidator.validate(model, strict=False)
+    """Opacus' validator on a training-mode copy (a pretrained model usually arrives in eval
+    mode, which Opacus flags although DP-SGD will train it in training mode)."""
+    errors = ModuleValidator.validate(copy.deepcopy(model).train(), strict=False)
     if errors:
         raise UnsupportedModelError(
             f"DP-SGD (Opacus) cannot train this model: {errors}. Replace BatchNorm by GroupNorm "
@@ -230,7 +232,7 @@ def dpsgd(
         certified = pld_epsilon(sigma, sample_rate, steps, delta, adjacency)
 
     with timer.phase("training"):
-        trained = copy.deepcopy(model)
+        trained = copy.deepcopy(model).train()
         engine = PrivacyEngine(accountant="prv", secure_mode=False)
         module, dp_optimizer, dp_loader = engine.make_private(
             module=trained,
