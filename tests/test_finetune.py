@@ -21,6 +21,7 @@ from qem.errors import (
 from qem.finetune import fine_tune, mean_loss
 from qem.io import load
 from qem.losses import cross_entropy
+from qem.mechanism import QuadraticExponentialMechanism
 from qem.mechanism.clipping import clip_gradients, validate_curvature
 from qem.privacy.gdp import calibrate_gdp_mu
 from qem.statistics import private_gradient_sum
@@ -85,21 +86,21 @@ def released(task):
     )
 
 
-def test_noise_off_equals_closed_form_step(task):
-    model, public, private, _ = task
-    kwargs = dict(
-        epsilon=1.0,
-        delta=1e-5,
-        subspace="dense",
-        k=20,
-        curvature="ggn",
-        damping=0.1,
-        clip_norm=0.5,
-        prior_weight=2.0,
-        progress=False,
-    )
-    result = fine_tune(model, cross_entropy, public, private, noise=False, **kwargs)
+STEP_KWARGS = dict(
+    epsilon=1.0,
+    delta=1e-5,
+    subspace="dense",
+    k=20,
+    curvature="ggn",
+    damping=0.1,
+    clip_norm=0.5,
+    prior_weight=2.0,
+    progress=False,
+)
 
+
+def brute_force_statistics(model, public, private):
+    """P, A and sum_i gh_i by a Python loop of autograd gradients (float64, dense P)."""
     basis = make_subspace("dense", model, k=20, seed=0)
     A = make_curvature("ggn", 0.1, progress=False).matrix(model, cross_entropy, basis, public)
     P = basis.materialize().numpy()
@@ -109,12 +110,34 @@ def test_noise_off_equals_closed_form_step(task):
         cross_entropy(model(x[None]), y[None]).sum().backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy() @ P)
     clipped, _ = clip_gradients(np.array(grads), 0.5, "dual", validate_curvature(A))
-    N, lam = 400, 2.0
-    expected_w = -np.linalg.solve(N * lam * A, clipped.sum(axis=0))
-    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
-    theta1 = torch.cat([p.detach().reshape(-1) for p in result.model.parameters()]).numpy()
-    np.testing.assert_allclose(theta1 - theta0, P @ expected_w, atol=1e-10)
+    return P, A, clipped.sum(axis=0)
+
+
+def parameter_step(before: nn.Module, after: nn.Module) -> np.ndarray:
+    flat = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in (before, after)]
+    return (flat[1] - flat[0]).numpy()
+
+
+def test_noise_off_equals_closed_form_step(task):
+    model, public, private, _ = task
+    result = fine_tune(model, cross_entropy, public, private, noise=False, **STEP_KWARGS)
+    P, A, gradient_sum = brute_force_statistics(model, public, private)
+    expected_w = -np.linalg.solve(400 * 2.0 * A, gradient_sum)
+    np.testing.assert_allclose(parameter_step(model, result.model), P @ expected_w, atol=1e-10)
     assert "NOT PRIVATE" in result.report["noise"]
+
+
+def test_one_round_is_the_plain_mechanism(task):
+    model, public, private, _ = task
+    result = fine_tune(model, cross_entropy, public, private, seed=5, **STEP_KWARGS)
+    P, A, gradient_sum = brute_force_statistics(model, public, private)
+    mechanism = QuadraticExponentialMechanism(
+        A, N=400, lam=2.0, clip_norm=0.5, seed=result.report["rounds"][0]["seed"]["seed"]
+    )
+    mechanism.calibrate(1.0, 1e-5)
+    w = mechanism.sample(gradient_sum)
+    np.testing.assert_allclose(parameter_step(model, result.model), P @ w, atol=1e-9)
+    assert result.report["mu"] == pytest.approx(mechanism.mu, rel=1e-12)
 
 
 def test_improves_validation_loss_at_large_epsilon(task):
