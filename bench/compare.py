@@ -14,6 +14,7 @@ chosen configuration, DP-SGD/qem time ratio) is printed and written with the plo
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from qem.experiments.report import write_report
-from qem.experiments.runner import run_experiment
+from qem.experiments.report import read_cells, write_report
+from qem.experiments.runner import CELLS_DIR, result_row, run_experiment
 
 PRETRAIN = {"epochs": 30, "lr": 1e-3, "batch_size": 64, "seed": 0}
 
@@ -39,7 +40,12 @@ def build_config(args: argparse.Namespace) -> dict:
             "name": "qem",
             "label": "qem",
             "grid": {"rounds": args.qem_rounds},
-            "fixed": {"subspace": "kronecker", "k": args.k, "damping": 0.01},
+            "fixed": {
+                "subspace": "kronecker",
+                "k": args.k,
+                "damping": 0.01,
+                **({"public_sample_size": args.public_sample} if args.public_sample else {}),
+            },
         },
         {
             "name": "dpsgd",
@@ -69,18 +75,32 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--private-size", type=int, help="subsample the private side")
     parser.add_argument("--k", type=int, default=2048, help="qem subspace dimension")
+    parser.add_argument(
+        "--public-sample", type=int, help="qem: public examples used for curvature and clip norm"
+    )
     parser.add_argument("--qem-rounds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--dpsgd-lr", type=float, nargs="+", default=[0.05, 0.2])
     parser.add_argument("--name", default="compare")
     parser.add_argument("--out", default="runs/compare", help="cells (resumable)")
     parser.add_argument("--docs", default="docs", help="where results.md/.json and plots go")
+    parser.add_argument(
+        "--merge",
+        nargs="*",
+        default=[],
+        help="cell folders of earlier runs to include in the report",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
 
     run_experiment(build_config(args), args.out, progress=not args.no_progress)
+    for earlier in args.merge:
+        for cell in Path(earlier, CELLS_DIR).glob("*.json"):
+            if not (Path(args.out, CELLS_DIR) / cell.name).exists():
+                shutil.copyfile(cell, Path(args.out, CELLS_DIR) / cell.name)
     docs = Path(args.docs)
     paths = write_report(args.out, docs)
-    shutil.copyfile(Path(args.out) / "results.json", docs / "results.json")
+    rows = [result_row(cell) for cell in read_cells(args.out)]
+    (docs / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     command = " ".join(["python", *sys.argv])
     body = paths[0].read_text()
     paths[0].write_text(

@@ -314,3 +314,33 @@ def test_pure_mode_and_add_remove_reach_the_report(task):
     assert preview["epsilon"] == pytest.approx(4.0)
     assert preview["worst_case_acceptance"] == pytest.approx(0.5)  # the chooser's target
     assert report["step_lengths"] == [1.0]
+
+
+def test_public_sample_size_limits_the_public_passes(task):
+    model, public, private, valid = task
+    result = fine_tune(
+        model,
+        cross_entropy,
+        public,
+        private,
+        epsilon=1.0,
+        subspace="srht",
+        k=6,
+        validation_data=valid,
+        public_sample_size=50,
+        seed=0,
+        progress=False,
+    )
+    assert result.report["curvature"]["n_public"] == 50
+    with pytest.raises(InvalidParameterError, match="public_sample_size"):
+        fine_tune(
+            model,
+            cross_entropy,
+            public,
+            private,
+            epsilon=1.0,
+            subspace="srht",
+            k=6,
+            public_sample_size=0,
+            progress=False,
+        )

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset, TensorDataset
 from tqdm.auto import tqdm
 
 import qem
@@ -126,6 +126,7 @@ def fine_tune(
     N: int | None = None,
     rounds: int = 1,
     validation_data: DataLike | None = None,
+    public_sample_size: int | None = None,
     radius: float | None = None,
     seed: int | None = None,
     batch_size: int = 256,
@@ -136,8 +137,10 @@ def fine_tune(
 
     The returned model is a copy; the input model is not modified. ``seed`` makes the noise
     reproducible and is recorded as such in the report; by default noise comes from operating
-    system entropy. ``noise=False`` exists only for tests (it releases the exact mean and the
-    report says so); never use it on real data.
+    system entropy. ``public_sample_size`` limits the public passes (curvature, clip norm) to the
+    first that many public examples: public data, so no privacy cost, and the curvature pass
+    costs (outputs x examples) per-example projections. ``noise=False`` exists only for tests
+    (it releases the exact mean and the report says so); never use it on real data.
     """
     epsilon = check_epsilon(epsilon)
     if mode not in ("gdp", "pure"):
@@ -156,6 +159,12 @@ def fine_tune(
     public = as_dataset(public_data, "public data")
     private = as_dataset(private_data, "private data")
     validation = public if validation_data is None else as_dataset(validation_data, "validation")
+    if public_sample_size is not None:
+        if int(public_sample_size) < 1:
+            raise InvalidParameterError(
+                f"public_sample_size must be >= 1, got {public_sample_size!r}."
+            )
+        public = Subset(public, range(min(int(public_sample_size), len(public))))
     if N is None:
         if adjacency is Adjacency.ADD_REMOVE:
             raise InvalidParameterError(

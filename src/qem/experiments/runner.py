@@ -217,7 +217,7 @@ def run_experiment(
                 record = run_cell(cell, method, scenario, pretrained, config, loss_fn, progress)
                 write_json_atomic(cells_dir / f"{cell.key}.json", record)
                 bar.update()
-    results = [_summary(_read(cells_dir / f"{cell.key}.json")) for cell in cells]
+    results = [result_row(_read(cells_dir / f"{cell.key}.json")) for cell in cells]
     write_json_atomic(out / RESULTS_FILE, results)
     return results
 
@@ -401,7 +401,7 @@ def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _summary(record: dict[str, Any]) -> dict[str, Any]:
+def result_row(record: dict[str, Any]) -> dict[str, Any]:
     """One row of ``results.json``."""
     return {
         "scenario": record["scenario"],
