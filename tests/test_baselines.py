@@ -23,8 +23,9 @@ from qem.baselines.dpsgd import PLD_DISCRETIZATION, calibrate_noise_multiplier, 
 from qem.baselines.none import none
 from qem.baselines.nonprivate import nonprivate
 from qem.errors import InvalidParameterError, UnsupportedModelError
-from qem.finetune import FineTuneResult, mean_loss
+from qem.finetune import FineTuneResult
 from qem.losses import cross_entropy
+from qem.pretrain import evaluate_loss
 
 N, BATCH, EPOCHS, DELTA = 200, 50, 5, 1e-5
 
@@ -257,7 +258,7 @@ def test_nonprivate_improves_training_loss_and_is_marked_not_private():
         batch_size=50,
     )
     assert same_weights(model, before)
-    assert mean_loss(result.model, cross_entropy, private) < 0.7 * mean_loss(
+    assert evaluate_loss(result.model, cross_entropy, private) < 0.7 * evaluate_loss(
         model, cross_entropy, private
     )
     assert result.report["epsilon"] is None
@@ -283,7 +284,7 @@ def test_nonprivate_early_stopping_keeps_the_best_public_epoch():
         patience=2,
     )
     losses = [r["validation_loss"] for r in result.report["history"]]
-    assert mean_loss(result.model, cross_entropy, validation) == pytest.approx(min(losses))
+    assert evaluate_loss(result.model, cross_entropy, validation) == pytest.approx(min(losses))
     best = losses.index(min(losses))
     assert len(losses) - 1 == 8 or len(losses) - 1 - best == 2  # ran out or lost patience
 

@@ -18,11 +18,12 @@ from qem.errors import (
     OutputExistsError,
     ShapeError,
 )
-from qem.finetune import fine_tune, mean_loss
+from qem.finetune import fine_tune
 from qem.io import load
 from qem.losses import cross_entropy
 from qem.mechanism import QuadraticExponentialMechanism
 from qem.mechanism.clipping import clip_gradients, validate_curvature
+from qem.pretrain import evaluate_loss
 from qem.privacy.gdp import calibrate_gdp_mu
 from qem.statistics import private_gradient_sum
 from qem.subspace.factory import make_subspace
@@ -142,7 +143,7 @@ def test_one_round_is_the_plain_mechanism(task):
 
 def test_improves_validation_loss_at_large_epsilon(task):
     model, public, private, valid = task
-    before = mean_loss(model, cross_entropy, valid)
+    before = evaluate_loss(model, cross_entropy, valid)
     result = fine_tune(
         model,
         cross_entropy,
@@ -158,7 +159,7 @@ def test_improves_validation_loss_at_large_epsilon(task):
         seed=3,
         progress=False,
     )
-    after = mean_loss(result.model, cross_entropy, valid)
+    after = evaluate_loss(result.model, cross_entropy, valid)
     assert after < before - 0.05
     assert result.report["step_lengths"] and all(a >= 0 for a in result.report["step_lengths"])
 

@@ -37,6 +37,7 @@ from qem.losses import check_per_example_loss
 from qem.mechanism import QuadraticExponentialMechanism
 from qem.mechanism.clipping import validate_curvature
 from qem.parameters import check_finite_parameters
+from qem.pretrain import evaluate_loss
 from qem.privacy.accounting import compose_with_dp_events
 from qem.privacy.gdp import calibrate_gdp_mu, check_delta, check_epsilon, compose_gdp
 from qem.privacy.sensitivity import Adjacency, ClipNorm, check_positive, gdp_beta
@@ -62,16 +63,6 @@ class FineTuneResult:
         save_run(directory, self.model.state_dict(), self.report, overwrite=overwrite)
 
 
-def mean_loss(model: nn.Module, loss_fn: LossFn, data: DataLike, batch_size: int = 1024) -> float:
-    """Mean per-example loss of ``model`` on ``data``."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for inputs, targets in batches(data, batch_size):
-            total += float(loss_fn(model(inputs), targets).double().sum())
-            count += inputs.shape[0]
-    return total / count
-
-
 def line_search_step(
     model: nn.Module,
     loss_fn: LossFn,
@@ -91,7 +82,7 @@ def line_search_step(
     for alpha in tqdm(grid, desc="step line search (public)", disable=not progress):
         trial = copy.deepcopy(model)
         subspace.apply_step(trial, alpha * step)
-        loss = mean_loss(trial, loss_fn, validation)
+        loss = evaluate_loss(trial, loss_fn, validation)
         if loss < best[1]:
             best = (float(alpha), loss)
     return best

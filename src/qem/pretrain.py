@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from qem.data import DataLike, as_dataset
+from qem.data import DataLike, as_dataset, batches, fingerprint
 from qem.errors import DataError, InvalidParameterError, NonFiniteError
 from qem.losses import cross_entropy
 from qem.subspace.base import LossFn
@@ -152,7 +151,7 @@ def cached_pretrain(
 
     The file name is ``<key>-<hash>.pt`` in ``cache_dir`` (default ``.qem_cache/`` in the
     current directory), where the SHA-256 hash covers ``key``, the model's class and parameter
-    shapes, the hyperparameters and, for tensor data, the bytes of the data; so any change
+    shapes, the hyperparameters and the data (qem.data.fingerprint); so any change
     retrains. The state dict is written to a temporary file and moved into place with
     ``os.replace``, so a crash never leaves a partial file. ``factory`` must build the same
     initial weights every time (seed it) for the cache to mean anything.
@@ -164,7 +163,7 @@ def cached_pretrain(
         "shapes": {name: list(t.shape) for name, t in model.state_dict().items()},
         "dtype": str(next(model.parameters()).dtype),
         "pretrain": {k: v for k, v in sorted(pretrain_kwargs.items()) if k != "progress"},
-        "data": _fingerprint(train_data),
+        "data": fingerprint(train_data),
     }
     text = json.dumps(config, sort_keys=True, default=_describe)
     digest = hashlib.sha256(text.encode()).hexdigest()
@@ -196,37 +195,14 @@ def _describe(value: object) -> str:
     return repr(value)
 
 
-def _fingerprint(data: DataLike) -> str:
-    """SHA-256 of the shapes, dtypes and bytes of tensor data; the type name otherwise."""
-    if isinstance(data, TensorDataset):
-        data = tuple(data.tensors)
-    if not isinstance(data, tuple):
-        return f"{type(data).__module__}.{type(data).__qualname__}:{len(data)}"  # type: ignore[arg-type]
-    digest = hashlib.sha256()
-    for tensor in data:
-        t = torch.as_tensor(tensor).detach().cpu().contiguous()
-        digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _batches(
     dataset: Any,
     batch_size: int,
     model: nn.Module,
     generator: torch.Generator | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches (shuffled when ``generator`` is given), floating inputs cast to the model's
-    dtype. Tensor datasets are sliced directly (much faster than item-by-item collation)."""
+    """qem.data.batches (shuffled when ``generator`` is given), floating inputs cast to the
+    model's dtype."""
     dtype = next(model.parameters()).dtype
-    shuffle = generator is not None
-    if isinstance(dataset, TensorDataset):
-        n = len(dataset)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        pairs = (
-            (dataset.tensors[0][rows], dataset.tensors[1][rows]) for rows in order.split(batch_size)
-        )
-    else:
-        pairs = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
-    for inputs, targets in pairs:
+    for inputs, targets in batches(dataset, batch_size, generator=generator):
         yield (inputs.to(dtype) if inputs.is_floating_point() else inputs), targets

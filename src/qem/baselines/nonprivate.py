@@ -29,9 +29,10 @@ from qem.baselines import (
 )
 from qem.data import DataLike, as_dataset, batches
 from qem.errors import InvalidParameterError
-from qem.finetune import FineTuneResult, mean_loss
+from qem.finetune import FineTuneResult
 from qem.losses import check_per_example_loss
 from qem.parameters import check_finite_parameters
+from qem.pretrain import evaluate_loss
 from qem.privacy.sensitivity import check_positive
 from qem.subspace.base import LossFn
 
@@ -59,7 +60,7 @@ def train_epochs(
     history: list[dict] = []
     best_loss, best_state, since_best = float("inf"), None, 0
     if validation is not None:
-        best_loss = mean_loss(model.eval(), loss_fn, validation)
+        best_loss = evaluate_loss(model.eval(), loss_fn, validation)
         best_state = copy.deepcopy(model.state_dict())
         history.append({"epoch": 0, "train_loss": None, "validation_loss": best_loss})
     for epoch in tqdm(range(1, epochs + 1), desc=desc, disable=not progress):
@@ -78,7 +79,7 @@ def train_epochs(
         if validation is None:
             continue
         model.eval()
-        record["validation_loss"] = mean_loss(model, loss_fn, validation)
+        record["validation_loss"] = evaluate_loss(model, loss_fn, validation)
         if record["validation_loss"] < best_loss:
             best_loss, since_best = record["validation_loss"], 0
             best_state = copy.deepcopy(model.state_dict())

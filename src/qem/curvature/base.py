@@ -13,65 +13,21 @@ the result, and fingerprints the public data it used for the privacy report.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from qem.data import DataLike, batches, num_examples
+from qem.data import DataHasher, DataLike, batches, num_examples
 from qem.errors import CurvatureError, InvalidParameterError, NonFiniteError
 from qem.losses import check_per_example_loss
 from qem.parameters import check_finite_parameters
 from qem.privacy.sensitivity import check_positive
 from qem.subspace.base import LossFn, Subspace
-
-ModelCall = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
-"""outputs = call(theta, inputs): the model with the spanned parameters replaced by ``theta``."""
-
-
-class _DataHasher:
-    """Incremental sha256 over a dataset's tensors: bytes, dtypes and per-example shapes.
-
-    Inputs and targets are hashed in separate streams, so the digest does not depend on how the
-    data is cut into batches.
-    """
-
-    def __init__(self) -> None:
-        self._streams = (hashlib.sha256(), hashlib.sha256())
-        self._layout: list[list] = []  # runs of [input dtype/shape, target dtype/shape, count]
-        self.n = 0
-
-    def update(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        layout = [f"{t.dtype}{tuple(t.shape[1:])}" for t in (inputs, targets)]
-        if self._layout and self._layout[-1][:2] == layout:
-            self._layout[-1][2] += inputs.shape[0]
-        else:
-            self._layout.append([*layout, inputs.shape[0]])
-        for stream, t in zip(self._streams, (inputs, targets), strict=True):
-            raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-            stream.update(raw.numpy().tobytes())
-        self.n += inputs.shape[0]
-
-    def hexdigest(self) -> str:
-        final = hashlib.sha256(b"qem-public-data-v1")
-        final.update(repr(self._layout).encode())
-        for stream in self._streams:
-            final.update(stream.digest())
-        return final.hexdigest()
-
-
-def fingerprint(data: DataLike, batch_size: int = 256) -> str:
-    """sha256 hex digest of a dataset's tensors (bytes, shapes and dtypes), batch-independent."""
-    hasher = _DataHasher()
-    for inputs, targets in batches(data, batch_size, name="public data"):
-        hasher.update(inputs, targets)
-    return hasher.hexdigest()
 
 
 @contextlib.contextmanager
@@ -84,20 +40,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in flags:
             module.train(training)
-
-
-def functional_model(
-    model: nn.Module, subspace: Subspace
-) -> tuple[dict[str, torch.Tensor], ModelCall]:
-    """theta0 (the spanned parameters, detached) and a pure call with the others held fixed."""
-    theta = subspace.parameters_of(model)
-    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in theta}
-    fixed.update(dict(model.named_buffers()))
-
-    def call(params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, {**fixed, **params}, (inputs,))
-
-    return theta, call
 
 
 class Curvature(ABC):
@@ -163,7 +105,7 @@ class DataCurvature(Curvature):
         left exactly as it was passed.
         """
         check_finite_parameters(model)
-        hasher = _DataHasher()
+        hasher = DataHasher()
         total = torch.zeros(subspace.k, subspace.k, dtype=torch.float64)
         reference = next(iter(subspace.parameters_of(model).values()))
         n_batches = math.ceil(num_examples(public_data) / self.batch_size)

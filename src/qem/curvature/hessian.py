@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vmap
 
-from qem.curvature.base import DataCurvature, functional_model
+from qem.curvature.base import DataCurvature
 from qem.errors import InvalidParameterError
 from qem.parameters import flatten
 from qem.subspace.base import LossFn, Subspace
@@ -49,7 +49,7 @@ class Hessian(DataCurvature):
         targets: torch.Tensor,
     ) -> torch.Tensor:
         """P^T (Hessian of sum_{i in batch} loss_i) P, (k, k) float64."""
-        theta, call = functional_model(model, subspace)
+        theta, call = subspace.functional(model)
         reference = next(iter(theta.values()))
         sizes = [p.numel() for p in theta.values()]
 

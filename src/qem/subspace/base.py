@@ -18,6 +18,9 @@ from torch.func import functional_call, grad, vmap
 from qem.errors import InvalidParameterError, ShapeError, UnsupportedModelError
 from qem.parameters import flatten, select_parameters, unflatten
 
+ModelCall = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+"""outputs = call(theta, inputs): the model with the spanned parameters replaced by ``theta``."""
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """A loss returning one value per example: loss_fn(outputs (B, ...), targets (B, ...)) -> (B,)."""
 
@@ -147,6 +150,18 @@ class Subspace(ABC):
             for name, step in delta.items():
                 params[name].add_(step.to(device=params[name].device, dtype=params[name].dtype))
 
+    def functional(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], ModelCall]:
+        """theta0 (the spanned parameters, detached) and a pure call ``call(theta, inputs)`` of
+        the model with the other parameters and buffers held fixed (for torch.func)."""
+        theta = self.parameters_of(model)
+        fixed = {n: p.detach() for n, p in model.named_parameters() if n not in theta}
+        fixed.update(dict(model.named_buffers()))
+
+        def call(params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+            return functional_call(model, {**fixed, **params}, (inputs,))
+
+        return theta, call
+
     def per_example_gradients(
         self, model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
@@ -157,13 +172,10 @@ class Subspace(ABC):
         cheaper structure (Kronecker) override this.
         """
         check_examples_independent(model)
-        spanned = self.parameters_of(model)
-        fixed = {n: p.detach() for n, p in model.named_parameters() if n not in spanned}
-        fixed.update(dict(model.named_buffers()))
+        spanned, call = self.functional(model)
 
         def one_loss(theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
-            out = functional_call(model, {**fixed, **theta}, (x.unsqueeze(0),))
-            return loss_fn(out, y.unsqueeze(0)).sum()
+            return loss_fn(call(theta, x.unsqueeze(0)), y.unsqueeze(0)).sum()
 
         grads = vmap(grad(one_loss), in_dims=(None, 0, 0))(spanned, inputs, targets)
         return self.project_parameter_dict(grads, batch_dims=1)
