@@ -167,7 +167,7 @@ def test_s1_sizes_and_disjoint_sides(hub: MnistSplits) -> None:
     assert not torch.equal(other.indices["public_train"], s1.indices["public_train"])
 
 
-def test_s2_rotates_private_and_test_only(hub: MnistSplits) -> None:
+def test_s2_rotates_private_validation_and_test_but_not_public_train(hub: MnistSplits) -> None:
     s2 = mnist_s2(hub, seed=0, private_size=300, test_size=200)
     assert s2.sizes() == {
         "public_train": 25_000,
@@ -180,7 +180,8 @@ def test_s2_rotates_private_and_test_only(hub: MnistSplits) -> None:
     assert torch.equal(s2.private_train[0], rotate(hub.train_x[idx["private_train"]], 35))
     assert torch.equal(s2.test[0], rotate(hub.test_x[idx["test"]], 35))
     assert torch.equal(s2.test[1], hub.test_y[idx["test"]])
-    assert torch.equal(s2.public_valid[0], hub.valid_x[idx["public_valid"]])
+    assert torch.equal(s2.public_valid[0], rotate(hub.valid_x[idx["public_valid"]], 35))
+    assert torch.equal(s2.public_valid[1], hub.valid_y[idx["public_valid"]])
     assert torch.equal(s2.public_train[0], hub.train_x[idx["public_train"]])
 
 
