@@ -18,7 +18,7 @@ from qem.errors import (
     OutputExistsError,
     ShapeError,
 )
-from qem.finetune import fine_tune
+from qem.finetune import fine_tune, line_search_step
 from qem.io import load
 from qem.losses import cross_entropy
 from qem.mechanism import QuadraticExponentialMechanism
@@ -344,4 +344,92 @@ def test_public_sample_size_limits_the_public_passes(task):
             k=6,
             public_sample_size=0,
             progress=False,
+        )
+
+
+def descent_direction(model, valid, scale):
+    """``scale`` times the unit negative validation gradient, in identity-subspace coordinates."""
+    model.zero_grad()
+    cross_entropy(model(valid[0]), valid[1]).mean().backward()
+    gradient = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy()
+    return -scale * gradient / np.linalg.norm(gradient)
+
+
+@pytest.mark.parametrize("scale", [1e-5, 1e-2, 1.0])
+def test_line_search_finds_the_grid_minimum_however_short_the_step(scale):
+    """Linear softmax regression: the validation loss is convex along the line, so the coarse-
+    to-fine search must return the minimum over the whole grid {0} and 2^(j/2), 2^-4..2^20,
+    which a brute force evaluates; with scale 1e-5 the optimum lies far beyond the coarse grid."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).double()
+    valid = make_task(300, 4, shift=0.8)
+    basis = make_subspace("identity", model)
+    w = descent_direction(model, valid, scale)
+    alpha, loss = line_search_step(model, cross_entropy, basis, w, valid)
+    grid = [0.0, *(2.0 ** (j / 2) for j in range(-8, 41))]
+    brute = []
+    for a in grid:
+        trial = nn.Linear(6, 3).double()
+        trial.load_state_dict(model.state_dict())
+        basis.apply_step(trial, a * torch.as_tensor(w))
+        brute.append(evaluate_loss(trial, cross_entropy, valid))
+    assert alpha == pytest.approx(grid[int(np.argmin(brute))], rel=1e-12)
+    assert loss == pytest.approx(min(brute), rel=1e-12)
+    if scale == 1e-5:
+        assert alpha > 256
+
+
+def test_line_search_keeps_the_model_for_an_ascent_direction():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).double()
+    valid = make_task(300, 4, shift=0.8)
+    basis = make_subspace("identity", model)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    alpha, loss = line_search_step(
+        model, cross_entropy, basis, -descent_direction(model, valid, 1.0), valid
+    )
+    assert alpha == 0.0
+    assert loss == pytest.approx(evaluate_loss(model, cross_entropy, valid), rel=1e-12)
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+
+
+def test_resampled_subspace_draws_a_new_basis_each_round(task):
+    model, public, private, valid = task
+    kwargs = dict(epsilon=4.0, subspace="dense", k=10, rounds=3, validation_data=valid)
+    result = fine_tune(
+        model,
+        cross_entropy,
+        public,
+        private,
+        seed=2,
+        progress=False,
+        subspace_seed=7,
+        resample_subspace=True,
+        **kwargs,
+    )
+    report = result.report
+    assert [r["subspace_seed"] for r in report["rounds"]] == [7, 8, 9]
+    assert report["subspace"]["seed"] == 7 and report["subspace"]["resampled_each_round"]
+    assert report["mu"] == pytest.approx(calibrate_gdp_mu(4.0, 1e-5), rel=1e-12)
+    fixed = fine_tune(
+        model, cross_entropy, public, private, seed=2, progress=False, subspace_seed=7, **kwargs
+    )
+    assert [r["subspace_seed"] for r in fixed.report["rounds"]] == [7, 7, 7]
+    # with a fixed basis every round's step lies in the span of the same k = 10 columns
+    P = make_subspace("dense", model, k=10, seed=7).materialize().numpy()
+    step = parameter_step(model, fixed.model)
+    np.testing.assert_allclose(P @ (P.T @ step), step, atol=1e-10)
+    resampled_step = parameter_step(model, result.model)
+    assert np.linalg.norm(resampled_step - P @ (P.T @ resampled_step)) > 1e-3 * np.linalg.norm(
+        resampled_step
+    )
+    with pytest.raises(InvalidParameterError, match="resample_subspace"):
+        fine_tune(
+            model,
+            cross_entropy,
+            public,
+            private,
+            epsilon=1.0,
+            subspace=make_subspace("dense", model, k=10, seed=7),
+            resample_subspace=True,
         )

@@ -11,6 +11,9 @@ In Gaussian-DP mode the draw is made at lam = 1 and alpha is chosen afterwards b
 search on public validation data (§1e: post-processing, free) unless ``prior_weight`` is given.
 ``rounds = T`` repeats this at the released point, each round mu_t = mu / sqrt(T) so that the
 composed sqrt(sum mu_t^2) equals the calibrated mu (§1d); pure mode splits eps evenly.
+With ``resample_subspace=True`` round t draws a fresh public subspace (seed ``subspace_seed + t``),
+so T rounds move theta in up to T*k directions instead of the same k. The seeds are public and
+fixed before any private data is read, so the composition of §1d is unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,8 +47,11 @@ from qem.statistics import check_targets, private_gradient_sum, public_clip_norm
 from qem.subspace.base import LossFn, Subspace
 from qem.subspace.factory import make_subspace
 
-DEFAULT_STEP_GRID = (0.0, *np.geomspace(1 / 16, 256.0, 25).tolist())
-"""Step lengths alpha tried by the public line search (alpha = 0 keeps the current model)."""
+STEP_GRID = (0.0, *(2.0**j for j in range(-4, 9)))
+"""Coarse step lengths alpha tried first by the public line search: 0 (keep the current model)
+and 1/16, 1/8, ..., 256."""
+MAX_STEP = 2.0**20
+"""Upper limit of the line search's extension beyond the coarse grid."""
 
 
 @dataclass
@@ -69,23 +74,42 @@ def line_search_step(
     subspace: Subspace,
     w: np.ndarray,
     validation: DataLike,
-    grid: Sequence[float] = DEFAULT_STEP_GRID,
     progress: bool = False,
 ) -> tuple[float, float]:
-    """Pick alpha in ``grid`` minimising the public validation loss of theta + alpha P w.
+    """Pick the step length alpha minimising the public validation loss of theta + alpha P w.
 
-    Post-processing of the released w: it costs no privacy (DESIGN.md §1e). Returns
-    (alpha, validation loss); ``model`` is left at theta.
+    Coarse to fine over {0} and powers of 2: the coarse grid STEP_GRID; while the largest alpha
+    tried is the best, it doubles alpha (up to MAX_STEP), since a clip norm set on public data
+    can make the released step short by orders of magnitude; finally it tries the best alpha
+    times sqrt(2) and 1/sqrt(2). Post-processing of the released w: no privacy cost (DESIGN.md
+    §1e). Returns (alpha, validation loss); ``model`` is left at theta.
     """
     step = torch.as_tensor(w, dtype=torch.float64)
-    best = (0.0, math.inf)
-    for alpha in tqdm(grid, desc="step line search (public)", disable=not progress):
-        trial = copy.deepcopy(model)
-        subspace.apply_step(trial, alpha * step)
-        loss = evaluate_loss(trial, loss_fn, validation)
-        if loss < best[1]:
-            best = (float(alpha), loss)
-    return best
+    losses: dict[float, float] = {}
+    bar = tqdm(desc="step line search (public)", unit="step", disable=not progress)
+
+    def loss_at(alpha: float) -> float:
+        if alpha not in losses:
+            trial = copy.deepcopy(model)
+            subspace.apply_step(trial, alpha * step)
+            losses[alpha] = evaluate_loss(trial, loss_fn, validation)
+            bar.update()
+        return losses[alpha]
+
+    def best() -> float:
+        return min(losses, key=lambda alpha: (losses[alpha], alpha))
+
+    for alpha in STEP_GRID:
+        loss_at(alpha)
+    while best() == max(losses) and 2 * best() <= MAX_STEP:
+        loss_at(2 * best())
+    centre = best()
+    if centre > 0:
+        for alpha in (centre * math.sqrt(2), centre / math.sqrt(2)):
+            loss_at(alpha)
+    bar.close()
+    alpha = best()
+    return float(alpha), losses[alpha]
 
 
 def _round_seeds(seed: int | None, rounds: int) -> list[int | None]:
@@ -106,6 +130,7 @@ def fine_tune(
     subspace: str | Subspace = "srht",
     k: int | None = None,
     subspace_seed: int = 0,
+    resample_subspace: bool = False,
     curvature: str | Curvature = "ggn",
     damping: float = 1e-2,
     clip_norm: float | None = None,
@@ -132,6 +157,8 @@ def fine_tune(
     first that many public examples: public data, so no privacy cost, and the curvature pass
     costs (outputs x examples) per-example projections. ``noise=False`` exists only for tests
     (it releases the exact mean and the report says so); never use it on real data.
+    ``resample_subspace`` draws a new subspace of the same kind each round (``subspace`` must
+    then be a name, not a built Subspace).
     """
     epsilon = check_epsilon(epsilon)
     if mode not in ("gdp", "pure"):
@@ -146,6 +173,11 @@ def fine_tune(
     check_positive("damping gamma", damping, "Typical values are 1e-3 to 1.")
     if prior_weight is not None:
         check_positive("prior_weight lam", prior_weight)
+    if resample_subspace and isinstance(subspace, Subspace):
+        raise InvalidParameterError(
+            "resample_subspace needs the subspace as a name (e.g. 'kronecker'), not a built "
+            "Subspace, so that each round can draw a new one."
+        )
     check_finite_parameters(model)
     public = as_dataset(public_data, "public data")
     private = as_dataset(private_data, "private data")
@@ -195,6 +227,8 @@ def fine_tune(
 
     for t in range(rounds):
         start = time.perf_counter()
+        if resample_subspace and t > 0:
+            basis = make_subspace(subspace, current, k=k, seed=subspace_seed + t)
         A = curv.matrix(current, loss_fn, basis, public)
         cholesky = validate_curvature(A)
         timed("curvature", start)
@@ -274,6 +308,7 @@ def fine_tune(
                 "clip_norm": C,
                 "clip_norm_source": clip_source,
                 "step_length": alpha,
+                "subspace_seed": basis.seed,
                 "public_validation_loss": val_loss,
                 "curvature": curv.describe(),
                 "preview": preview,
@@ -291,6 +326,7 @@ def fine_tune(
         N=N,
         damping=damping,
         basis=basis,
+        resample_subspace=resample_subspace,
         curvature=curv,
         seed=seed,
         rounds=rounds_report,
@@ -311,6 +347,7 @@ def _build_report(
     N,
     damping,
     basis,
+    resample_subspace,
     curvature,
     seed,
     rounds,
@@ -338,7 +375,11 @@ def _build_report(
         "lam": rounds[0]["lam"],
         "gamma": damping,
         "k": basis.k,
-        "subspace": basis.describe(),
+        "subspace": {
+            **basis.describe(),
+            "seed": rounds[0]["subspace_seed"],
+            "resampled_each_round": resample_subspace,
+        },
         "curvature": curvature.describe(),
         "rounds": rounds,
         "step_lengths": [r["step_length"] for r in rounds],
