@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import textwrap
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from qem.cli.main import main
 from qem.io import load
+from qem.privacy.gdp import calibrate_gdp_mu, gdp_epsilon
 
 
 def run_json(capsys, argv: list[str]) -> dict:
@@ -261,3 +263,44 @@ def test_demo_mnist_json_on_a_small_slice(capsys, tmp_path):
         assert key in out
     assert out["epsilon"] == 1.0 and round(out["mu"], 4) == 0.2681
     assert out["report"]["subspace"]["type"] == "kronecker"
+
+
+def test_demo_mimic_synthetic_json_and_table(capsys, tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    common = ["--synthetic-subjects", "600", "--cache-dir", str(tmp_path / "cache"), "--seed", "0"]
+    argv = ["demo", "mimic", *common, "--epsilon", "2", "--no-progress", "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "SYNTHETIC" in captured.err
+    assert out["synthetic"] is True and out["scenario"] == "synthetic_mimic_mort_icu_MICU"
+    assert 0.0 <= out["pretrained_auroc"] <= 1.0 and 0.0 <= out["finetuned_auroc"] <= 1.0
+    report = out["report"]
+    assert out["epsilon"] == report["epsilon"] == 2.0 and out["delta"] == report["delta"] == 1e-5
+    assert out["mu"] == report["mu"] == pytest.approx(calibrate_gdp_mu(2.0, 1e-5))
+    assert gdp_epsilon(out["mu"], out["delta"]) == pytest.approx(2.0, rel=1e-6)
+    # logistic regression on 8 variables x 24 hours x (value, mask): d = 2 * 385 <= 4096
+    assert report["subspace"]["type"] == "identity" and report["k"] == out["parameters"] == 770
+    # the synthetic file's temporary directory is gone
+    assert not [p for p in scratch.iterdir() if p.name.startswith("qem-synthetic-mimic-")]
+
+    assert main(["demo", "mimic", *common, "--model", "mlp", "--k", "16", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("qem demo mimic -- SYNTHETIC data")
+    assert "kronecker k=16" in captured.out and "fine-tuned test AUROC" in captured.out
+
+
+def test_demo_mimic_bad_input_gives_a_message(capsys, tmp_path):
+    assert main(["demo", "mimic", "--h5", str(tmp_path / "missing.h5"), "--no-progress"]) == 2
+    assert "no MIMIC-Extract file" in capsys.readouterr().err
+    not_hdf5 = tmp_path / "all_hourly_data.h5"
+    not_hdf5.write_text("not HDF5")
+    assert main(["demo", "mimic", "--h5", str(not_hdf5)]) == 2
+    assert "not a readable HDF5 file" in capsys.readouterr().err
+    assert main(["demo", "mimic", "--h5", str(not_hdf5), "--synthetic-subjects", "50"]) == 2
+    assert "--synthetic-subjects applies only without --h5" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "mimic", "--task", "los_7"])
+    assert exit_info.value.code == 2 and "invalid choice: 'los_7'" in capsys.readouterr().err
