@@ -160,6 +160,9 @@ def test_real_schema_is_not_flagged_and_bad_files_fail(h5: Path, tmp_path: Path)
         store.put("patients", pd.DataFrame({"age": [40.0]}), track_times=False)
     with pytest.raises(DataError, match="vitals_labs"):
         load_mimic_extract(tmp_path / "partial.h5")
+    (tmp_path / "text.h5").write_text("not HDF5")
+    with pytest.raises(DataError, match="not a readable HDF5 file"):
+        load_mimic_extract(tmp_path / "text.h5")
 
 
 def test_auroc_matches_pair_count() -> None:

@@ -22,7 +22,6 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import tables
 import torch
 from torch import nn
 
@@ -31,7 +30,7 @@ from qem.datasets.mimic import TASKS, mimic_careunit_scenario
 from qem.datasets.mnist import load_mnist
 from qem.datasets.scenarios import Scenario, mnist_s1
 from qem.datasets.synthetic_mimic import write_synthetic_mimic
-from qem.errors import DataError, InvalidParameterError
+from qem.errors import InvalidParameterError
 from qem.finetune import FineTuneResult, fine_tune
 from qem.losses import cross_entropy
 from qem.models import build_model, num_parameters
@@ -257,16 +256,10 @@ def load_mimic_scenario(args: argparse.Namespace) -> Scenario:
 
 
 def _careunit_scenario(path: str | Path, args: argparse.Namespace) -> Scenario:
-    """mimic_careunit_scenario, with the loader's synthetic-file warning left to the caller
-    and an unreadable HDF5 file reported as a DataError."""
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*SYNTHETIC stand-in", UserWarning)
-            return mimic_careunit_scenario(path, args.task, public_unit=args.public_unit)
-    except tables.HDF5ExtError:
-        raise DataError(
-            f"{path} is not a readable HDF5 file; pass MIMIC-Extract's all_hourly_data.h5."
-        ) from None
+    """mimic_careunit_scenario, with the loader's synthetic-file warning left to the caller."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*SYNTHETIC stand-in", UserWarning)
+        return mimic_careunit_scenario(path, args.task, public_unit=args.public_unit)
 
 
 def mimic_subspace(kind: str, k: int | None, d: int) -> str:

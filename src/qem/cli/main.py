@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Differentially private fine-tuning by exact sampling from a quadratic "
             "exponential mechanism. Start with `qem preview` to see what a budget buys, "
-            "or `qem demo mnist`."
+            "or `qem demo mnist` (`qem demo mimic` for the clinical task)."
         ),
     )
     parser.add_argument("--version", action="version", version=f"qem {__version__}")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import tables
 import torch
 
 from qem.datasets.scenarios import Scenario
@@ -102,7 +103,13 @@ def load_mimic_extract(path: str | Path, *, seed: int = 0) -> MimicCohort:
             f"no MIMIC-Extract file at {path}; pass the all_hourly_data.h5 that MIMIC-Extract "
             "wrote from your credentialed MIMIC-III copy (qem cannot download it)."
         )
-    with pd.HDFStore(path, mode="r") as store:
+    try:
+        store = pd.HDFStore(path, mode="r")
+    except tables.HDF5ExtError:
+        raise DataError(
+            f"{path} is not a readable HDF5 file; pass MIMIC-Extract's all_hourly_data.h5."
+        ) from None
+    with store:
         keys = set(store.keys())
         missing = {"/patients", "/vitals_labs"} - keys
         if missing:
