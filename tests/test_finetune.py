@@ -25,6 +25,7 @@ from qem.mechanism import QuadraticExponentialMechanism
 from qem.mechanism.clipping import clip_gradients, validate_curvature
 from qem.pretrain import evaluate_loss
 from qem.privacy.gdp import calibrate_gdp_mu
+from qem.privacy.sensitivity import gdp_beta
 from qem.statistics import private_gradient_sum
 from qem.subspace.factory import make_subspace
 
@@ -315,6 +316,24 @@ def test_pure_mode_and_add_remove_reach_the_report(task):
     assert preview["epsilon"] == pytest.approx(4.0)
     assert preview["worst_case_acceptance"] == pytest.approx(0.5)  # the chooser's target
     assert report["step_lengths"] == [1.0]
+    assert report["rounds"][0]["N"] == 500  # the mechanism uses the declared N, not len(data)
+    gdp = fine_tune(
+        model,
+        cross_entropy,
+        public,
+        private,
+        epsilon=2.0,
+        adjacency="add_remove",
+        N=500,
+        subspace="srht",
+        k=6,
+        clip_norm=0.5,
+        prior_weight=1.0,
+        seed=2,
+        progress=False,
+    )
+    assert gdp.report["rounds"][0]["N"] == 500
+    assert gdp.report["mu"] == pytest.approx(calibrate_gdp_mu(2.0, 1e-5), rel=1e-12)
 
 
 def test_public_sample_size_limits_the_public_passes(task):
@@ -433,3 +452,74 @@ def test_resampled_subspace_draws_a_new_basis_each_round(task):
             subspace=make_subspace("dense", model, k=10, seed=7),
             resample_subspace=True,
         )
+
+
+def test_partitioned_rounds_read_disjoint_chunks_with_the_whole_budget(task):
+    """Round t is exactly the plain mechanism on the t-th chunk with N_t = its size and the
+    full mu; changing a record of the last chunk leaves every earlier round's release as it was
+    (the basis of the parallel-composition argument); the report states mu, not sqrt(T) mu."""
+    model, public, private, valid = task
+    kwargs = dict(STEP_KWARGS, prior_weight=None, rounds=3, partition_rounds=True, seed=4)
+    result = fine_tune(model, cross_entropy, public, private, validation_data=valid, **kwargs)
+    report = result.report
+    target = calibrate_gdp_mu(1.0, 1e-5)
+    assert [r["N"] for r in report["rounds"]] == [133, 133, 134]
+    assert [r["mu"] for r in report["rounds"]] == pytest.approx([target] * 3, rel=1e-12)
+    assert report["mu"] == pytest.approx(target, rel=1e-12)
+    assert report["composition"].startswith("parallel")
+    assert report["dp_accounting_epsilon"] == pytest.approx(1.0, abs=0.02)
+
+    first_chunk = (private[0][:133], private[1][:133])
+    P, A, gradient_sum = brute_force_statistics(model, public, first_chunk)
+    mechanism = QuadraticExponentialMechanism(
+        A, N=133, lam=1.0, clip_norm=0.5, seed=report["rounds"][0]["seed"]["seed"]
+    )
+    mechanism.set_beta(gdp_beta(target, 133, 1.0, mechanism.sensitivity))
+    w = mechanism.sample(gradient_sum)
+    one_round = fine_tune(
+        model,
+        cross_entropy,
+        public,
+        first_chunk,
+        validation_data=valid,
+        **dict(STEP_KWARGS, prior_weight=None, seed=4),
+    )
+    alpha = one_round.report["step_lengths"][0]
+    np.testing.assert_allclose(parameter_step(model, one_round.model), alpha * P @ w, atol=1e-9)
+    first = report["rounds"][0]
+    assert (first["step_length"], first["public_validation_loss"]) == (
+        alpha,
+        one_round.report["rounds"][0]["public_validation_loss"],
+    )
+
+    changed_x, changed_y = private[0].clone(), private[1].clone()
+    changed_x[-1], changed_y[-1] = -changed_x[-1], (changed_y[-1] + 1) % 3
+    neighbour = fine_tune(
+        model, cross_entropy, public, (changed_x, changed_y), validation_data=valid, **kwargs
+    )
+    # theta_1, theta_2 unchanged: the public validation loss after each round is bit-identical
+    before = [r["public_validation_loss"] for r in report["rounds"]]
+    after = [r["public_validation_loss"] for r in neighbour.report["rounds"]]
+    assert after[:2] == before[:2] and after[2] != before[2]
+    assert not np.allclose(
+        parameter_step(model, neighbour.model), parameter_step(model, result.model)
+    )
+
+
+def test_partitioned_rounds_refuse_what_they_cannot_account(task):
+    model, public, private, _ = task
+    for bad in (
+        dict(adjacency="add_remove", N=400),
+        dict(mode="pure", radius=5.0),
+        dict(N=500),
+        dict(rounds=401),
+    ):
+        with pytest.raises(InvalidParameterError, match="partition_rounds"):
+            fine_tune(
+                model,
+                cross_entropy,
+                public,
+                private,
+                **{**STEP_KWARGS, "rounds": 2, **bad},
+                partition_rounds=True,
+            )

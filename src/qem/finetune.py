@@ -14,6 +14,10 @@ composed sqrt(sum mu_t^2) equals the calibrated mu (§1d); pure mode splits eps 
 With ``resample_subspace=True`` round t draws a fresh public subspace (seed ``subspace_seed + t``),
 so T rounds move theta in up to T*k directions instead of the same k. The seeds are public and
 fixed before any private data is read, so the composition of §1d is unchanged.
+With ``partition_rounds=True`` (replace-one, Gaussian-DP) round t reads only the t-th of T
+disjoint, contiguous chunks of the private data, with N_t = its size and the full mu: a record
+changes one round's input only, so the T adaptive rounds are mu-GDP together (parallel
+composition; docs/theory.md §8), for the compute of one private pass.
 """
 
 from __future__ import annotations
@@ -134,6 +138,7 @@ def fine_tune(
     k: int | None = None,
     subspace_seed: int = 0,
     resample_subspace: bool = False,
+    partition_rounds: bool = False,
     curvature: str | Curvature = "ggn",
     damping: float = 1e-2,
     clip_norm: float | None = None,
@@ -161,7 +166,8 @@ def fine_tune(
     costs (outputs x examples) per-example projections. ``noise=False`` exists only for tests
     (it releases the exact mean and the report says so); never use it on real data.
     ``resample_subspace`` draws a new subspace of the same kind each round (``subspace`` must
-    then be a name, not a built Subspace).
+    then be a name, not a built Subspace). ``partition_rounds`` gives round t the t-th of
+    ``rounds`` disjoint chunks of the private data and the whole budget (replace-one, GDP only).
     """
     epsilon = check_epsilon(epsilon)
     if mode not in ("gdp", "pure"):
@@ -181,6 +187,11 @@ def fine_tune(
             "resample_subspace needs the subspace as a name (e.g. 'kronecker'), not a built "
             "Subspace, so that each round can draw a new one."
         )
+    if partition_rounds and (mode != "gdp" or adjacency is not Adjacency.REPLACE_ONE):
+        raise InvalidParameterError(
+            "partition_rounds needs mode='gdp' and replace_one adjacency: under add/remove one "
+            "record would shift every later chunk."
+        )
     check_finite_parameters(model)
     public = as_dataset(public_data, "public data")
     private = as_dataset(private_data, "private data")
@@ -199,6 +210,11 @@ def fine_tune(
             )
         N = len(private)
     N = int(check_positive("N", N))
+    if partition_rounds and (len(private) != N or rounds > N):
+        raise InvalidParameterError(
+            f"partition_rounds splits the {len(private)} private records into {rounds} chunks, "
+            "each with N = its own size; do not pass N, and use at most one round per record."
+        )
     probe_x, probe_y = next(iter(batches(private, 2)))
     with torch.no_grad():
         probe_outputs = model(probe_x)
@@ -229,6 +245,11 @@ def fine_tune(
     rounds_report, previews = [], []
 
     for t in range(rounds):
+        if partition_rounds:  # N == len(private) here
+            chunk = Subset(private, range(t * N // rounds, (t + 1) * N // rounds))
+            N_t = len(chunk)
+        else:
+            chunk, N_t = private, N
         start = time.perf_counter()
         if resample_subspace and t > 0:
             basis = make_subspace(subspace, current, k=k, seed=subspace_seed + t)
@@ -259,7 +280,7 @@ def fine_tune(
             current,
             loss_fn,
             basis,
-            private,
+            chunk,
             clip_norm=C,
             clipping=clipping,
             cholesky=cholesky,
@@ -272,7 +293,7 @@ def fine_tune(
         lam = 1.0 if (mode == "gdp" and prior_weight is None) else float(prior_weight or 1.0)
         mechanism = QuadraticExponentialMechanism(
             A,
-            N=N,
+            N=N_t,
             lam=lam,
             clip_norm=C,
             adjacency=adjacency,
@@ -282,8 +303,8 @@ def fine_tune(
             seed=round_seeds[t],
         )
         if mode == "gdp":
-            mu_t = mu_total / math.sqrt(rounds)
-            mechanism.set_beta(gdp_beta(mu_t, N, lam, mechanism.sensitivity))
+            mu_t = mu_total if partition_rounds else mu_total / math.sqrt(rounds)
+            mechanism.set_beta(gdp_beta(mu_t, N_t, lam, mechanism.sensitivity))
         else:
             mechanism.calibrate(epsilon / rounds)
         preview = mechanism.preview().to_dict()
@@ -312,6 +333,7 @@ def fine_tune(
                 "clip_norm_source": clip_source,
                 "step_length": alpha,
                 "subspace_seed": basis.seed,
+                "N": N_t,
                 "public_validation_loss": val_loss,
                 "curvature": curv.describe(),
                 "preview": preview,
@@ -330,6 +352,7 @@ def fine_tune(
         damping=damping,
         basis=basis,
         resample_subspace=resample_subspace,
+        partition_rounds=partition_rounds,
         curvature=curv,
         seed=seed,
         rounds=rounds_report,
@@ -351,6 +374,7 @@ def _build_report(
     damping,
     basis,
     resample_subspace,
+    partition_rounds,
     curvature,
     seed,
     rounds,
@@ -359,6 +383,8 @@ def _build_report(
 ) -> dict:
     """The privacy report: every field of DESIGN.md §4, plus each round's details."""
     mus = [r["mu"] for r in rounds if r["mu"] is not None]
+    if partition_rounds:  # parallel composition over disjoint chunks: one round's mu
+        mus = mus[:1]
     report = {
         "qem_version": qem.__version__,
         "mode": mode,
@@ -375,6 +401,11 @@ def _build_report(
         "mu_calibrated": mu_total,
         "C": [r["clip_norm"] for r in rounds] if len(rounds) > 1 else rounds[0]["clip_norm"],
         "N": N,
+        "composition": (
+            "parallel: round t reads only the t-th of T disjoint chunks of the private data"
+            if partition_rounds
+            else "sequential: every round reads all the private data"
+        ),
         "lam": rounds[0]["lam"],
         "gamma": damping,
         "k": basis.k,

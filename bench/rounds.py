@@ -1,0 +1,84 @@
+"""qem's levers when one round saturates: rounds T, subspace dimension k, resampled subspaces,
+curvature and damping, on MNIST S1 or S2 at one epsilon (delta = 1e-5).
+
+Each configuration is one qem.fine_tune run from the same cached pretrained CNN with the same
+noise seed; the table gives test and public-validation accuracy, the step lengths the public
+line search chose, and the seconds of each phase. Configurations are JSON objects of fine_tune
+keyword arguments (``subspace`` defaults to "kronecker"):
+
+    .venv/bin/python bench/rounds.py --scenario mnist_s2 --private-size 10000 --epsilon 1 \\
+        '{"k": 2048, "rounds": 1}' '{"k": 1024, "rounds": 6, "resample_subspace": true}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from qem.datasets import scenarios
+from qem.datasets.mnist import load_mnist
+from qem.finetune import fine_tune
+from qem.losses import cross_entropy
+from qem.models import build_model
+from qem.pretrain import cached_pretrain, evaluate_accuracy
+
+PRETRAIN = {"epochs": 30, "lr": 1e-3, "batch_size": 64, "seed": 0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="+", type=json.loads, help="fine_tune kwargs as JSON")
+    parser.add_argument("--scenario", choices=("mnist_s1", "mnist_s2"), default="mnist_s2")
+    parser.add_argument("--private-size", type=int, help="subsample the private side")
+    parser.add_argument("--epsilon", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=1, help="noise seed (reproducible runs)")
+    args = parser.parse_args()
+
+    scenario = getattr(scenarios, args.scenario)(
+        load_mnist(), seed=0, private_size=args.private_size
+    )
+    model = cached_pretrain(
+        None,
+        f"{scenario.name}-cnn",
+        lambda: build_model("cnn", seed=0),
+        scenario.public_train,
+        loss_fn=cross_entropy,
+        progress=False,
+        **PRETRAIN,
+    )
+    print(f"{scenario.description} epsilon = {args.epsilon:g}, noise seed {args.seed}\n")
+    print("| configuration | test acc | valid acc | seconds | step lengths | seconds per phase |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    test, valid = (
+        evaluate_accuracy(model, scenario.test),
+        evaluate_accuracy(model, scenario.public_valid),
+    )
+    print(f"| no fine-tuning | {test:.4f} | {valid:.4f} | 0 | | |", flush=True)
+    for config in args.configs:
+        tic = time.perf_counter()
+        result = fine_tune(
+            model,
+            cross_entropy,
+            scenario.public_train,
+            scenario.private_train,
+            epsilon=args.epsilon,
+            validation_data=scenario.public_valid,
+            seed=args.seed,
+            progress=False,
+            **{"subspace": "kronecker", **config},
+        )
+        seconds = time.perf_counter() - tic
+        test = evaluate_accuracy(result.model, scenario.test)
+        valid = evaluate_accuracy(result.model, scenario.public_valid)
+        steps = ", ".join(f"{a:.3g}" for a in result.report["step_lengths"])
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in result.report["seconds"].items())
+        print(
+            f"| `{json.dumps(config)}` | {test:.4f} | {valid:.4f} | {seconds:.1f} | {steps} | "
+            f"{phases} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
