@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -143,19 +142,15 @@ def main() -> None:
 
     out, progress = Path(args.out), not args.no_progress
     methods = method_specs(args)
-    stage_seconds = {}
-    tic = time.perf_counter()
     tuning_config = experiment_config(
         args, f"{args.name}-tuning", args.scenarios, methods, [args.tune_epsilon], [args.tune_seed]
     )
     run_experiment(tuning_config, out / "tuning", progress=progress)
     tuning_cells = read_cells(out / "tuning")
-    stage_seconds["tuning"] = time.perf_counter() - tic
-    gathered = out / "all" / CELLS_DIR
+    gathered = out / args.name / CELLS_DIR
     gathered.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:  # seed by seed, so that a partial run covers every cell once
         for scenario in args.scenarios:
-            tic = time.perf_counter()
             config = experiment_config(
                 args,
                 args.name,
@@ -167,19 +162,26 @@ def main() -> None:
             run_experiment(config, out / scenario, progress=progress)
             for cell in (out / scenario / CELLS_DIR).glob("*.json"):
                 shutil.copyfile(cell, gathered / cell.name)
-            stage_seconds[scenario] = stage_seconds.get(scenario, 0.0) + time.perf_counter() - tic
 
     docs = Path(args.docs)
-    paths = write_report(out / "all", docs)
-    rows = [result_row(cell) for cell in read_cells(out / "all")]
+    paths = write_report(out / args.name, docs)
+    cells = read_cells(out / args.name)
+    rows = [result_row(cell) for cell in cells]
     (docs / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     command = " ".join(["python", *sys.argv])
-    timing = ", ".join(f"{stage} {sec / 60:.1f} min" for stage, sec in stage_seconds.items())
+    stages = {"tuning": tuning_cells} | {
+        scenario: [cell for cell in cells if cell["scenario"] == scenario]
+        for scenario in args.scenarios
+    }
+    timing = ", ".join(
+        f"{stage} {sum(cell['seconds']['total'] for cell in stage_cells) / 60:.1f} min"
+        for stage, stage_cells in stages.items()
+    )
     body = paths[0].read_text()
     paths[0].write_text(
         f"Produced by `{command}` (cells in `{args.out}`) on {os.cpu_count()} CPUs, torch "
-        f"{torch.__version__}. Wall time of this invocation per stage (0 for cells already "
-        f"done): {timing}.\n\n{body}\n{tuning_markdown(tuning_cells)}"
+        f"{torch.__version__}. Compute time per stage (sum over its cells): {timing}.\n\n"
+        f"{body}\n{tuning_markdown(tuning_cells)}"
     )
     print(paths[0].read_text())
 
