@@ -414,7 +414,9 @@ def test_line_search_keeps_the_model_for_an_ascent_direction():
 
 def test_resampled_subspace_draws_a_new_basis_each_round(task):
     model, public, private, valid = task
-    kwargs = dict(epsilon=4.0, subspace="dense", k=10, rounds=3, validation_data=valid)
+    kwargs = dict(
+        epsilon=50.0, subspace="dense", k=10, rounds=3, damping=0.1, validation_data=valid
+    )
     result = fine_tune(
         model,
         cross_entropy,
@@ -429,7 +431,8 @@ def test_resampled_subspace_draws_a_new_basis_each_round(task):
     report = result.report
     assert [r["subspace_seed"] for r in report["rounds"]] == [7, 8, 9]
     assert report["subspace"]["seed"] == 7 and report["subspace"]["resampled_each_round"]
-    assert report["mu"] == pytest.approx(calibrate_gdp_mu(4.0, 1e-5), rel=1e-12)
+    assert report["mu"] == pytest.approx(calibrate_gdp_mu(50.0, 1e-5), rel=1e-12)
+    assert all(alpha > 0 for alpha in report["step_lengths"])  # every round moved theta
     fixed = fine_tune(
         model, cross_entropy, public, private, seed=2, progress=False, subspace_seed=7, **kwargs
     )
