@@ -33,8 +33,7 @@ import torch
 
 from qem.experiments.report import read_cells, write_report
 from qem.experiments.runner import CELLS_DIR, result_row, run_experiment
-
-PRETRAIN = {"epochs": 30, "lr": 1e-3, "batch_size": 64, "seed": 0}
+from qem.pretrain import MNIST_CNN_PRETRAIN
 
 
 def method_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -81,7 +80,7 @@ def experiment_config(
         "delta": 1e-5,
         "seeds": seeds,
         "model": "cnn",
-        "pretrain": PRETRAIN,
+        "pretrain": MNIST_CNN_PRETRAIN,
     }
 
 

@@ -23,9 +23,7 @@ from qem.experiments.runner import PeakMemory
 from qem.finetune import fine_tune
 from qem.losses import cross_entropy
 from qem.models import build_model
-from qem.pretrain import cached_pretrain, evaluate_accuracy
-
-PRETRAIN = {"epochs": 30, "lr": 1e-3, "batch_size": 64, "seed": 0}
+from qem.pretrain import MNIST_CNN_PRETRAIN, cached_pretrain, evaluate_accuracy
 
 
 def plain_epoch(model: torch.nn.Module, data, batch_size: int) -> tuple[float, float]:
@@ -55,7 +53,7 @@ def main() -> None:
         lambda: build_model("cnn", seed=0),
         scenario.public_train,
         progress=False,
-        **PRETRAIN,
+        **MNIST_CNN_PRETRAIN,
     )
     plain_seconds, plain_mb = plain_epoch(model, scenario.private_train, args.batch_size)
     print(f"# S1, {args.private_size} private images, torch threads={torch.get_num_threads()}")

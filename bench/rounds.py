@@ -21,9 +21,7 @@ from qem.datasets.mnist import load_mnist
 from qem.finetune import fine_tune
 from qem.losses import cross_entropy
 from qem.models import build_model
-from qem.pretrain import cached_pretrain, evaluate_accuracy
-
-PRETRAIN = {"epochs": 30, "lr": 1e-3, "batch_size": 64, "seed": 0}
+from qem.pretrain import MNIST_CNN_PRETRAIN, cached_pretrain, evaluate_accuracy
 
 
 def main() -> None:
@@ -45,7 +43,7 @@ def main() -> None:
         scenario.public_train,
         loss_fn=cross_entropy,
         progress=False,
-        **PRETRAIN,
+        **MNIST_CNN_PRETRAIN,
     )
     print(f"{scenario.description} epsilon = {args.epsilon:g}, noise seed {args.seed}\n")
     print("| configuration | test acc | valid acc | seconds | step lengths | seconds per phase |")

@@ -34,10 +34,7 @@ from qem.errors import InvalidParameterError
 from qem.finetune import FineTuneResult, fine_tune
 from qem.losses import cross_entropy
 from qem.models import build_model, num_parameters
-from qem.pretrain import cached_pretrain, evaluate_metric
-
-PRETRAIN = {"epochs": 30, "lr": 1e-3, "batch_size": 64, "seed": 0}
-"""Non-private pretraining on the 1,000 public images (public data: no privacy cost)."""
+from qem.pretrain import MNIST_CNN_PRETRAIN, cached_pretrain, evaluate_metric
 
 MIMIC_PRETRAIN = {"epochs": 5, "lr": 1e-3, "batch_size": 64, "seed": 0}
 """Non-private pretraining on the public care unit. 5 epochs: on the synthetic cohort the public
@@ -83,7 +80,7 @@ def add_parser(subparsers) -> None:
     )
     mnist.add_argument("--private-size", type=int, help="use only this many private images")
     mnist.add_argument("--test-size", type=int, help="use only this many test images")
-    _add_run_arguments(mnist, PRETRAIN["epochs"])
+    _add_run_arguments(mnist, MNIST_CNN_PRETRAIN["epochs"])
     mnist.set_defaults(handler=run)
 
     mimic = datasets.add_parser(
@@ -178,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         scenario,
         "s1-cnn",
         lambda: build_model("cnn", seed=0),
-        {**PRETRAIN, "epochs": args.pretrain_epochs},
+        {**MNIST_CNN_PRETRAIN, "epochs": args.pretrain_epochs},
         seconds,
         subspace=args.subspace,
         k=args.k,
