@@ -383,8 +383,8 @@ def _build_report(
 ) -> dict:
     """The privacy report: every field of DESIGN.md §4, plus each round's details."""
     mus = [r["mu"] for r in rounds if r["mu"] is not None]
-    if partition_rounds:  # parallel composition over disjoint chunks: one round's mu
-        mus = mus[:1]
+    if partition_rounds:  # parallel composition over disjoint chunks: the largest round's mu
+        mus = [max(mus)]
     report = {
         "qem_version": qem.__version__,
         "mode": mode,
