@@ -19,13 +19,20 @@ from opacus.accountants import create_accountant
 from torch import nn
 
 import qem.baselines.registry as registry
-from qem.baselines.dpsgd import PLD_DISCRETIZATION, calibrate_noise_multiplier, dpsgd, pld_epsilon
+from qem.baselines.dpsgd import dpsgd
 from qem.baselines.none import none
 from qem.baselines.nonprivate import nonprivate
 from qem.errors import InvalidParameterError, UnsupportedModelError
 from qem.finetune import FineTuneResult
 from qem.losses import cross_entropy
 from qem.pretrain import evaluate_loss
+from qem.privacy.calibration import (
+    PLD_DISCRETIZATION,
+    calibrate_noise_multiplier,
+    poisson_gaussian_event,
+)
+from qem.privacy.calibration import poisson_gaussian_epsilon as pld_epsilon
+from qem.privacy.ledger import dp_event_from_json
 
 N, BATCH, EPOCHS, DELTA = 200, 50, 5, 1e-5
 
@@ -53,6 +60,12 @@ def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def dpsgd_event_of(accountant: dict):
+    return poisson_gaussian_event(
+        accountant["noise_multiplier"], accountant["sample_rate"], accountant["steps"]
+    )
 
 
 def independent_pld_epsilon(sigma: float, q: float, steps: int, relation) -> float:
@@ -111,7 +124,7 @@ def test_dpsgd_leaves_the_input_model_unchanged(replace_one_run):
 
 def test_dpsgd_replace_one_epsilon_is_dp_accountings_and_meets_target(replace_one_run):
     _, _, result = replace_one_run
-    report = result.report
+    report = result.report.to_dict()
     acc = report["accountant"]
     q, steps = 1 / math.ceil(N / BATCH), EPOCHS * math.ceil(N / BATCH)
     assert (acc["sample_rate"], acc["steps"], acc["relation"]) == (q, steps, "REPLACE_ONE")
@@ -124,21 +137,25 @@ def test_dpsgd_replace_one_epsilon_is_dp_accountings_and_meets_target(replace_on
     )
     assert acc["opacus_prv_epsilon_add_remove"] < report["epsilon"]
     assert report["method"] == "dpsgd" and report["adjacency"] == "replace_one"
-    assert report["seed"] == {"source": "user_seed", "seed": 1}
-    assert set(report["seconds"]) == {"calibration", "training", "accounting"}
+    assert report["noise"] == {"source": "user_seed", "seed": 1}
+    assert set(result.diagnostics.seconds) == {"calibration", "training", "accounting"}
+    assert "seconds" not in report  # timings are diagnostics, not part of the report
+    assert dp_event_from_json(acc["dp_event"]) == dpsgd_event_of(acc)
     json.dumps(report, allow_nan=False)
 
 
 def test_dpsgd_add_remove_agrees_with_opacus_accountant():
     result = run_dpsgd(make_model(), "add_remove")
-    acc = result.report["accountant"]
+    acc = result.report.to_dict()["accountant"]
     sigma, q, steps = acc["noise_multiplier"], acc["sample_rate"], acc["steps"]
     expected = independent_pld_epsilon(sigma, q, steps, NeighboringRelation.ADD_OR_REMOVE_ONE)
-    assert result.report["epsilon"] == pytest.approx(expected, rel=1e-12)
-    assert result.report["epsilon"] <= 4.0
+    assert result.report.to_dict()["epsilon"] == pytest.approx(expected, rel=1e-12)
+    assert result.report.to_dict()["epsilon"] <= 4.0
     opacus = independent_opacus_epsilon(sigma, q, steps)
     assert acc["opacus_prv_epsilon_add_remove"] == pytest.approx(opacus, rel=1e-9)
-    assert abs(opacus - result.report["epsilon"]) < 0.03  # two accountants, same mechanism
+    assert (
+        abs(opacus - result.report.to_dict()["epsilon"]) < 0.03
+    )  # two accountants, same mechanism
 
 
 def test_replace_one_needs_more_noise_than_add_remove():
@@ -162,7 +179,7 @@ def test_dpsgd_seed_reproduces_and_os_entropy_is_recorded():
     other = run_dpsgd(model, "replace_one", epsilon=1.0, seed=None)
     assert same_weights(first.model, again.model)
     assert not same_weights(first.model, other.model)
-    assert other.report["seed"] == {"source": "os_entropy", "seed": None}
+    assert other.report.noise == {"source": "os_entropy", "seed": None}
 
 
 def test_dpsgd_survives_empty_poisson_batches():
@@ -187,7 +204,7 @@ def test_dpsgd_survives_empty_poisson_batches():
         epochs=5,
     )
     assert 0 in sizes
-    assert result.report["accountant"]["steps"] == 25
+    assert result.report.to_dict()["accountant"]["steps"] == 25
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
 
 
@@ -261,10 +278,10 @@ def test_nonprivate_improves_training_loss_and_is_marked_not_private():
     assert evaluate_loss(result.model, cross_entropy, private) < 0.7 * evaluate_loss(
         model, cross_entropy, private
     )
-    assert result.report["epsilon"] is None
-    assert result.report["privacy"].startswith("NOT PRIVATE")
-    assert result.report["requested_budget"] == {"epsilon": 1.0, "delta": DELTA}
-    json.dumps(result.report, allow_nan=False)
+    assert result.report.to_dict()["epsilon"] is None
+    assert result.report.to_dict()["privacy"].startswith("NOT PRIVATE")
+    assert result.report.details["requested_budget"] == {"epsilon": 1.0, "delta": DELTA}
+    json.dumps(result.report.to_dict(), allow_nan=False)
 
 
 def test_nonprivate_early_stopping_keeps_the_best_public_epoch():
@@ -283,7 +300,7 @@ def test_nonprivate_early_stopping_keeps_the_best_public_epoch():
         early_stopping=True,
         patience=2,
     )
-    losses = [r["validation_loss"] for r in result.report["history"]]
+    losses = [r["validation_loss"] for r in result.report.details["history"]]
     assert evaluate_loss(result.model, cross_entropy, validation) == pytest.approx(min(losses))
     best = losses.index(min(losses))
     assert len(losses) - 1 == 8 or len(losses) - 1 - best == 2  # ran out or lost patience
@@ -298,7 +315,7 @@ def test_none_returns_an_equal_independent_copy():
     with torch.no_grad():
         result.model.weight.add_(1.0)
     assert not same_weights(result.model, model)
-    assert result.report["epsilon"] == 0.0 and result.report["method"] == "none"
+    assert result.report.to_dict()["epsilon"] == 0.0 and result.report.to_dict()["method"] == "none"
 
 
 def test_registry_names_and_dispatch(monkeypatch):
@@ -308,7 +325,7 @@ def test_registry_names_and_dispatch(monkeypatch):
     result = registry.run_method(
         "none", make_model(), cross_entropy, make_task(20), make_task(20), epsilon=1.0, delta=DELTA
     )
-    assert result.report["method"] == "none"
+    assert result.report.to_dict()["method"] == "none"
 
     calls = []
 
@@ -318,9 +335,8 @@ def test_registry_names_and_dispatch(monkeypatch):
 
     monkeypatch.setattr(registry, "fine_tune", fake_fine_tune)
     args = (make_model(), cross_entropy, make_task(20), make_task(20))
-    plain = registry.run_method("qem", *args, epsilon=1.0, delta=DELTA, rounds=3, seed=4)
-    ablation = registry.run_method("qem_identity", *args, epsilon=1.0, delta=DELTA)
-    assert (plain.report["method"], ablation.report["method"]) == ("qem", "qem_identity")
+    registry.run_method("qem", *args, epsilon=1.0, delta=DELTA, rounds=3, seed=4)
+    registry.run_method("qem_identity", *args, epsilon=1.0, delta=DELTA)
     assert calls[0]["rounds"] == 3 and calls[0]["seed"] == 4 and "curvature" not in calls[0]
     assert calls[1]["curvature"] == "identity"
     with pytest.raises(InvalidParameterError, match="identity"):

@@ -18,14 +18,16 @@ from qem.errors import (
     OutputExistsError,
     ShapeError,
 )
-from qem.finetune import fine_tune, line_search_step
+from qem.finetune import SeedTree, fine_tune
 from qem.io import load
+from qem.linesearch import line_search_step
 from qem.losses import cross_entropy
 from qem.mechanism import QuadraticExponentialMechanism
 from qem.mechanism.clipping import clip_gradients, validate_curvature
 from qem.pretrain import evaluate_loss
 from qem.privacy.gdp import calibrate_gdp_mu
 from qem.privacy.sensitivity import gdp_beta
+from qem.report import PrivacyReport
 from qem.statistics import private_gradient_sum
 from qem.subspace.factory import make_subspace
 
@@ -43,7 +45,9 @@ REQUIRED_REPORT_FIELDS = {
     "subspace",
     "curvature",
     "qem_version",
-    "seed",
+    "noise",
+    "schedule",
+    "accountant",
 }
 
 
@@ -126,7 +130,7 @@ def test_noise_off_equals_closed_form_step(task):
     P, A, gradient_sum = brute_force_statistics(model, public, private)
     expected_w = -np.linalg.solve(400 * 2.0 * A, gradient_sum)
     np.testing.assert_allclose(parameter_step(model, result.model), P @ expected_w, atol=1e-10)
-    assert "NOT PRIVATE" in result.report["noise"]
+    assert "NOT PRIVATE" in result.report.noise["source"]
 
 
 def test_one_round_is_the_plain_mechanism(task):
@@ -134,12 +138,13 @@ def test_one_round_is_the_plain_mechanism(task):
     result = fine_tune(model, cross_entropy, public, private, seed=5, **STEP_KWARGS)
     P, A, gradient_sum = brute_force_statistics(model, public, private)
     mechanism = QuadraticExponentialMechanism(
-        A, N=400, lam=2.0, clip_norm=0.5, seed=result.report["rounds"][0]["seed"]["seed"]
+        A, N=400, lam=2.0, clip_norm=0.5, seed=SeedTree(5, 1).noise[0]
     )
     mechanism.calibrate(1.0, 1e-5)
     w = mechanism.sample(gradient_sum)
     np.testing.assert_allclose(parameter_step(model, result.model), P @ w, atol=1e-9)
-    assert result.report["mu"] == pytest.approx(mechanism.mu, rel=1e-12)
+    assert result.report.mu == pytest.approx(mechanism.mu, rel=1e-12)
+    np.testing.assert_allclose(result.releases[0], w, rtol=1e-12)
 
 
 def test_improves_validation_loss_at_large_epsilon(task):
@@ -162,7 +167,7 @@ def test_improves_validation_loss_at_large_epsilon(task):
     )
     after = evaluate_loss(result.model, cross_entropy, valid)
     assert after < before - 0.05
-    assert result.report["step_lengths"] and all(a >= 0 for a in result.report["step_lengths"])
+    assert result.report.step_lengths and all(a >= 0 for a in result.report.step_lengths)
 
 
 @pytest.mark.parametrize("rounds", [1, 3])
@@ -184,12 +189,14 @@ def test_reported_mu_equals_calibration(task, rounds):
     )
     report = result.report
     target = calibrate_gdp_mu(2.0, 1e-6)
-    assert report["mu"] == pytest.approx(target, rel=1e-12)
-    per_round = [r["mu"] for r in report["rounds"]]
+    assert report.mu == pytest.approx(target, rel=1e-12)
+    per_round = [r.mu for r in report.rounds]
     assert len(per_round) == rounds
     np.testing.assert_allclose(per_round, target / np.sqrt(rounds), rtol=1e-12)
-    assert set(report) >= REQUIRED_REPORT_FIELDS
-    assert report["seed"] == {"source": "user_seed", "seed": 0}
+    assert set(report.to_dict()) >= REQUIRED_REPORT_FIELDS
+    assert report.noise["source"].startswith("user_seed") and report.noise["seed"] == 0
+    assert report.accountant["epsilon"] == pytest.approx(2.0, abs=0.02)
+    assert len(report.C) == rounds  # one schema: C is a list for any number of rounds
 
 
 def test_input_model_not_modified_and_os_entropy_default(task):
@@ -208,7 +215,7 @@ def test_input_model_not_modified_and_os_entropy_default(task):
     )
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name])
-    assert result.report["seed"]["source"] == "os_entropy"
+    assert result.report.noise == {"source": "os_entropy", "seed": None}
 
 
 def test_save_load_round_trip(released, tmp_path):
@@ -216,7 +223,10 @@ def test_save_load_round_trip(released, tmp_path):
     out = tmp_path / "run"
     result.save(out)
     saved = load(out)
-    assert saved.report == json.loads(json.dumps(result.report))
+    assert saved.report == json.loads(result.report.to_json())
+    assert PrivacyReport.from_dict(saved.report) == result.report
+    assert saved.diagnostics["warning"].startswith("NOT FOR PUBLICATION")
+    assert "seconds" not in saved.report and "seconds" in saved.diagnostics
     restored = saved.into(make_model(5))
     for name, value in result.model.state_dict().items():
         assert torch.equal(restored.state_dict()[name], value)
@@ -242,24 +252,30 @@ def test_failure_between_writes_leaves_nothing(released, tmp_path, monkeypatch):
         result.save(tmp_path / "run")
     assert calls == ["model.pt", "privacy_report.json"]
     assert list(tmp_path.iterdir()) == []
+    result.save(tmp_path / "run")  # a failed save leaves nothing that blocks the next one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_private_pass_names_non_finite_example(task):
+def test_invalid_private_records_contribute_zero_and_strict_mode_names_none(task):
+    """A NaN input and an out-of-range label: by default each record contributes a zero
+    gradient (the sum equals the sum without them); strict mode raises without naming the
+    record or quoting its values."""
     model, _, private, _ = task
-    x, y = private[0].clone(), private[1]
+    x, y = private[0].clone(), private[1].clone()
     x[37, 2] = float("nan")
+    y[12] = 7  # the model has 3 outputs
     basis = make_subspace("srht", model, k=8, seed=0)
-    with pytest.raises(NonFiniteError, match="example 37"):
-        private_gradient_sum(
-            model,
-            cross_entropy,
-            basis,
-            (x, y),
-            clip_norm=1.0,
-            clipping="euclidean",
-            batch_size=16,
-            progress=False,
-        )
+    kwargs = dict(clip_norm=1.0, clipping="euclidean", batch_size=16)
+    got = private_gradient_sum(model, cross_entropy, basis, (x, y), **kwargs)
+    keep = [i for i in range(len(y)) if i not in (12, 37)]
+    expected = private_gradient_sum(model, cross_entropy, basis, (x[keep], y[keep]), **kwargs)
+    np.testing.assert_allclose(got.gradient_sum, expected.gradient_sum, rtol=1e-12, atol=1e-14)
+    for data in ((x, private[1]), (private[0], y)):
+        with pytest.raises((NonFiniteError, DataError)) as info:
+            private_gradient_sum(
+                model, cross_entropy, basis, data, invalid_records="raise", **kwargs
+            )
+        assert not any(ch.isdigit() for ch in str(info.value))
 
 
 def test_bad_inputs(task):
@@ -270,8 +286,13 @@ def test_bad_inputs(task):
         fine_tune(model, cross_entropy, public, (x[:0], y[:0]), **base)
     with pytest.raises(ShapeError):
         fine_tune(model, cross_entropy, public, (x, y[:-1]), **base)
-    with pytest.raises(DataError, match="outside"):
-        fine_tune(model, cross_entropy, public, (x, y + 5), **base)
+    with pytest.raises(DataError, match="outside"):  # public labels: the error may name them
+        fine_tune(model, cross_entropy, (public[0], public[1] + 5), private, **base)
+    with pytest.raises(DataError, match="invalid_records") as info:  # private: strict mode
+        fine_tune(model, cross_entropy, public, (x, y + 5), invalid_records="raise", **base)
+    assert not any(ch.isdigit() for ch in str(info.value))
+    with pytest.raises(InvalidParameterError, match="invalid_records"):
+        fine_tune(model, cross_entropy, public, private, invalid_records="skip", **base)
     with pytest.raises(ShapeError, match="one loss per example"):
         fine_tune(model, lambda o, t: cross_entropy(o, t).mean(), public, private, **base)
     with pytest.raises(InvalidParameterError):
@@ -305,18 +326,18 @@ def test_pure_mode_and_add_remove_reach_the_report(task):
         progress=False,
     )
     report = result.report
-    assert (report["mode"], report["adjacency"], report["delta"], report["N"]) == (
+    assert (report.mode, report.adjacency, report.delta, report.N) == (
         "pure",
         "add_remove",
         0.0,
         500,
     )
-    assert report["mu"] is None and report["dp_accounting_epsilon"] is None
+    assert report.mu is None and report.accountant["epsilon"] == pytest.approx(4.0)
     preview = result.preview[0]
     assert preview["epsilon"] == pytest.approx(4.0)
     assert preview["worst_case_acceptance"] == pytest.approx(0.5)  # the chooser's target
-    assert report["step_lengths"] == [1.0]
-    assert report["rounds"][0]["N"] == 500  # the mechanism uses the declared N, not len(data)
+    assert report.step_lengths == [1.0]
+    assert report.rounds[0].N == 500  # the mechanism uses the declared N, not len(data)
     gdp = fine_tune(
         model,
         cross_entropy,
@@ -332,8 +353,8 @@ def test_pure_mode_and_add_remove_reach_the_report(task):
         seed=2,
         progress=False,
     )
-    assert gdp.report["rounds"][0]["N"] == 500
-    assert gdp.report["mu"] == pytest.approx(calibrate_gdp_mu(2.0, 1e-5), rel=1e-12)
+    assert gdp.report.rounds[0].N == 500
+    assert gdp.report.mu == pytest.approx(calibrate_gdp_mu(2.0, 1e-5), rel=1e-12)
 
 
 def test_public_sample_size_limits_the_public_passes(task):
@@ -351,7 +372,7 @@ def test_public_sample_size_limits_the_public_passes(task):
         seed=0,
         progress=False,
     )
-    assert result.report["curvature"]["n_public"] == 50
+    assert result.report.curvature["n_public"] == 50
     with pytest.raises(InvalidParameterError, match="public_sample_size"):
         fine_tune(
             model,
@@ -384,7 +405,7 @@ def test_line_search_finds_the_grid_minimum_however_short_the_step(scale):
     valid = make_task(300, 4, shift=0.8)
     basis = make_subspace("identity", model)
     w = descent_direction(model, valid, scale)
-    alpha, loss = line_search_step(model, cross_entropy, basis, w, valid)
+    alpha, loss, _ = line_search_step(model, cross_entropy, basis, w, valid)
     grid = [0.0, *(2.0 ** (j / 2) for j in range(-16, 41))]
     brute = []
     for a in grid:
@@ -404,7 +425,7 @@ def test_line_search_keeps_the_model_for_an_ascent_direction():
     valid = make_task(300, 4, shift=0.8)
     basis = make_subspace("identity", model)
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    alpha, loss = line_search_step(
+    alpha, loss, _ = line_search_step(
         model, cross_entropy, basis, -descent_direction(model, valid, 1.0), valid
     )
     assert alpha == 0.0
@@ -429,14 +450,14 @@ def test_resampled_subspace_draws_a_new_basis_each_round(task):
         **kwargs,
     )
     report = result.report
-    assert [r["subspace_seed"] for r in report["rounds"]] == [7, 8, 9]
-    assert report["subspace"]["seed"] == 7 and report["subspace"]["resampled_each_round"]
-    assert report["mu"] == pytest.approx(calibrate_gdp_mu(50.0, 1e-5), rel=1e-12)
-    assert all(alpha > 0 for alpha in report["step_lengths"])  # every round moved theta
+    assert [r.subspace_seed for r in report.rounds] == [7, 8, 9]
+    assert report.subspace["resample_every"] == 1
+    assert report.mu == pytest.approx(calibrate_gdp_mu(50.0, 1e-5), rel=1e-12)
+    assert all(alpha > 0 for alpha in report.step_lengths)  # every round moved theta
     fixed = fine_tune(
         model, cross_entropy, public, private, seed=2, progress=False, subspace_seed=7, **kwargs
     )
-    assert [r["subspace_seed"] for r in fixed.report["rounds"]] == [7, 7, 7]
+    assert [r.subspace_seed for r in fixed.report.rounds] == [7, 7, 7]
     # with a fixed basis every round's step lies in the span of the same k = 10 columns
     P = make_subspace("dense", model, k=10, seed=7).materialize().numpy()
     step = parameter_step(model, fixed.model)
@@ -445,7 +466,7 @@ def test_resampled_subspace_draws_a_new_basis_each_round(task):
     assert np.linalg.norm(resampled_step - P @ (P.T @ resampled_step)) > 1e-3 * np.linalg.norm(
         resampled_step
     )
-    with pytest.raises(InvalidParameterError, match="resample_subspace"):
+    with pytest.raises(InvalidParameterError, match="resamples the subspace"):
         fine_tune(
             model,
             cross_entropy,
@@ -466,16 +487,16 @@ def test_partitioned_rounds_read_disjoint_chunks_with_the_whole_budget(task):
     result = fine_tune(model, cross_entropy, public, private, validation_data=valid, **kwargs)
     report = result.report
     target = calibrate_gdp_mu(1.0, 1e-5)
-    assert [r["N"] for r in report["rounds"]] == [133, 133, 134]
-    assert [r["mu"] for r in report["rounds"]] == pytest.approx([target] * 3, rel=1e-12)
-    assert report["mu"] == pytest.approx(target, rel=1e-12)
-    assert report["composition"].startswith("parallel")
-    assert report["dp_accounting_epsilon"] == pytest.approx(1.0, abs=0.02)
+    assert [r.N for r in report.rounds] == [133, 133, 134]
+    assert [r.mu for r in report.rounds] == pytest.approx([target] * 3, rel=1e-12)
+    assert report.mu == pytest.approx(target, rel=1e-12)
+    assert report.schedule["kind"] == "partitioned" and report.schedule["epochs"] == 1
+    assert report.accountant["epsilon"] == pytest.approx(1.0, abs=0.02)
 
     first_chunk = (private[0][:133], private[1][:133])
     P, A, gradient_sum = brute_force_statistics(model, public, first_chunk)
     mechanism = QuadraticExponentialMechanism(
-        A, N=133, lam=1.0, clip_norm=0.5, seed=report["rounds"][0]["seed"]["seed"]
+        A, N=133, lam=1.0, clip_norm=0.5, seed=SeedTree(4, 3).noise[0]
     )
     mechanism.set_beta(gdp_beta(target, 133, 1.0, mechanism.sensitivity))
     w = mechanism.sample(gradient_sum)
@@ -487,12 +508,12 @@ def test_partitioned_rounds_read_disjoint_chunks_with_the_whole_budget(task):
         validation_data=valid,
         **dict(STEP_KWARGS, prior_weight=None, seed=4),
     )
-    alpha = one_round.report["step_lengths"][0]
+    alpha = one_round.report.step_lengths[0]
     np.testing.assert_allclose(parameter_step(model, one_round.model), alpha * P @ w, atol=1e-9)
-    first = report["rounds"][0]
-    assert (first["step_length"], first["public_validation_loss"]) == (
+    first = report.rounds[0]
+    assert (first.step_length, first.public_validation_loss) == (
         alpha,
-        one_round.report["rounds"][0]["public_validation_loss"],
+        one_round.report.rounds[0].public_validation_loss,
     )
 
     changed_x, changed_y = private[0].clone(), private[1].clone()
@@ -501,8 +522,8 @@ def test_partitioned_rounds_read_disjoint_chunks_with_the_whole_budget(task):
         model, cross_entropy, public, (changed_x, changed_y), validation_data=valid, **kwargs
     )
     # theta_1, theta_2 unchanged: the public validation loss after each round is bit-identical
-    before = [r["public_validation_loss"] for r in report["rounds"]]
-    after = [r["public_validation_loss"] for r in neighbour.report["rounds"]]
+    before = [r.public_validation_loss for r in report.rounds]
+    after = [r.public_validation_loss for r in neighbour.report.rounds]
     assert after[:2] == before[:2] and after[2] != before[2]
     assert not np.allclose(
         parameter_step(model, neighbour.model), parameter_step(model, result.model)
@@ -517,7 +538,7 @@ def test_partitioned_rounds_refuse_what_they_cannot_account(task):
         dict(N=500),
         dict(rounds=401),
     ):
-        with pytest.raises(InvalidParameterError, match="partition_rounds"):
+        with pytest.raises(InvalidParameterError, match="partitioned"):
             fine_tune(
                 model,
                 cross_entropy,

@@ -43,3 +43,13 @@ class OutputExistsError(QemError, FileExistsError):
 
 class PrivacyWarning(UserWarning):
     """A setting is legal but weakens the guarantee (for example delta >= 1/N)."""
+
+
+class SpentBudgetError(QemError, RuntimeError):
+    """A run failed AFTER noise was drawn on private data. ``result`` holds what was released
+    up to then (model, privacy report with the budget spent, releases): save it, do not rerun
+    blindly, since a rerun spends the budget again."""
+
+    def __init__(self, message: str, result: object) -> None:
+        super().__init__(message)
+        self.result = result

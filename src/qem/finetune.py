@@ -1,129 +1,85 @@
-"""The high-level call (DESIGN.md §2 `finetune`): model + loss + public data + private data +
-budget -> FineTuneResult(model, report, preview).
+"""The high-level call: model + loss + public data + private data + budget ->
+FineTuneResult(model, report, preview, diagnostics, releases).
 
-One round (DESIGN.md §1):
-  1. public pass:  A = P^T H0 P + gamma I at the current parameters (qem.curvature);
-  2. clip bound:   C given, or a quantile of PUBLIC per-example gradient norms;
-  3. private pass: sum_i gh_i (qem.statistics);
-  4. mechanism:    w ~ Normal(-(N lam A)^-1 sum gh, (beta N lam A)^-1) (qem.mechanism);
-  5. step:         theta <- theta + alpha P w.
-In Gaussian-DP mode the draw is made at lam = 1 and alpha is chosen afterwards by a line
-search on public validation data (§1e: post-processing, free) unless ``prior_weight`` is given.
-``rounds = T`` repeats this at the released point, each round mu_t = mu / sqrt(T) so that the
-composed sqrt(sum mu_t^2) equals the calibrated mu (§1d); pure mode splits eps evenly.
-With ``resample_subspace=True`` round t draws a fresh public subspace (seed ``subspace_seed + t``),
-so T rounds move theta in up to T*k directions instead of the same k. The seeds are public and
-fixed before any private data is read, so the composition of §1d is unchanged.
-With ``partition_rounds=True`` (replace-one, Gaussian-DP) round t reads only the t-th of T
-disjoint, contiguous chunks of the private data, with N_t = its size and the full mu: a record
-changes one round's input only, so the T adaptive rounds are mu-GDP together (parallel
-composition; docs/theory.md §8), for the compute of one private pass.
+A run is a schedule of rounds (qem.schedules, docs/theory.md §8 and §13). Round t:
+  1. public side:  the subspace P_t (a public seed), the public quadratic
+                   A_t = P_t^T H0 P_t + gamma I on public data, factored once
+                   (PublicQuadratic), and the clip bound C_t (given, or a quantile of PUBLIC
+                   per-example gradient norms); rebuilt every ``curvature_every`` rounds and
+                   whenever the subspace changes;
+  2. private pass: sum_{i in B_t} gh_i over the rows the schedule gives the round;
+  3. mechanism:    w ~ Normal(-(N_t lam A)^-1 sum gh, (beta_t N_t lam A)^-1) with
+                   beta_t = N_t lam / (z b)^2, z the schedule's noise multiplier;
+  4. step:         theta <- theta + alpha P_t w, alpha chosen by a line search on PUBLIC
+                   validation data (free post-processing, §9) unless ``prior_weight`` is given.
+Every forward pass runs on a copy of the caller's model in eval mode: the caller's model and
+every buffer of the released model equal the input's. Everything round t uses besides the
+private gradients is public or an earlier release, so the composition of §8/§13 holds.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Subset, TensorDataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 import qem
+from qem.checks import check_count, parse_option
 from qem.curvature.base import Curvature
 from qem.curvature.factory import make_curvature
 from qem.data import DataLike, as_dataset, batches
-from qem.errors import InvalidParameterError
+from qem.errors import InvalidParameterError, SpentBudgetError
 from qem.io import save_run
+from qem.linesearch import line_search_step
 from qem.losses import check_per_example_loss
-from qem.mechanism import QuadraticExponentialMechanism
-from qem.mechanism.clipping import validate_curvature
+from qem.mechanism import PublicQuadratic, QuadraticExponentialMechanism
 from qem.parameters import check_finite_parameters
-from qem.pretrain import evaluate_loss
-from qem.privacy.accounting import compose_with_dp_events
-from qem.privacy.gdp import calibrate_gdp_mu, check_delta, check_epsilon, compose_gdp
-from qem.privacy.sensitivity import Adjacency, ClipNorm, check_positive, gdp_beta
-from qem.statistics import check_targets, private_gradient_sum, public_clip_norm
+from qem.privacy.gdp import check_delta, check_epsilon, gdp_epsilon
+from qem.privacy.ledger import PrivacyLedger, spent_epsilon
+from qem.privacy.sensitivity import Adjacency, ClipNorm, check_positive
+from qem.report import Diagnostics, PrivacyReport, RoundRecord
+from qem.schedules import Budget, Plan, Round, Schedule, partitioned, sequential
+from qem.statistics import InvalidRecords, check_targets, private_gradient_sum, public_clip_norm
 from qem.subspace.base import LossFn, Subspace
 from qem.subspace.factory import make_subspace
 
-MIN_STEP, MAX_STEP = 2.0**-8, 2.0**20
-"""Range of the positive step lengths alpha the public line search tries (besides alpha = 0)."""
+HOLDOUT_FRACTION, HOLDOUT_MAX = 0.2, 2000
+"""Without validation data, the last min(20%, 2000) public examples are held out for the
+line search (public, so free)."""
+
+
+class ZeroStepWarning(UserWarning):
+    """A round's release did not lower the public validation loss and was not applied."""
 
 
 @dataclass
 class FineTuneResult:
-    """The fine-tuned model, its privacy report (a JSON-ready dict) and the data-free preview
-    of every round."""
+    """The fine-tuned model, its privacy report (publishable), the data-free preview of every
+    round, the diagnostics (NOT publishable: timings) and the releases w_t themselves."""
 
     model: nn.Module
-    report: dict
+    report: PrivacyReport
     preview: list[dict] = field(default_factory=list)
+    diagnostics: Diagnostics = field(default_factory=Diagnostics)
+    releases: list[np.ndarray] = field(default_factory=list)
 
     def save(self, directory: str, overwrite: bool = False) -> None:
-        """Write the state dict and privacy_report.json together, atomically (qem.io)."""
-        save_run(directory, self.model.state_dict(), self.report, overwrite=overwrite)
-
-
-def line_search_step(
-    model: nn.Module,
-    loss_fn: LossFn,
-    subspace: Subspace,
-    w: np.ndarray,
-    validation: DataLike,
-    progress: bool = False,
-) -> tuple[float, float]:
-    """Pick the step length alpha minimising the public validation loss of theta + alpha P w.
-
-    Over {0} and the powers of sqrt(2) in [MIN_STEP, MAX_STEP], coarse to fine: from alpha = 1
-    it moves by factors of 4 (up while the loss falls, else down) to bracket the minimum, then
-    tries the best alpha times 2 and 1/2, then times sqrt(2) and 1/sqrt(2). For a loss that is
-    unimodal along the line this returns the minimum over the whole sqrt(2) grid with about a
-    dozen validation passes, however short the released step is (a clip norm set on public
-    data can make it short by orders of magnitude). Post-processing of the released w: no
-    privacy cost (DESIGN.md §1e). Returns (alpha, validation loss); ``model`` is left at theta.
-    """
-    step = torch.as_tensor(w, dtype=torch.float64)
-    losses: dict[float, float] = {}
-    bar = tqdm(desc="step line search (public)", unit="step", disable=not progress)
-
-    def loss_at(alpha: float) -> float:
-        if alpha not in losses:
-            trial = copy.deepcopy(model)
-            subspace.apply_step(trial, alpha * step)
-            losses[alpha] = evaluate_loss(trial, loss_fn, validation)
-            bar.update()
-        return losses[alpha]
-
-    def best() -> float:
-        return min(losses, key=lambda alpha: (losses[alpha], alpha))
-
-    loss_at(0.0)
-    factor = 4.0 if loss_at(1.0) < losses[0.0] else 0.25
-    alpha = 1.0
-    while MIN_STEP <= alpha * factor <= MAX_STEP and best() == alpha:
-        alpha *= factor
-        loss_at(alpha)
-    for factor in (2.0, math.sqrt(2.0)):
-        centre = best()
-        if centre > 0:
-            for alpha in (centre * factor, centre / factor):
-                if MIN_STEP <= alpha <= MAX_STEP:
-                    loss_at(alpha)
-    bar.close()
-    alpha = best()
-    return float(alpha), losses[alpha]
-
-
-def _round_seeds(seed: int | None, rounds: int) -> list[int | None]:
-    if seed is None:
-        return [None] * rounds
-    children = np.random.SeedSequence(seed).spawn(rounds)
-    return [int(c.generate_state(1)[0]) for c in children]
+        """Write the state dict, privacy_report.json and diagnostics.json together,
+        atomically (qem.io)."""
+        save_run(
+            directory,
+            self.model.state_dict(),
+            self.report.to_dict(),
+            diagnostics=self.diagnostics.to_dict(),
+            overwrite=overwrite,
+        )
 
 
 def fine_tune(
@@ -134,13 +90,16 @@ def fine_tune(
     *,
     epsilon: float,
     delta: float | None = 1e-5,
+    schedule: Schedule | None = None,
+    rounds: int = 1,
+    resample_subspace: bool = False,
+    partition_rounds: bool = False,
     subspace: str | Subspace = "srht",
     k: int | None = None,
     subspace_seed: int = 0,
-    resample_subspace: bool = False,
-    partition_rounds: bool = False,
     curvature: str | Curvature = "ggn",
     damping: float = 1e-2,
+    curvature_every: int = 1,
     clip_norm: float | None = None,
     clip_quantile: float = 0.9,
     clipping: str = "dual",
@@ -148,60 +107,60 @@ def fine_tune(
     mode: str = "gdp",
     adjacency: str = "replace_one",
     N: int | None = None,
-    rounds: int = 1,
     validation_data: DataLike | None = None,
+    line_search_size: int | None = None,
     public_sample_size: int | None = None,
     radius: float | None = None,
     seed: int | None = None,
+    invalid_records: str = "zero",
     batch_size: int = 256,
-    progress: bool = True,
+    progress: bool = False,
+    on_release: Callable[[FineTuneResult], None] | None = None,
     noise: bool = True,
 ) -> FineTuneResult:
     """Fine-tune ``model`` on ``private_data`` with a differential-privacy guarantee.
 
-    The returned model is a copy; the input model is not modified. ``seed`` makes the noise
-    reproducible and is recorded as such in the report; by default noise comes from operating
-    system entropy. ``public_sample_size`` limits the public passes (curvature, clip norm) to the
-    first that many public examples: public data, so no privacy cost, and the curvature pass
-    costs (outputs x examples) per-example projections. ``noise=False`` exists only for tests
-    (it releases the exact mean and the report says so); never use it on real data.
-    ``resample_subspace`` draws a new subspace of the same kind each round (``subspace`` must
-    then be a name, not a built Subspace). ``partition_rounds`` gives round t the t-th of
-    ``rounds`` disjoint chunks of the private data and the whole budget (replace-one, GDP only).
+    The returned model is a copy; the input model is not modified (not even its buffers or
+    train/eval flag). ``schedule`` (qem.schedules.sequential / partitioned / poisson) says
+    which records each round reads and how the budget is spent; without it, ``rounds``,
+    ``resample_subspace`` and ``partition_rounds`` build a sequential or partitioned one.
+    ``seed`` makes the noise (and Poisson sampling) reproducible and is recorded as such in
+    the report; by default both come from operating-system entropy. ``validation_data`` (public)
+    picks each step length; without it a public split is held out. ``line_search_size`` limits
+    the line search to that many validation examples, ``public_sample_size`` the curvature and
+    clip passes to that many public examples (public: no privacy cost). ``invalid_records``
+    ('zero' | 'raise') is what the private pass does with a record whose gradient cannot be
+    computed (docs/theory.md §12). ``on_release(result)`` is called right after every draw with
+    the run so far, so that a caller can save it before anything else can fail; an error after
+    a draw raises SpentBudgetError carrying that partial result. ``noise=False`` exists only
+    for tests (it releases the exact mean and the report says so); never use it on real data.
     """
     epsilon = check_epsilon(epsilon)
     if mode not in ("gdp", "pure"):
         raise InvalidParameterError(f"mode must be 'gdp' or 'pure', got {mode!r}.")
-    if mode == "gdp":
-        delta = check_delta(delta)
-    rounds = int(rounds)
-    if rounds < 1:
-        raise InvalidParameterError(f"rounds must be >= 1, got {rounds}.")
-    adjacency = Adjacency(adjacency)
-    clipping = ClipNorm(clipping)
+    delta = check_delta(delta) if mode == "gdp" else None
+    adjacency = parse_option(Adjacency, adjacency, "adjacency")
+    clipping = parse_option(ClipNorm, clipping, "clipping")
+    invalid = parse_option(InvalidRecords, invalid_records, "invalid_records")
     check_positive("damping gamma", damping, "Typical values are 1e-3 to 1.")
     if prior_weight is not None:
         check_positive("prior_weight lam", prior_weight)
-    if resample_subspace and isinstance(subspace, Subspace):
+    curvature_every = check_count("curvature_every", curvature_every)
+    schedule = _resolve_schedule(schedule, rounds, resample_subspace, partition_rounds)
+    if schedule.resample_every is not None and isinstance(subspace, Subspace):
         raise InvalidParameterError(
-            "resample_subspace needs the subspace as a name (e.g. 'kronecker'), not a built "
-            "Subspace, so that each round can draw a new one."
-        )
-    if partition_rounds and (mode != "gdp" or adjacency is not Adjacency.REPLACE_ONE):
-        raise InvalidParameterError(
-            "partition_rounds needs mode='gdp' and replace_one adjacency: under add/remove one "
-            "record would shift every later chunk."
+            "a schedule that resamples the subspace needs it as a name (e.g. 'kronecker'), not "
+            "a built Subspace, so that each round can draw a new one."
         )
     check_finite_parameters(model)
     public = as_dataset(public_data, "public data")
     private = as_dataset(private_data, "private data")
-    validation = public if validation_data is None else as_dataset(validation_data, "validation")
+    searches = mode == "gdp" and prior_weight is None
+    public, validation, validation_source = _validation_split(public, validation_data, searches)
+    if line_search_size is not None and validation is not None:
+        validation = _head(validation, check_count("line_search_size", line_search_size))
     if public_sample_size is not None:
-        if int(public_sample_size) < 1:
-            raise InvalidParameterError(
-                f"public_sample_size must be >= 1, got {public_sample_size!r}."
-            )
-        public = Subset(public, range(min(int(public_sample_size), len(public))))
+        public = _head(public, check_count("public_sample_size", public_sample_size))
     if N is None:
         if adjacency is Adjacency.ADD_REMOVE:
             raise InvalidParameterError(
@@ -210,215 +169,392 @@ def fine_tune(
             )
         N = len(private)
     N = int(check_positive("N", N))
-    if partition_rounds and (len(private) != N or rounds > N):
-        raise InvalidParameterError(
-            f"partition_rounds splits the {len(private)} private records into {rounds} chunks, "
-            "each with N = its own size; do not pass N, and use at most one round per record."
-        )
-    probe_x, probe_y = next(iter(batches(private, 2)))
-    with torch.no_grad():
-        probe_outputs = model(probe_x)
-    for data in (public, private, validation):
-        if isinstance(data, TensorDataset):
-            check_targets(probe_outputs, data.tensors[1])
-    check_per_example_loss(loss_fn, probe_outputs, probe_y)
-
-    timings: dict[str, float] = {}
-
-    def timed(phase: str, start: float) -> None:
-        seconds = time.perf_counter() - start
-        timings[phase] = timings.get(phase, 0.0) + seconds
+    budget = Budget(epsilon, delta, mode, adjacency)
+    seeds = SeedTree(seed, schedule.total_rounds)
+    plan = schedule.plan(budget, len(private), N, seed=seeds.sampling)
 
     current = copy.deepcopy(model).eval()
-    basis = (
-        subspace
-        if isinstance(subspace, Subspace)
-        else make_subspace(subspace, current, k=k, seed=subspace_seed)
+    _probe_public(current, loss_fn, public, validation)
+    ledger = PrivacyLedger(plan)
+    run = _Run(
+        plan=plan,
+        ledger=ledger,
+        budget=budget,
+        clipping=clipping,
+        damping=damping,
+        seed=seed,
+        noise=noise,
+        invalid=invalid,
+        validation_source=validation_source,
     )
+    run.accountant_epsilon_upfront()  # every public computation that can fail, before the data
     curv = (
         curvature
         if isinstance(curvature, Curvature)
         else make_curvature(curvature, damping, batch_size=batch_size, progress=progress)
     )
-    mu_total = calibrate_gdp_mu(epsilon, delta) if mode == "gdp" else None
-    round_seeds = _round_seeds(seed, rounds)
-    rounds_report, previews = [], []
+    basis = subspace if isinstance(subspace, Subspace) else None
+    quadratic = C = clip_source = None
+    previous_step = 1.0
 
-    for t in range(rounds):
-        if partition_rounds:  # N == len(private) here
-            chunk = Subset(private, range(t * N // rounds, (t + 1) * N // rounds))
-            N_t = len(chunk)
-        else:
-            chunk, N_t = private, N
-        start = time.perf_counter()
-        if resample_subspace and t > 0:
-            basis = make_subspace(subspace, current, k=k, seed=subspace_seed + t)
-        A = curv.matrix(current, loss_fn, basis, public)
-        cholesky = validate_curvature(A)
-        timed("curvature", start)
-
-        start = time.perf_counter()
-        if clip_norm is None:
-            C = public_clip_norm(
-                current,
-                loss_fn,
-                basis,
-                public,
-                quantile=clip_quantile,
-                clipping=clipping,
-                cholesky=cholesky,
-                batch_size=batch_size,
-                progress=progress,
+    for executed in plan.rounds():
+        clock = _Clock()
+        t = executed.index
+        if basis is None or (
+            not isinstance(subspace, Subspace) and run.subspace_draw != executed.subspace_draw
+        ):
+            basis = make_subspace(
+                subspace, current, k=k, seed=subspace_seed + executed.subspace_draw
             )
-            clip_source = f"public quantile {clip_quantile}"
-        else:
-            C, clip_source = float(clip_norm), "user"
-        timed("clip_norm", start)
+            quadratic = None
+        run.subspace_draw = executed.subspace_draw
+        if quadratic is None or t % curvature_every == 0:
+            quadratic = PublicQuadratic.from_matrix(curv.matrix(current, loss_fn, basis, public))
+            clock.lap("curvature")
+            if clip_norm is None:
+                C = public_clip_norm(
+                    current,
+                    loss_fn,
+                    basis,
+                    public,
+                    quantile=clip_quantile,
+                    clipping=clipping,
+                    cholesky=quadratic.cholesky,
+                    batch_size=batch_size,
+                )
+                clip_source = f"public quantile {clip_quantile}"
+            else:
+                C, clip_source = float(clip_norm), "user"
+            clock.lap("clip_norm")
 
-        start = time.perf_counter()
+        # -- the only step that reads private data -----------------------------------------
+        rows = private if executed.rows is None else Subset(private, executed.rows.tolist())
         stats = private_gradient_sum(
             current,
             loss_fn,
             basis,
-            chunk,
+            rows,
             clip_norm=C,
             clipping=clipping,
-            cholesky=cholesky,
+            cholesky=quadratic.cholesky,
             batch_size=batch_size,
+            invalid_records=invalid,
             progress=progress,
         )
-        timed("private_pass", start)
-
-        start = time.perf_counter()
+        clock.lap("private_pass")
         lam = 1.0 if (mode == "gdp" and prior_weight is None) else float(prior_weight or 1.0)
         mechanism = QuadraticExponentialMechanism(
-            A,
-            N=N_t,
+            quadratic,
+            N=executed.N,
             lam=lam,
             clip_norm=C,
             adjacency=adjacency,
             clipping=clipping,
             mode=mode,
             radius=radius,
-            seed=round_seeds[t],
+            seed=seeds.noise[t],
         )
         if mode == "gdp":
-            mu_t = mu_total if partition_rounds else mu_total / math.sqrt(rounds)
-            mechanism.set_beta(gdp_beta(mu_t, N_t, lam, mechanism.sensitivity))
+            preview = mechanism.set_noise_multiplier(executed.noise_multiplier).to_dict()
         else:
-            mechanism.calibrate(epsilon / rounds)
-        preview = mechanism.preview().to_dict()
+            preview = mechanism.calibrate(executed.epsilon).to_dict()
         w = mechanism.sample(stats.gradient_sum) if noise else mechanism.mean(stats.gradient_sum)
-        timed("mechanism", start)
+        del stats  # nothing private outlives the draw
+        ledger.record(executed)
+        clock.lap("mechanism")
+        run.add_release(executed, w, basis, preview, mechanism, C, clip_source, lam)
+        if on_release is not None:
+            on_release(run.result(current, curv, basis, done=False))
 
-        start = time.perf_counter()
-        if mode == "gdp" and prior_weight is None:
-            alpha, val_loss = line_search_step(
-                current, loss_fn, basis, w, validation, progress=progress
+        # -- post-processing with public data ------------------------------------------------
+        try:
+            if searches:
+                alpha, val_loss, _ = line_search_step(
+                    current, loss_fn, basis, w, validation, start=previous_step
+                )
+            else:
+                alpha, val_loss = 1.0, None
+            basis.apply_step(current, alpha * torch.as_tensor(w, dtype=torch.float64))
+        except Exception as error:
+            raise SpentBudgetError(
+                f"round {t + 1} failed after its noise was drawn ({error}); the budget of "
+                f"{ledger.completed} round(s) is spent. The error's .result holds the releases: "
+                "save it (result.save(directory)) rather than rerunning.",
+                run.result(current, curv, basis, done=False),
+            ) from error
+        clock.lap("line_search")
+        previous_step = alpha if alpha > 0 else previous_step
+        run.finish_round(alpha, val_loss, clock.seconds)
+        if alpha == 0.0 and searches:
+            warnings.warn(
+                _zero_step_message(t + 1, validation_source), ZeroStepWarning, stacklevel=2
             )
-        else:
-            alpha, val_loss = 1.0, None
-        basis.apply_step(current, alpha * torch.as_tensor(w, dtype=torch.float64))
-        timed("line_search", start)
+    return run.result(current, curv, basis, done=True)
 
-        previews.append(preview)
-        rounds_report.append(
+
+def _resolve_schedule(
+    schedule: Schedule | None, rounds: int, resample_subspace: bool, partition_rounds: bool
+) -> Schedule:
+    """``schedule`` itself, or the one the shortcuts describe."""
+    if schedule is not None:
+        if not isinstance(schedule, Schedule):
+            raise InvalidParameterError(
+                f"schedule must be built by qem.schedules (sequential, partitioned, poisson), "
+                f"got {schedule!r}."
+            )
+        if rounds != 1 or resample_subspace or partition_rounds:
+            raise InvalidParameterError(
+                "give either schedule= or the shortcuts rounds=/resample_subspace=/"
+                "partition_rounds=, not both."
+            )
+        return schedule
+    rounds = check_count("rounds", rounds)
+    if partition_rounds:
+        return partitioned(rounds, resample_subspace=resample_subspace)
+    return sequential(rounds, resample_subspace=resample_subspace)
+
+
+def _head(data: Dataset, size: int) -> Dataset:
+    return data if size >= len(data) else Subset(data, range(size))
+
+
+def _validation_split(
+    public: Dataset, validation_data: DataLike | None, searches: bool
+) -> tuple[Dataset, Dataset | None, dict]:
+    """(public for the passes, validation for the line search, its description). Without
+    validation data and with a line search to run, a public split is held out."""
+    if validation_data is not None:
+        validation = as_dataset(validation_data, "validation data")
+        return public, validation, {"source": "user", "n": len(validation)}
+    if not searches:
+        return public, None, {"source": "none (no line search: prior_weight or pure mode)", "n": 0}
+    n = len(public)
+    held = min(HOLDOUT_MAX, int(n * HOLDOUT_FRACTION))
+    if held < 1:
+        raise InvalidParameterError(
+            f"the public data has {n} examples, too few to hold out a validation split for the "
+            "step line search; pass validation_data (public) or prior_weight."
+        )
+    return (
+        Subset(public, range(n - held)),
+        Subset(public, range(n - held, n)),
+        {"source": f"held-out public split (the last {held} of {n} public examples)", "n": held},
+    )
+
+
+def _probe_public(model: nn.Module, loss_fn: LossFn, public: Dataset, validation: Dataset) -> None:
+    """Shape, label and loss checks on PUBLIC examples (never on private ones): a bad private
+    record is handled by the invalid-record policy, not by an error naming it."""
+    probe_x, probe_y = next(iter(batches(public, 2)))
+    with torch.no_grad():
+        outputs = model(probe_x)
+    for data in (public, validation):
+        if data is None:
+            continue
+        base = data.dataset if isinstance(data, Subset) else data
+        if isinstance(base, TensorDataset):
+            check_targets(outputs, base.tensors[1])
+    check_per_example_loss(loss_fn, outputs, probe_y)
+
+
+def _zero_step_message(round_number: int, validation_source: dict) -> str:
+    causes = [
+        "the budget is too small for the number of private records (the release is mostly "
+        "noise: try a larger epsilon, fewer rounds, or a schedule with fewer, larger rounds)",
+        "the clip norm (a public quantile may clip nearly every private gradient, or too few)",
+        "validation data unlike the private data (the step is scored on public validation data)",
+    ]
+    if validation_source["source"] != "user":
+        causes.append(
+            "the validation split is held out from the public data the model was pretrained "
+            "on, where theta0 is already near the minimum: pass validation_data resembling the "
+            "private data"
+        )
+    return (
+        f"round {round_number}: the release did not lower the public validation loss, so its "
+        "step length is 0 and the model is unchanged by it (its budget is spent all the same). "
+        "Likely causes: " + "; ".join(causes) + "."
+    )
+
+
+class SeedTree:
+    """Independent streams from one user seed (numpy SeedSequence children): ``noise[t]``
+    for round t's Normal draw, ``sampling`` for the Poisson inclusions; all None
+    (operating-system entropy) without a seed."""
+
+    def __init__(self, seed: int | None, rounds: int) -> None:
+        if seed is None:
+            self.noise: list[int | None] = [None] * rounds
+            self.sampling: int | None = None
+            return
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            raise InvalidParameterError(f"seed must be None or an integer >= 0, got {seed!r}.")
+        children = np.random.SeedSequence(int(seed)).spawn(rounds + 1)
+        values = [int(c.generate_state(1)[0]) for c in children]
+        self.noise, self.sampling = values[:rounds], values[rounds]
+
+
+class _Clock:
+    """Seconds per phase of one round (diagnostics only)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+
+@dataclass
+class _Run:
+    """What a run has released so far, and its report."""
+
+    plan: Plan
+    ledger: PrivacyLedger
+    budget: Budget
+    clipping: ClipNorm
+    damping: float
+    seed: int | None
+    noise: bool
+    invalid: InvalidRecords
+    validation_source: dict
+    subspace_draw: int = -1
+    releases: list[np.ndarray] = field(default_factory=list)
+    previews: list[dict] = field(default_factory=list)
+    pending: list[dict] = field(default_factory=list)
+    records: list[RoundRecord] = field(default_factory=list)
+    diagnostics: Diagnostics = field(default_factory=Diagnostics)
+
+    def accountant_epsilon_upfront(self) -> float:
+        """The accountant's epsilon of the whole planned run, computed from public numbers
+        before any private data is read, so that an accounting failure cannot lose a
+        release."""
+        return spent_epsilon(self.plan, self.plan.schedule.total_rounds)
+
+    def add_release(
+        self,
+        executed: Round,
+        w: np.ndarray,
+        basis: Subspace,
+        preview: dict,
+        mechanism: QuadraticExponentialMechanism,
+        C: float,
+        clip_source: str,
+        lam: float,
+    ) -> None:
+        self.releases.append(np.asarray(w, dtype=np.float64).copy())
+        self.previews.append(preview)
+        self.pending.append(
             {
-                "round": t + 1,
+                "round": executed.index + 1,
+                "epoch": executed.epoch + 1,
+                "N": executed.N,
+                "noise_multiplier": executed.noise_multiplier,
                 "mu": preview.get("mu"),
-                "epsilon": preview.get("epsilon"),
-                "beta": preview["beta"],
+                "epsilon": executed.epsilon,
+                "beta": mechanism.beta,
                 "lam": lam,
-                "clip_norm": C,
+                "clip_norm": float(C),
                 "clip_norm_source": clip_source,
-                "step_length": alpha,
                 "subspace_seed": basis.seed,
-                "N": N_t,
-                "public_validation_loss": val_loss,
-                "curvature": curv.describe(),
                 "preview": preview,
-                "seed": mechanism.seed_info(),
             }
         )
 
-    report = _build_report(
-        mode=mode,
-        adjacency=adjacency,
-        clipping=clipping,
-        epsilon=epsilon,
-        delta=delta,
-        mu_total=mu_total,
-        N=N,
-        damping=damping,
-        basis=basis,
-        resample_subspace=resample_subspace,
-        partition_rounds=partition_rounds,
-        curvature=curv,
-        seed=seed,
-        rounds=rounds_report,
-        noise=noise,
-        timings=timings,
-    )
-    return FineTuneResult(model=current, report=report, preview=previews)
+    def finish_round(self, alpha: float, val_loss: float | None, seconds: dict) -> None:
+        entry = self.pending.pop()
+        self.records.append(
+            RoundRecord(**entry, step_length=float(alpha), public_validation_loss=val_loss)
+        )
+        self.diagnostics.round_seconds.append(seconds)
+        for phase, value in seconds.items():
+            self.diagnostics.seconds[phase] = self.diagnostics.seconds.get(phase, 0.0) + value
+
+    def result(
+        self, model: nn.Module, curvature: Curvature, basis: Subspace, *, done: bool
+    ) -> FineTuneResult:
+        """The run so far as a FineTuneResult (a partial one while rounds are pending: their
+        releases are included, with step length 0 since no step was applied)."""
+        records = list(self.records) + [
+            RoundRecord(**entry, step_length=0.0, public_validation_loss=None)
+            for entry in self.pending
+        ]
+        report = self._report(records, curvature, basis, done)
+        return FineTuneResult(
+            model=copy.deepcopy(model) if not done else model,
+            report=report,
+            preview=list(self.previews),
+            diagnostics=self.diagnostics,
+            releases=list(self.releases),
+        )
+
+    def _report(
+        self, records: list[RoundRecord], curvature: Curvature, basis: Subspace, done: bool
+    ) -> PrivacyReport:
+        budget, plan = self.budget, self.plan
+        mode = budget.mode
+        mu = plan.mu_after(len(records))
+        if mu is not None:
+            guarantee = (
+                f"{mu:.6g}-GDP (Dong, Roth & Su 2022) for {budget.adjacency.value} neighbours, "
+                f"hence ({gdp_epsilon(mu, budget.delta):.6g}, {budget.delta:.3g})-DP by its exact "
+                "privacy profile (Balle & Wang 2018)"
+            )
+        elif mode == "gdp":
+            guarantee = (
+                f"({self.ledger.epsilon():.6g}, {budget.delta:.3g})-DP for "
+                f"{budget.adjacency.value} neighbours by dp-accounting's PLD accountant "
+                "(Poisson-subsampled Gaussian rounds)"
+            )
+        else:
+            guarantee = (
+                f"pure {self.ledger.epsilon():.6g}-DP for {budget.adjacency.value} neighbours: "
+                "exponential mechanism restricted to {w : ||w||_A <= R} (McSherry & Talwar "
+                "2007), basic composition; the number of rejections is a timing side channel"
+            )
+        if not done:
+            guarantee = f"PARTIAL RUN ({len(records)} round(s) released): " + guarantee
+        steps = [r.step_length for r in records]
+        return PrivacyReport(
+            qem_version=qem.__version__,
+            guarantee=guarantee,
+            mode=mode,
+            adjacency=budget.adjacency.value,
+            clipping=self.clipping.value,
+            epsilon=budget.epsilon,
+            delta=budget.delta if mode == "gdp" else 0.0,
+            mu=mu,
+            accountant={
+                "name": "dp_accounting PLD" if mode == "gdp" else "basic composition",
+                "epsilon": self.ledger.epsilon(),
+                "delta": budget.delta if mode == "gdp" else 0.0,
+                **self.ledger.to_dict(),
+            },
+            schedule=plan.describe(),
+            N=plan.N,
+            lam=records[0].lam,
+            gamma=self.damping,
+            k=basis.k,
+            C=[r.clip_norm for r in records],
+            subspace={**basis.describe(), "resample_every": plan.schedule.resample_every},
+            curvature=curvature.describe(),
+            validation=self.validation_source,
+            rounds=records,
+            step_lengths=steps,
+            zero_step_rounds=sum(1 for s in steps[: len(self.records)] if s == 0.0),
+            noise=_noise_description(self.seed, self.noise),
+            invalid_records=self.invalid.value,
+        )
 
 
-def _build_report(
-    *,
-    mode,
-    adjacency,
-    clipping,
-    epsilon,
-    delta,
-    mu_total,
-    N,
-    damping,
-    basis,
-    resample_subspace,
-    partition_rounds,
-    curvature,
-    seed,
-    rounds,
-    noise,
-    timings,
-) -> dict:
-    """The privacy report: every field of DESIGN.md §4, plus each round's details."""
-    mus = [r["mu"] for r in rounds if r["mu"] is not None]
-    if partition_rounds:  # parallel composition over disjoint chunks: the largest round's mu
-        mus = [max(mus)]
-    report = {
-        "qem_version": qem.__version__,
-        "mode": mode,
-        "adjacency": adjacency.value,
-        "clipping": clipping.value,
-        "epsilon": epsilon,
-        "delta": delta if mode == "gdp" else 0.0,
-        "mu": compose_gdp(mus) if mus else None,
-        "dp_accounting_epsilon": (
-            compose_with_dp_events(mus, delta=delta, value_discretization_interval=1e-3)
-            if mus
-            else None
-        ),
-        "mu_calibrated": mu_total,
-        "C": [r["clip_norm"] for r in rounds] if len(rounds) > 1 else rounds[0]["clip_norm"],
-        "N": N,
-        "composition": (
-            "parallel: round t reads only the t-th of T disjoint chunks of the private data"
-            if partition_rounds
-            else "sequential: every round reads all the private data"
-        ),
-        "lam": rounds[0]["lam"],
-        "gamma": damping,
-        "k": basis.k,
-        "subspace": {
-            **basis.describe(),
-            "seed": rounds[0]["subspace_seed"],
-            "resampled_each_round": resample_subspace,
-        },
-        "curvature": curvature.describe(),
-        "rounds": rounds,
-        "step_lengths": [r["step_length"] for r in rounds],
-        "seed": {"source": "user_seed" if seed is not None else "os_entropy", "seed": seed},
-        "noise": "exact sampling" if noise else "DISABLED (test-only path): NOT PRIVATE",
-        "seconds": timings,
+def _noise_description(seed: int | None, noise: bool) -> dict:
+    if not noise:
+        return {"source": "DISABLED (test-only path): NOT PRIVATE", "seed": seed}
+    if seed is None:
+        return {"source": "os_entropy", "seed": None}
+    return {
+        "source": "user_seed (reproducible: anyone with the seed can remove the noise)",
+        "seed": seed,
     }
-    return report

@@ -1,13 +1,23 @@
 """Writing and reading a fine-tuned model with its privacy report, atomically and together
-(DESIGN.md §4): both files are written into a temporary sibling directory, flushed, and the
-directory is renamed into place, so a reader never sees one file without the other."""
+(docs/theory.md §14).
+
+All files are written into a hidden staging directory beside the target, flushed and fsynced,
+and the staging directory then takes the target's place: by ``rename`` when the target does not
+exist, by an atomic exchange (Linux ``renameat2(RENAME_EXCHANGE)``) when it does, so that at
+every moment the target path holds either the old run or the new one, whole. Where the exchange
+is unavailable, the old run is first moved to a hidden backup; a crash between the two renames
+leaves that backup, which the next ``save_run`` or ``load`` of the same target restores. Stale
+staging directories of dead writers are removed by the next save. The parent directory is
+fsynced after every rename.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +28,101 @@ from qem.errors import DataError, OutputExistsError
 
 MODEL_FILE = "model.pt"
 REPORT_FILE = "privacy_report.json"
+DIAGNOSTICS_FILE = "diagnostics.json"
+_STAGING, _BACKUP = "qem-staging", "qem-backup"
+
+
+def check_output_path(directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an output path that ``save_run`` could not write, BEFORE any private data is
+    read: an existing target without ``overwrite``, a symbolic link (dangling or not), a target
+    that is not a directory, or a parent that is not a writable directory."""
+    target = Path(directory)
+    if target.is_symlink():
+        raise OutputExistsError(
+            f"{target} is a symbolic link; qem writes a run into a real directory (pass the "
+            "link's destination, or another path)."
+        )
+    _recover(target)
+    if target.exists():
+        if not overwrite:
+            raise OutputExistsError(
+                f"{target} exists; choose another output directory or pass overwrite=True "
+                "(--overwrite on the command line)."
+            )
+        if not target.is_dir():
+            raise OutputExistsError(f"{target} exists and is not a directory.")
+    parent = _existing_ancestor(target.parent)
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"cannot create {target}: {parent} is not a writable directory.")
+    return target
+
+
+def save_run(
+    directory: str | os.PathLike,
+    state_dict: dict,
+    report: dict,
+    *,
+    diagnostics: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model.pt`` (a state dict), ``privacy_report.json`` and, when given,
+    ``diagnostics.json`` into ``directory`` (see the module docstring).
+
+    Raises OutputExistsError if ``directory`` exists and ``overwrite`` is False. On any failure
+    the target holds the old run (or nothing, if there was none) and no staging is left.
+    """
+    target = check_output_path(directory, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
+    texts = {REPORT_FILE: _json_bytes(report)}
+    if diagnostics is not None:
+        texts[DIAGNOSTICS_FILE] = _json_bytes(diagnostics)
+    staging = target.parent / f".{target.name}.{_STAGING}.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        _write_file(staging / MODEL_FILE, lambda h: torch.save(state_dict, h))
+        for name, data in texts.items():
+            _write_file(staging / name, lambda h, data=data: h.write(data))
+        _fsync_directory(staging)
+        _install(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """A fine-tuned state dict, its privacy report (a dict; ``qem.report.PrivacyReport.
+    from_dict`` types it) and its diagnostics, as read back by :func:`load`."""
+
+    state_dict: dict
+    report: dict
+    diagnostics: dict | None = None
+
+    def into(self, model: nn.Module) -> nn.Module:
+        """Load the fine-tuned weights into ``model`` (same architecture) and return it."""
+        model.load_state_dict(self.state_dict)
+        return model
+
+
+def load(directory: str | os.PathLike) -> SavedRun:
+    """Read back what :func:`save_run` wrote (restoring an interrupted overwrite first)."""
+    source = Path(directory)
+    _recover(source)
+    model_path, report_path = source / MODEL_FILE, source / REPORT_FILE
+    if not (model_path.is_file() and report_path.is_file()):
+        raise DataError(f"{source} does not hold {MODEL_FILE} and {REPORT_FILE}.")
+    state = torch.load(model_path, map_location="cpu", weights_only=True)
+    report = json.loads(report_path.read_text())
+    diagnostics_path = source / DIAGNOSTICS_FILE
+    diagnostics = json.loads(diagnostics_path.read_text()) if diagnostics_path.is_file() else None
+    return SavedRun(state_dict=state, report=report, diagnostics=diagnostics)
+
+
+def _json_bytes(obj: dict) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False).encode()
 
 
 def _write_file(path: Path, write) -> None:
@@ -27,58 +132,83 @@ def _write_file(path: Path, write) -> None:
         os.fsync(handle.fileno())
 
 
-def save_run(
-    directory: str | os.PathLike, state_dict: dict, report: dict, overwrite: bool = False
-) -> Path:
-    """Write ``model.pt`` (a state dict) and ``privacy_report.json`` into ``directory``.
-
-    Raises OutputExistsError if ``directory`` exists and ``overwrite`` is False. On any failure
-    nothing is left behind and an existing directory is untouched.
-    """
-    target = Path(directory)
-    if target.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{target} exists; choose another output directory or pass overwrite=True "
-            "(--overwrite on the command line)."
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
     try:
-        report_bytes = json.dumps(report, indent=2, sort_keys=True, allow_nan=False).encode()
-        _write_file(staging / MODEL_FILE, lambda h: torch.save(state_dict, h))
-        _write_file(staging / REPORT_FILE, lambda h: h.write(report_bytes))
-        if target.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, backup / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(backup)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
-@dataclass(frozen=True)
-class SavedRun:
-    """A fine-tuned state dict and its privacy report, as read back by :func:`load`."""
-
-    state_dict: dict
-    report: dict
-
-    def into(self, model: nn.Module) -> nn.Module:
-        """Load the fine-tuned weights into ``model`` (same architecture) and return it."""
-        model.load_state_dict(self.state_dict)
-        return model
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
-def load(directory: str | os.PathLike) -> SavedRun:
-    """Read back what :func:`save_run` wrote."""
-    source = Path(directory)
-    model_path, report_path = source / MODEL_FILE, source / REPORT_FILE
-    if not (model_path.is_file() and report_path.is_file()):
-        raise DataError(f"{source} does not hold {MODEL_FILE} and {REPORT_FILE}.")
-    state = torch.load(model_path, map_location="cpu", weights_only=True)
-    report = json.loads(report_path.read_text())
-    return SavedRun(state_dict=state, report=report)
+def _backup_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.{_BACKUP}"
+
+
+def _install(staging: Path, target: Path) -> None:
+    """Put ``staging`` at ``target``: never a moment without a whole run there."""
+    if not target.exists():
+        os.rename(staging, target)
+    elif _exchange(staging, target):
+        shutil.rmtree(staging)  # now the old run
+    else:
+        backup = _backup_path(target)
+        os.rename(target, backup)
+        _fsync_directory(target.parent)
+        os.rename(staging, target)
+        _fsync_directory(target.parent)
+        shutil.rmtree(backup)
+    _fsync_directory(target.parent)
+
+
+def _recover(target: Path) -> None:
+    """Restore the backup of an overwrite interrupted between its two renames."""
+    backup = _backup_path(target)
+    if backup.is_dir() and not target.exists():
+        os.rename(backup, target)
+        _fsync_directory(target.parent)
+    elif backup.is_dir():
+        shutil.rmtree(backup)  # the new run was installed; the old one is no longer needed
+
+
+def _remove_stale(target: Path) -> None:
+    """Remove staging directories of writers that are no longer running."""
+    for stale in target.parent.glob(f".{target.name}.{_STAGING}.*"):
+        pid = stale.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 with RENAME_EXCHANGE); False if unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    result = renameat2(
+        _AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), ctypes.c_uint(_RENAME_EXCHANGE)
+    )
+    return result == 0

@@ -9,14 +9,18 @@ vmap over grad, or the Kronecker shortcut), batch by batch: memory is O(batch x 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from qem.curvature.base import eval_mode
 from qem.data import DataLike, as_dataset, batches
 from qem.errors import DataError, InvalidParameterError, NonFiniteError
 from qem.mechanism.clipping import clip_gradients
@@ -24,28 +28,49 @@ from qem.privacy.sensitivity import ClipNorm
 from qem.subspace.base import LossFn, Subspace
 
 
+class InvalidRecords(StrEnum):
+    """What the private pass does with a record whose gradient cannot be computed.
+
+    ``zero`` (default, docs/theory.md §12): a record whose loss or gradient is not finite, or
+    whose label lies outside the model's outputs, contributes a zero gradient, and no count of
+    such records is released; the release is what it would be for the dataset without that
+    record's influence, so a neighbouring dataset cannot make the run abort. ``raise``: strict
+    mode; the error says neither which record nor its values."""
+
+    ZERO = "zero"
+    RAISE = "raise"
+
+
 @dataclass(frozen=True)
 class GradientStatistics:
-    """Result of the private pass. ``gradient_sum`` and ``count`` are private values."""
+    """Result of the private pass. Every field is a private value: never report it."""
 
     gradient_sum: np.ndarray
     count: int
     clipped_count: int
 
 
+def label_errors(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """For classification outputs (B, C) with integer targets, the mask of targets outside
+    [0, C); all False otherwise."""
+    if outputs.ndim == 2 and not torch.is_floating_point(targets):
+        return (targets < 0) | (targets >= outputs.shape[1])
+    return torch.zeros(targets.shape[:1], dtype=torch.bool, device=targets.device)
+
+
 def check_targets(outputs: torch.Tensor, targets: torch.Tensor, offset: int = 0) -> None:
-    """For classification outputs (B, C) with integer targets, require 0 <= y < C.
+    """For classification outputs (B, C) with integer targets, require 0 <= y < C (PUBLIC
+    data: the message names the example).
 
     ``offset`` is the index of ``targets[0]`` in its dataset, so the message names the example.
     """
-    if outputs.ndim == 2 and not torch.is_floating_point(targets):
-        bad = (targets < 0) | (targets >= outputs.shape[1])
-        if bad.any():
-            position = int(bad.nonzero()[0, 0])
-            raise DataError(
-                f"label {int(targets[position])} of example {offset + position} is outside "
-                f"[0, {outputs.shape[1]}): the model has {outputs.shape[1]} outputs."
-            )
+    bad = label_errors(outputs, targets)
+    if bad.any():
+        position = int(bad.nonzero()[0, 0])
+        raise DataError(
+            f"label {int(targets[position])} of example {offset + position} is outside "
+            f"[0, {outputs.shape[1]}): the model has {outputs.shape[1]} outputs."
+        )
 
 
 def whitening(
@@ -65,42 +90,120 @@ def whitening(
     return lambda g: torch.linalg.solve_triangular(factor, g.T, upper=False).T
 
 
-def projected_gradient_batches(
+def public_gradient_batches(
     model: nn.Module,
     loss_fn: LossFn,
     subspace: Subspace,
     data: DataLike,
     *,
     batch_size: int,
-    name: str,
+    name: str = "public data",
     progress: bool = False,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (offset, g) per batch: g = P^T grad loss(theta; z_i), a float64 (B, k) tensor, with the
-    model in eval mode (restored afterwards) and labels checked against the model's outputs.
-    A non-finite row raises NonFiniteError naming the example's index in ``data``."""
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (offset, g) per batch of PUBLIC data: g = P^T grad loss(theta; z_i), a float64
+    (B, k) tensor, with the model in eval mode (restored afterwards). A bad label or a
+    non-finite row raises an error naming the example's index in ``data`` (public, so it may).
+    """
     dataset = as_dataset(data, name)
-    was_training = model.training
-    model.eval()
-    offset = 0
-    try:
-        with tqdm(total=len(dataset), desc=name, unit="ex", disable=not progress) as bar:
-            for inputs, targets in batches(dataset, batch_size, name):
-                with torch.no_grad():
-                    check_targets(model(inputs[:1]), targets, offset)
-                grads = subspace.per_example_gradients(model, loss_fn, inputs, targets)
-                grads = grads.detach().to("cpu", torch.float64)
-                finite = torch.isfinite(grads).all(dim=1)
-                if not finite.all():
-                    index = offset + int((~finite).nonzero()[0, 0])
-                    raise NonFiniteError(
-                        f"the gradient of {name} example {index} is not finite (NaN or "
-                        "infinity); check that example and the loss."
-                    )
-                yield offset, grads
-                offset += len(grads)
-                bar.update(len(grads))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), _bar(len(dataset), name, progress) as bar:
+        offset = 0
+        for inputs, targets in batches(dataset, batch_size, name):
+            with torch.no_grad():
+                check_targets(model(inputs[:1]), targets, offset)
+            grads = _projected(subspace, model, loss_fn, inputs, targets)
+            finite = torch.isfinite(grads).all(dim=1)
+            if not finite.all():
+                index = offset + int((~finite).nonzero()[0, 0])
+                raise NonFiniteError(
+                    f"the gradient of {name} example {index} is not finite (NaN or "
+                    "infinity); check that example and the loss."
+                )
+            yield offset, grads
+            offset += len(grads)
+            bar.update(len(grads))
+
+
+def private_gradient_batches(
+    model: nn.Module,
+    loss_fn: LossFn,
+    subspace: Subspace,
+    data: Dataset,
+    *,
+    batch_size: int,
+    invalid: InvalidRecords = InvalidRecords.ZERO,
+    progress: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Yield g per batch of PRIVATE data (float64 (B, k)), model in eval mode, with the
+    invalid-record policy applied: under ``zero`` a record with an out-of-range label, a
+    non-finite gradient, or a gradient that raises when computed gets a zero row; under
+    ``raise`` the error names neither the record nor its values. An empty ``data`` yields
+    nothing (a Poisson round may sample no record)."""
+    with eval_mode(model), _bar(len(data), "private data", progress) as bar:
+        if len(data) == 0:
+            return
+        for inputs, targets in batches(data, batch_size, "private data"):
+            with torch.no_grad():
+                bad = label_errors(model(inputs[:1]), targets)
+            safe_targets = torch.where(bad, torch.zeros_like(targets), targets)
+            try:
+                grads = _projected(subspace, model, loss_fn, inputs, safe_targets)
+            except Exception as error:
+                if invalid is InvalidRecords.RAISE:
+                    raise DataError(_STRICT_MESSAGE) from _without_message(error)
+                grads = _one_by_one(subspace, model, loss_fn, inputs, safe_targets)
+            bad |= ~torch.isfinite(grads).all(dim=1).to(bad.device)
+            if bad.any():
+                if invalid is InvalidRecords.RAISE:
+                    raise DataError(_STRICT_MESSAGE)
+                grads[bad.to(grads.device)] = 0.0
+            yield grads
+            bar.update(len(grads))
+
+
+_STRICT_MESSAGE = (
+    "a private record's gradient could not be computed (a label outside the model's outputs, or "
+    "a loss or gradient that is not finite) and invalid_records='raise' was set. qem does not "
+    "say which record: that would leak it. Check the data and the loss on public data, or use "
+    "the default invalid_records='zero', under which such a record contributes nothing."
+)
+
+
+def _without_message(error: Exception) -> Exception:
+    """The error's type only: its message may quote private values."""
+    return type(error)("(message withheld: it may quote a private record)")
+
+
+def _projected(
+    subspace: Subspace,
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    grads = subspace.per_example_gradients(model, loss_fn, inputs, targets)
+    return grads.detach().to("cpu", torch.float64)
+
+
+def _one_by_one(
+    subspace: Subspace,
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """Per-record fallback after a batch failed: a record that still fails gets a NaN row
+    (zeroed by the caller)."""
+    rows = []
+    for j in range(len(inputs)):
+        try:
+            rows.append(_projected(subspace, model, loss_fn, inputs[j : j + 1], targets[j : j + 1]))
+        except Exception:
+            rows.append(torch.full((1, subspace.k), math.nan, dtype=torch.float64))
+    return torch.cat(rows)
+
+
+def _bar(total: int, name: str, progress: bool) -> tqdm:
+    return tqdm(total=total, desc=name, unit="ex", disable=not progress, leave=False)
 
 
 def private_gradient_sum(
@@ -113,27 +216,23 @@ def private_gradient_sum(
     clipping: ClipNorm | str = ClipNorm.DUAL,
     cholesky: np.ndarray | None = None,
     batch_size: int = 256,
-    progress: bool = True,
+    invalid_records: InvalidRecords | str = InvalidRecords.ZERO,
+    progress: bool = False,
 ) -> GradientStatistics:
     """Stream over ``private_data`` and return the float64 sum of clipped subspace gradients.
 
     ``cholesky`` is the lower Cholesky factor L of A (A = L L^T), required for dual-norm
-    clipping ||g||_{A^-1} = ||L^-1 g||_2.
+    clipping ||g||_{A^-1} = ||L^-1 g||_2. ``private_data`` may be empty (sum zero).
     """
     clipping = ClipNorm(clipping)
+    invalid = InvalidRecords(invalid_records)
     whiten = whitening(cholesky, clipping)
     whitened_total = np.zeros(subspace.k, dtype=np.float64)
     count = clipped = 0
-    batches_of_gradients = projected_gradient_batches(
-        model,
-        loss_fn,
-        subspace,
-        private_data,
-        batch_size=batch_size,
-        name="private data",
-        progress=progress,
-    )
-    for _, grads in batches_of_gradients:
+    data = private_data if isinstance(private_data, Dataset) else as_dataset(private_data)
+    for grads in private_gradient_batches(
+        model, loss_fn, subspace, data, batch_size=batch_size, invalid=invalid, progress=progress
+    ):
         # Clipping u = L^-1 g in the Euclidean norm is clipping g in ||.||_{A^-1}: the factor
         # min(1, C/||u||) is the same, and gh = L uh.
         clipped_batch, n_clipped = clip_gradients(whiten(grads).numpy(), clip_norm, "euclidean")
@@ -161,14 +260,8 @@ def public_clip_norm(
     if not 0.0 < quantile <= 1.0:
         raise DataError(f"clip quantile must lie in (0, 1], got {quantile!r}.")
     whiten = whitening(cholesky, ClipNorm(clipping))
-    batches_of_gradients = projected_gradient_batches(
-        model,
-        loss_fn,
-        subspace,
-        public_data,
-        batch_size=batch_size,
-        name="public data",
-        progress=progress,
+    batches_of_gradients = public_gradient_batches(
+        model, loss_fn, subspace, public_data, batch_size=batch_size, progress=progress
     )
     values = torch.cat(
         [torch.linalg.vector_norm(whiten(grads), dim=1) for _, grads in batches_of_gradients]

@@ -5,7 +5,7 @@ of methods, qem included, is ``qem.baselines.registry``.
 Every method has fine_tune's core signature,
 ``method(model, loss_fn, public_data, private_data, *, epsilon, delta, adjacency,
 validation_data, seed, progress, **hyperparameters) -> FineTuneResult``, never modifies the
-input model, and returns a report built by :func:`baseline_report`. This module holds what the
+input model, and returns the result built by :func:`baseline_result`. This module holds what the
 methods share: the report, input checks, the seed handling and the per-phase timer.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import secrets
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -21,9 +20,11 @@ import numpy as np
 import torch
 
 import qem
-from qem.errors import InvalidParameterError, PrivacyWarning
+from qem.errors import InvalidParameterError
+from qem.finetune import FineTuneResult
 from qem.privacy.gdp import check_delta, check_epsilon
 from qem.privacy.sensitivity import Adjacency
+from qem.report import BaselineReport, Diagnostics
 
 
 def parse_adjacency(adjacency: str) -> Adjacency:
@@ -75,17 +76,6 @@ def torch_generators(
     return [torch.Generator(device=d).manual_seed(s) for d, s in zip(devices, seeds, strict=True)]
 
 
-def warn_large_delta(delta: float, n: int) -> None:
-    """PrivacyWarning when delta >= 1/n (DESIGN.md §4)."""
-    if delta >= 1.0 / n:
-        warnings.warn(
-            f"delta = {delta:.3g} >= 1/n = {1.0 / n:.3g}: a mechanism that publishes one record "
-            "outright would meet this guarantee; choose delta well below 1/n.",
-            PrivacyWarning,
-            stacklevel=3,
-        )
-
-
 class PhaseTimer:
     """Wall-clock seconds per named phase (the report's ``seconds``)."""
 
@@ -101,7 +91,8 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def baseline_report(
+def baseline_result(
+    model: torch.nn.Module,
     method: str,
     *,
     privacy: str,
@@ -114,24 +105,25 @@ def baseline_report(
     seed: int | None,
     seconds: dict[str, float],
     **details: object,
-) -> dict:
-    """The JSON-ready report every baseline returns.
+) -> FineTuneResult:
+    """The result every baseline returns: its model, a publishable BaselineReport and the
+    diagnostics (seconds: not publishable, see qem.report).
 
     ``privacy`` states the guarantee in words; ``epsilon`` is the epsilon the method's
     accountant certifies (None when the method is not private); ``accountant`` holds the
     accountant's inputs and cross-checks.
     """
-    return {
-        "qem_version": qem.__version__,
-        "method": method,
-        "privacy": privacy,
-        "epsilon": epsilon,
-        "delta": delta,
-        "adjacency": adjacency,
-        "N": N,
-        "accountant": accountant,
-        "hyperparameters": hyperparameters,
-        "seed": seed_info(seed),
-        "seconds": seconds,
-        **details,
-    }
+    report = BaselineReport(
+        qem_version=qem.__version__,
+        method=method,
+        privacy=privacy,
+        epsilon=epsilon,
+        delta=delta,
+        adjacency=adjacency,
+        N=N,
+        accountant=accountant,
+        hyperparameters=hyperparameters,
+        noise=seed_info(seed),
+        details=dict(details),
+    )
+    return FineTuneResult(model=model, report=report, diagnostics=Diagnostics(seconds=seconds))

@@ -7,39 +7,26 @@ clips every per-example gradient to norm C = ``max_grad_norm`` and steps with
     g = ( sum_{i in B} clip_C(grad loss(theta; z_i)) + Normal(0, sigma^2 C^2 I) ) / (n q).
 
 Training runs in Opacus itself: ``PrivacyEngine.make_private`` on a deep copy of the model
-(GradSampleModule, hooks), its DPOptimizer and its Poisson loader, with ``secure_mode`` off and
+(GradSampleModule, hooks), its DPOptimizer and its Poisson loader, with
 two torch generators, for the Poisson sampling and the noise, seeded from OS entropy unless a
-seed is given (the report says which).
+seed is given (the report says which). ``secure_mode`` is passed to Opacus.
 
 Calibration. The noise multiplier sigma is the smallest (to 0.1%) with which T-fold
 self-composition of PoissonSampledDpEvent(q, GaussianDpEvent(sigma)) is (epsilon, delta)-DP
-under dp_accounting's PLD accountant (pessimistic connect-the-dots discretisation, so the
-epsilon it reports is an upper bound) for the requested neighbouring relation:
-
-* ``add_remove``: dp_accounting's ADD_OR_REMOVE_ONE, the relation Opacus accounts.
-* ``replace_one`` (qem's default): dp_accounting 0.6.0 supports REPLACE_ONE for a
-  Poisson-subsampled Gaussian in the PLD accountant (its RDP accountant refuses it). Its
-  privacy-loss distribution compares q N(-C, sigma^2 C^2) + (1 - q) N(0, sigma^2 C^2) with
-  q N(+C, ...) + (1 - q) N(0, ...): the replaced record is sampled with probability q and its
-  clipped gradient turns from -C to +C along one direction
-  (privacy_loss_mechanism.AdditiveNoisePrivacyLoss, REPLACE); that this pair dominates every
-  replace-one pair of DP-SGD is dp_accounting's claim, which this module relies on. At q = 1 it
-  is add/remove at sensitivity 2C (sigma_effective = sigma / 2), the s = 2 of DESIGN.md §1a
-  (tests/test_baselines.py checks this); for q < 1 it needs less noise than that
-  doubled-sensitivity treatment (q = 0.25, T = 20, epsilon = 8: sigma 1.34 against
-  2 x 1.01), which is why it is used rather than sigma / 2 under add/remove.
-
-sigma is found by Brent's method (dp_accounting.mechanism_calibration, which guarantees that
-the returned sigma meets the target) and passed to ``make_private(noise_multiplier=sigma)``.
+under dp_accounting's PLD accountant for the requested neighbouring relation: the routine of
+``qem.privacy.calibration``, which qem's Poisson schedule calls too (one routine, two callers;
+its docstring explains the replace-one relation). At q = 1, replace-one is add/remove at
+sensitivity 2C (sigma_effective = sigma / 2), the s = 2 of docs/theory.md §2
+(tests/test_baselines.py checks this); for q < 1 it needs less noise than that doubled
+sensitivity (q = 0.25, T = 20, epsilon = 8: sigma 1.34 against 2 x 1.01).
 Opacus' ``make_private_with_epsilon`` is not used: it converts epochs to steps as
 int(epochs / q), which for some batch counts is one step short of what its loader runs (75
 batches x 3 epochs -> 224 of 225 steps), its bisection stops up to 0.01 below the target
 (measured: up to 3% more noise), and it was up to 8 times slower (38 s against 5 s at
-epsilon = 8, q = 1/192, T = 5760). The reported ``epsilon`` is the
-dp_accounting epsilon of the run (<= the target); Opacus' own PRV accountant's epsilon for the
-steps it counted, which accounts add/remove neighbours and is an upper estimate within its
-eps_error = 0.01 (so under add/remove it may exceed the target by up to 0.01), is reported
-beside it as a cross-check.
+epsilon = 8, q = 1/192, T = 5760). The reported ``epsilon`` is the dp_accounting epsilon of the
+run (<= the target), with the run's DpEvent as JSON; Opacus' own PRV accountant's epsilon for
+the steps it counted, which accounts add/remove neighbours and is an upper estimate within its
+eps_error = 0.01, is reported beside it as a cross-check.
 
 Models must be Opacus-compatible (no BatchNorm: use GroupNorm). The report holds no statistic
 of the private data.
@@ -48,14 +35,10 @@ of the private data.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Callable
 
 import torch
-from dp_accounting import dp_event, mechanism_calibration
-from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
-from dp_accounting.privacy_accountant import NeighboringRelation
 from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -63,11 +46,10 @@ from torch.utils.data import DataLoader
 
 from qem.baselines import (
     PhaseTimer,
-    baseline_report,
+    baseline_result,
     check_count,
     parse_adjacency,
     torch_generators,
-    warn_large_delta,
 )
 from qem.baselines.nonprivate import train_epochs
 from qem.data import DataLike, as_dataset, batches
@@ -75,84 +57,17 @@ from qem.errors import InvalidParameterError, UnsupportedModelError
 from qem.finetune import FineTuneResult
 from qem.losses import check_per_example_loss
 from qem.parameters import check_finite_parameters
-from qem.privacy.gdp import calibrate_gdp_mu, check_delta, check_epsilon
-from qem.privacy.sensitivity import Adjacency, check_positive
+from qem.privacy.calibration import (
+    PLD_DISCRETIZATION,
+    calibrate_noise_multiplier,
+    neighboring_relation,
+    poisson_gaussian_epsilon,
+    poisson_gaussian_event,
+)
+from qem.privacy.gdp import check_delta, check_epsilon, warn_large_delta
+from qem.privacy.ledger import dp_event_to_json
+from qem.privacy.sensitivity import check_positive
 from qem.subspace.base import LossFn
-
-PLD_DISCRETIZATION = 1e-3
-"""value_discretization_interval of the PLD accountant: epsilon is an upper bound at any value;
-1e-3 is within 0.01 of 1e-4 on MNIST-sized runs and about 5 times faster."""
-
-_RELATIONS = {
-    Adjacency.ADD_REMOVE: NeighboringRelation.ADD_OR_REMOVE_ONE,
-    Adjacency.REPLACE_ONE: NeighboringRelation.REPLACE_ONE,
-}
-
-
-def dpsgd_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_event.DpEvent:
-    """T-fold composition of the Poisson-subsampled Gaussian: what DP-SGD releases."""
-    sampled = dp_event.PoissonSampledDpEvent(
-        sample_rate, dp_event.GaussianDpEvent(noise_multiplier)
-    )
-    return dp_event.SelfComposedDpEvent(sampled, steps)
-
-
-def _pld_accountant(adjacency: Adjacency, discretization: float) -> PLDAccountant:
-    return PLDAccountant(_RELATIONS[adjacency], value_discretization_interval=discretization)
-
-
-def pld_epsilon(
-    noise_multiplier: float,
-    sample_rate: float,
-    steps: int,
-    delta: float,
-    adjacency: Adjacency | str = Adjacency.REPLACE_ONE,
-    discretization: float = PLD_DISCRETIZATION,
-) -> float:
-    """epsilon(delta) of DP-SGD with these parameters: dp_accounting's PLD accountant."""
-    accountant = _pld_accountant(Adjacency(adjacency), discretization)
-    event = dpsgd_event(noise_multiplier, sample_rate, steps)
-    return float(accountant.compose(event).get_epsilon(delta))
-
-
-def calibrate_noise_multiplier(
-    epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    adjacency: Adjacency | str = Adjacency.REPLACE_ONE,
-    discretization: float = PLD_DISCRETIZATION,
-) -> float:
-    """The smallest sigma (to 0.1%) with pld_epsilon(sigma) <= epsilon.
-
-    Starts from the central-limit guess of Bu et al. (2020), q sqrt(T (e^{1/sigma^2} - 1)) = mu
-    with mu the GDP parameter of (epsilon, delta), brackets the root by factors of 1.25 and
-    hands the bracket to dp_accounting's calibrate_dp_mechanism.
-    """
-    adjacency = Adjacency(adjacency)
-    mu = calibrate_gdp_mu(epsilon, delta)
-    guess = 1.0 / math.sqrt(math.log1p(mu * mu / (sample_rate * sample_rate * steps)))
-
-    def meets_target(sigma: float) -> bool:
-        return pld_epsilon(sigma, sample_rate, steps, delta, adjacency, discretization) <= epsilon
-
-    lo = hi = guess  # invariant after the loops: lo misses the target, hi meets it
-    if meets_target(guess):
-        while meets_target(lo):
-            lo, hi = lo / 1.25, lo
-    else:
-        while not meets_target(hi):
-            lo, hi = hi, hi * 1.25
-    return float(
-        mechanism_calibration.calibrate_dp_mechanism(
-            lambda: _pld_accountant(adjacency, discretization),
-            lambda sigma: dpsgd_event(sigma, sample_rate, steps),
-            epsilon,
-            delta,
-            mechanism_calibration.ExplicitBracketInterval(lo, hi),
-            tol=1e-3 * lo,
-        )
-    )
 
 
 def _check_opacus_compatible(model: nn.Module) -> None:
@@ -164,6 +79,20 @@ def _check_opacus_compatible(model: nn.Module) -> None:
             f"DP-SGD (Opacus) cannot train this model: {errors}. Replace BatchNorm by GroupNorm "
             "(opacus.validators.ModuleValidator.fix does it) before pretraining."
         )
+
+
+def _privacy_engine(secure_mode: bool) -> PrivacyEngine:
+    """Opacus' PrivacyEngine; its warning that secure_mode is off is expected here (the report
+    records the setting) and kept out of the output."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure.*")
+        try:
+            return PrivacyEngine(accountant="prv", secure_mode=bool(secure_mode))
+        except ImportError as error:
+            raise InvalidParameterError(
+                f"Opacus' secure_mode needs the torchcsprng package ({error}); install it or "
+                "run without secure_mode."
+            ) from error
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -191,11 +120,14 @@ def dpsgd(
     max_grad_norm: float = 1.0,
     optimizer: str = "sgd",
     momentum: float = 0.9,
+    secure_mode: bool = False,
 ) -> FineTuneResult:
     """Fine-tune a copy of ``model`` on ``private_data`` with DP-SGD at (epsilon, delta).
 
     ``batch_size`` is the expected Poisson batch; ``optimizer`` is 'sgd' (with ``momentum``) or
-    'adam'. ``public_data`` and ``validation_data`` are not used (DP-SGD trains on the private
+    'adam'. ``secure_mode`` is Opacus' own (a CSPRNG and noise hardened against floating-point
+    attacks; it needs the ``torchcsprng`` package). ``public_data`` (only to probe the loss's
+    shape) and ``validation_data`` are not used (DP-SGD trains on the private
     data only); they are accepted for the common signature. Returns the last iterate.
     """
     epsilon = check_epsilon(epsilon)
@@ -215,9 +147,9 @@ def dpsgd(
     _check_opacus_compatible(model)
     private = as_dataset(private_data, "private data")
     warn_large_delta(delta, len(private))
-    probe_x, probe_y = next(iter(batches(private, 2)))
-    with torch.no_grad():
-        check_per_example_loss(loss_fn, model(probe_x), probe_y)
+    probe_x, probe_y = next(iter(batches(as_dataset(public_data, "public data"), 2)))
+    with torch.no_grad():  # on PUBLIC examples and an eval copy: the caller's model is untouched
+        check_per_example_loss(loss_fn, copy.deepcopy(model).eval()(probe_x), probe_y)
 
     timer = PhaseTimer()
     device = next(model.parameters()).device
@@ -229,11 +161,11 @@ def dpsgd(
 
     with timer.phase("calibration"):
         sigma = calibrate_noise_multiplier(epsilon, delta, sample_rate, steps, adjacency)
-        certified = pld_epsilon(sigma, sample_rate, steps, delta, adjacency)
+        certified = poisson_gaussian_epsilon(sigma, sample_rate, steps, delta, adjacency)
 
     with timer.phase("training"):
         trained = copy.deepcopy(model).train()
-        engine = PrivacyEngine(accountant="prv", secure_mode=False)
+        engine = _privacy_engine(secure_mode)
         module, dp_optimizer, dp_loader = engine.make_private(
             module=trained,
             optimizer=OPTIMIZERS[optimizer](trained.parameters(), lr, momentum),
@@ -267,7 +199,7 @@ def dpsgd(
 
     accountant = {
         "name": "dp_accounting PLD",
-        "relation": _RELATIONS[adjacency].name,
+        "relation": neighboring_relation(adjacency).name,
         "value_discretization_interval": PLD_DISCRETIZATION,
         "noise_multiplier": sigma,
         "sample_rate": sample_rate,
@@ -275,6 +207,7 @@ def dpsgd(
         "expected_batch_size": len(private) * sample_rate,
         "max_grad_norm": max_grad_norm,
         "opacus_prv_epsilon_add_remove": opacus_epsilon,
+        "dp_event": dp_event_to_json(poisson_gaussian_event(sigma, sample_rate, steps)),
     }
     hyperparameters = {
         "optimizer": optimizer,
@@ -284,7 +217,8 @@ def dpsgd(
         "epochs": epochs,
         "max_grad_norm": max_grad_norm,
     }
-    report = baseline_report(
+    return baseline_result(
+        trained.eval(),
         "dpsgd",
         privacy=f"({certified:.4g}, {delta:.3g})-DP for {adjacency.value} neighbours "
         "(DP-SGD, Opacus; dp_accounting PLD accountant)",
@@ -297,6 +231,5 @@ def dpsgd(
         seed=seed,
         seconds=timer.seconds,
         epsilon_target=epsilon,
-        secure_mode=False,
+        secure_mode=secure_mode,
     )
-    return FineTuneResult(model=trained.eval(), report=report)

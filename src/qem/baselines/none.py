@@ -9,7 +9,7 @@ from torch import nn
 
 from qem.baselines import (
     PhaseTimer,
-    baseline_report,
+    baseline_result,
     check_requested_budget,
     parse_adjacency,
 )
@@ -38,7 +38,8 @@ def none(
     timer = PhaseTimer()
     with timer.phase("copy"):
         unchanged = copy.deepcopy(model)
-    report = baseline_report(
+    return baseline_result(
+        unchanged,
         "none",
         privacy="(0, 0)-DP: the pretrained model, no private data used",
         epsilon=0.0,
@@ -51,4 +52,3 @@ def none(
         seconds=timer.seconds,
         requested_budget=requested,
     )
-    return FineTuneResult(model=unchanged, report=report)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from qem.baselines import (
     PhaseTimer,
-    baseline_report,
+    baseline_result,
     check_count,
     check_requested_budget,
     parse_adjacency,
@@ -162,7 +162,8 @@ def nonprivate(
         "early_stopping": early_stopping,
         "patience": patience if early_stopping else None,
     }
-    report = baseline_report(
+    return baseline_result(
+        trained.eval(),
         "nonprivate",
         privacy="NOT PRIVATE: trained directly on the private data without noise or clipping",
         epsilon=None,
@@ -176,4 +177,3 @@ def nonprivate(
         requested_budget=requested,
         history=history,
     )
-    return FineTuneResult(model=trained.eval(), report=report)

@@ -42,8 +42,8 @@ def qem(
     progress: bool = True,
     **hyperparameters: object,
 ) -> FineTuneResult:
-    """qem.finetune.fine_tune, with ``method: "qem"`` added to its report."""
-    result = fine_tune(
+    """qem.finetune.fine_tune with the common signature."""
+    return fine_tune(
         model,
         loss_fn,
         public_data,
@@ -56,21 +56,17 @@ def qem(
         progress=progress,
         **hyperparameters,
     )
-    result.report["method"] = "qem"
-    return result
 
 
 def qem_identity(
     model: nn.Module, loss_fn: LossFn, public_data: DataLike, private_data: DataLike, **kwargs
 ) -> FineTuneResult:
-    """qem without curvature (``curvature="identity"``), reported as method ``qem_identity``."""
+    """qem without curvature (``curvature="identity"``): the report's curvature says so."""
     if "curvature" in kwargs:
         raise InvalidParameterError(
             "qem_identity fixes curvature='identity'; use method 'qem' to choose a curvature."
         )
-    result = qem(model, loss_fn, public_data, private_data, curvature="identity", **kwargs)
-    result.report["method"] = "qem_identity"
-    return result
+    return qem(model, loss_fn, public_data, private_data, curvature="identity", **kwargs)
 
 
 METHODS: dict[str, Method] = {

@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from qem.errors import SpentBudgetError
 
 
 def add_budget_arguments(parser: argparse.ArgumentParser, epsilon: float | None = None) -> None:
@@ -67,3 +73,42 @@ def print_table(rows: list[tuple[str, object]], title: str | None = None) -> Non
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"  {name.ljust(width)}  {format_value(value)}")
+
+
+class ReleaseSaver:
+    """Saves a run to ``out`` as soon as noise has been drawn, before anything else can fail
+    (a spent budget is never lost): ``run(fine_tune, ...)`` passes itself as ``on_release``,
+    saves every partial result and the final one, and on SpentBudgetError saves the partial
+    result it carries and re-raises with the saved path in the message."""
+
+    def __init__(self, out: Path, overwrite: bool) -> None:
+        self.out, self.overwrite, self.saved = Path(out), overwrite, False
+
+    def __call__(self, result) -> None:
+        result.save(self.out, overwrite=self.overwrite or self.saved)
+        self.saved = True
+
+    def run(self, fine_tune: Callable, *args, **kwargs):
+        """``fine_tune(*args, on_release=self, **kwargs)``, its result saved."""
+        try:
+            result = fine_tune(*args, on_release=self, **kwargs)
+        except SpentBudgetError as error:
+            self(error.result)
+            raise SpentBudgetError(
+                f"{error} The releases so far are saved in {self.out}.", error.result
+            ) from error
+        self(result)
+        return result
+
+    @contextmanager
+    def after_release(self, what: str) -> Iterator[None]:
+        """Report a failure after the release together with where the release was saved."""
+        try:
+            yield
+        except Exception as error:
+            print(
+                f"qem: {what} failed after the private release ({error}); the fine-tuned model "
+                f"and its privacy report are saved in {self.out}.",
+                file=sys.stderr,
+            )
+            raise

@@ -35,6 +35,7 @@ from qem.finetune import FineTuneResult, fine_tune
 from qem.losses import cross_entropy
 from qem.models import build_model, num_parameters
 from qem.pretrain import MNIST_CNN_PRETRAIN, cached_pretrain, evaluate_metric
+from qem.report import PrivacyReport
 
 MIMIC_PRETRAIN = {"epochs": 5, "lr": 1e-3, "batch_size": 64, "seed": 0}
 """Non-private pretraining on the public care unit. 5 epochs: on the synthetic cohort the public
@@ -308,7 +309,7 @@ def pretrain_and_fine_tune(
         **fine_tune_options,
     )
     seconds["fine_tune"] = time.perf_counter() - start
-    for phase, value in result.report["seconds"].items():
+    for phase, value in result.diagnostics.seconds.items():
         seconds[f"fine_tune.{phase}"] = value
     return before, evaluate_metric(result.model, scenario.test, scenario.metric), result
 
@@ -317,40 +318,41 @@ def print_results(
     args: argparse.Namespace,
     title: str,
     rows: list[Row],
-    report: dict,
+    report: PrivacyReport,
     seconds: dict[str, float],
 ) -> None:
-    """With --json one object (the rows, epsilon, delta, mu, seconds, peak memory, the full
-    report); else three tables: the rows, the privacy report's essentials, the seconds."""
+    """With --json one object (the rows, epsilon, delta, mu, the full report, and the
+    diagnostics: seconds, peak memory); else three tables: the rows, the privacy report's
+    essentials, the seconds (diagnostics, not part of the publishable report)."""
     summary = {
         **{key: value for key, _, value in rows},
-        "epsilon": report["epsilon"],
-        "delta": report["delta"],
-        "mu": report["mu"],
-        "seconds": seconds,
-        "peak_memory_mb": peak_memory_mb(),
+        "epsilon": report.epsilon,
+        "delta": report.delta,
+        "mu": report.mu,
     }
+    diagnostics = {"seconds": seconds, "peak_memory_mb": peak_memory_mb()}
     if args.json:
-        print_json({**summary, "report": report})
+        print_json({**summary, "report": report.to_dict(), "diagnostics": diagnostics})
         return
     print_table([(label, value) for _, label, value in rows], title)
     print_table(
         [
-            ("mode / adjacency", f"{report['mode']} / {report['adjacency']}"),
-            ("epsilon, delta", f"{report['epsilon']}, {report['delta']}"),
-            ("mu (composed over rounds)", report["mu"]),
-            ("rounds", len(report["rounds"])),
-            ("clip norm C per round", report["C"]),
-            ("step lengths (public line search)", report["step_lengths"]),
-            ("N", report["N"]),
-            ("subspace", f"{report['subspace']['type']} k={report['k']}"),
-            ("curvature", f"{report['curvature']['type']} gamma={report['gamma']}"),
-            ("noise seed", report["seed"]["source"]),
+            ("mode / adjacency", f"{report.mode} / {report.adjacency}"),
+            ("epsilon, delta", f"{report.epsilon}, {report.delta}"),
+            ("guarantee", report.guarantee),
+            ("mu (composed over rounds)", report.mu),
+            ("schedule", f"{report.schedule['kind']}, {len(report.rounds)} round(s)"),
+            ("clip norm C per round", report.C),
+            ("step lengths (public line search)", report.step_lengths),
+            ("N", report.N),
+            ("subspace", f"{report.subspace['type']} k={report.k}"),
+            ("curvature", f"{report.curvature['type']} gamma={report.gamma}"),
+            ("noise", report.noise["source"]),
         ],
         "privacy report",
     )
     print_table(
         [(name, value) for name, value in seconds.items()]
-        + [("peak memory (MiB)", summary["peak_memory_mb"])],
-        "seconds per phase",
+        + [("peak memory (MiB)", diagnostics["peak_memory_mb"])],
+        "diagnostics (not for publication): seconds per phase",
     )

@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qem.cli.common import add_budget_arguments, print_json, print_table
+from qem.cli.common import ReleaseSaver, add_budget_arguments, print_json, print_table
 from qem.datasets.files import load_supervised_file
-from qem.errors import DataError, OutputExistsError, UnsupportedModelError
+from qem.errors import DataError, UnsupportedModelError
 from qem.finetune import fine_tune
+from qem.io import check_output_path
 from qem.losses import LOSSES
 from qem.pretrain import evaluate_accuracy
 
@@ -116,14 +117,17 @@ def load_model(spec: str, state_dict: str | None) -> nn.Module:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load model and data, fine-tune, write the outputs, print the report."""
-    if Path(args.out).exists() and not args.overwrite:
-        raise OutputExistsError(f"{args.out} exists; pass --overwrite or choose another --out.")
+    """Check the output path, load model and data, fine-tune (saving every release as soon as
+    it is drawn), then evaluate and print the report."""
+    out = check_output_path(args.out, args.overwrite)  # before any private data is read
     model = load_model(args.model, args.state_dict)
     public = load_supervised_file(args.public)
     private = load_supervised_file(args.private)
     validation = load_supervised_file(args.validation) if args.validation else None
-    result = fine_tune(
+    test = load_supervised_file(args.test) if args.test else None
+    saver = ReleaseSaver(out, args.overwrite)
+    result = saver.run(
+        fine_tune,
         model,
         LOSSES[args.loss],
         public,
@@ -149,26 +153,26 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )
-    summary = {"out": str(args.out)}
-    if args.test:
-        test = load_supervised_file(args.test)
-        summary["pretrained_test_accuracy"] = evaluate_accuracy(model, test)
-        summary["finetuned_test_accuracy"] = evaluate_accuracy(result.model, test)
-    result.save(args.out, overwrite=args.overwrite)
+    summary = {"out": str(out)}
+    if test is not None:
+        with saver.after_release("evaluating --test"):
+            summary["pretrained_test_accuracy"] = evaluate_accuracy(model, test)
+            summary["finetuned_test_accuracy"] = evaluate_accuracy(result.model, test)
+    report = result.report
     if args.json:
-        print_json({**summary, "report": result.report})
+        print_json({**summary, "report": report.to_dict()})
     else:
-        report = result.report
         print_table(
             [
-                ("mode", report["mode"]),
-                ("adjacency", report["adjacency"]),
-                ("epsilon", report["epsilon"]),
-                ("delta", report["delta"]),
-                ("mu", report["mu"]),
-                ("k", report["k"]),
-                ("subspace", report["subspace"]["type"]),
-                ("step lengths", report["step_lengths"]),
+                ("mode", report.mode),
+                ("adjacency", report.adjacency),
+                ("epsilon", report.epsilon),
+                ("delta", report.delta),
+                ("guarantee", report.guarantee),
+                ("mu", report.mu),
+                ("k", report.k),
+                ("subspace", report.subspace["type"]),
+                ("step lengths", report.step_lengths),
                 *summary.items(),
             ],
             "qem finetune: privacy report (full report in privacy_report.json)",

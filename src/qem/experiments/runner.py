@@ -55,6 +55,7 @@ from qem.experiments.config import (
 )
 from qem.losses import LOSSES
 from qem.pretrain import evaluate_loss, evaluate_metric
+from qem.report import report_as_dict
 from qem.subspace.base import LossFn
 
 CELLS_DIR = "cells"
@@ -290,7 +291,8 @@ def run_cell(
             **memory.as_dict(),
             "hyperparameters": hyperparameters,
             "grid_scores": grid_scores,
-            "report": result.report,
+            "report": report_as_dict(result.report),
+            "diagnostics": result.diagnostics.to_dict(),
             "synthetic": bool(getattr(scenario, "synthetic", False)),
             "fingerprint": cell.fingerprint,
             "qem_version": qem.__version__,

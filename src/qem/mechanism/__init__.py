@@ -2,6 +2,7 @@
 (numpy/scipy float64 only; DESIGN.md §1)."""
 
 from qem.mechanism.clipping import (
+    PublicQuadratic,
     clip_gradients,
     curvature_factor,
     dual_norms,
@@ -14,6 +15,7 @@ from qem.mechanism.report import Preview
 __all__ = [
     "Mode",
     "Preview",
+    "PublicQuadratic",
     "QuadraticExponentialMechanism",
     "clip_gradients",
     "curvature_factor",

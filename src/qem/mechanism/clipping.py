@@ -11,6 +11,8 @@ mean m_D = -(N lam A)^-1 sum_i gh_i; qem.privacy.sensitivity turns that bound in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import linalg
 
@@ -62,6 +64,28 @@ def curvature_factor(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
             f"A = P^T H0 P + gamma I (for example by {max(-lambda_min, 0.0) + 1e-3:.3g} or more)."
         ) from None
     return A, L, lambda_min
+
+
+@dataclass(frozen=True, eq=False)
+class PublicQuadratic:
+    """The public quadratic of one round as one object (docs/theory.md §13): the symmetrised
+    float64 A, its lower Cholesky factor L (A = L L^T) and lambda_min(A), computed once by
+    ``from_matrix`` and handed to the clip-norm pass, the private pass and the mechanism, so
+    that no later stage factors A again."""
+
+    A: np.ndarray
+    cholesky: np.ndarray
+    lambda_min: float
+
+    @classmethod
+    def from_matrix(cls, A: np.ndarray) -> PublicQuadratic:
+        """Check, symmetrise and factor A (see ``curvature_factor``)."""
+        return cls(*curvature_factor(A))
+
+    @property
+    def k(self) -> int:
+        """The subspace dimension."""
+        return int(self.A.shape[0])
 
 
 def validate_curvature(A: np.ndarray) -> np.ndarray:

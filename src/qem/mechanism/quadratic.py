@@ -19,17 +19,16 @@ Everything here is numpy/scipy float64 on k x k matrices; nothing knows about mo
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
 from scipy import linalg
 
-from qem.errors import InvalidParameterError, NonFiniteError, PrivacyWarning, ShapeError
-from qem.mechanism.clipping import curvature_factor, dual_norms
+from qem.errors import InvalidParameterError, NonFiniteError, ShapeError
+from qem.mechanism.clipping import PublicQuadratic, dual_norms
 from qem.mechanism.report import Preview
-from qem.privacy.gdp import calibrate_gdp_mu, check_delta, check_epsilon
+from qem.privacy.gdp import calibrate_gdp_mu, check_delta, check_epsilon, warn_large_delta
 from qem.privacy.pure import (
     check_acceptance,
     choose_radius,
@@ -103,7 +102,7 @@ class QuadraticExponentialMechanism:
 
     def __init__(
         self,
-        A: np.ndarray,
+        A: np.ndarray | PublicQuadratic,
         *,
         N: float,
         lam: float = 1.0,
@@ -131,7 +130,9 @@ class QuadraticExponentialMechanism:
         self.n_max = self.N if n_max is None else check_positive("n_max", n_max)
         self._seed = _check_seed(seed)
 
-        self.A, self.cholesky, self.lambda_min = curvature_factor(A)
+        self.quadratic = A if isinstance(A, PublicQuadratic) else PublicQuadratic.from_matrix(A)
+        self.A, self.cholesky = self.quadratic.A, self.quadratic.cholesky
+        self.lambda_min = self.quadratic.lambda_min
         self.k = int(self.A.shape[0])
         self.sensitivity = Sensitivity(clip_norm, adjacency, clipping, self.lambda_min)
         self.rng = np.random.default_rng(self._seed)
@@ -159,14 +160,7 @@ class QuadraticExponentialMechanism:
                     "or use mode='pure' for (eps, 0)-DP."
                 )
             delta = check_delta(delta)
-            if delta >= 1.0 / self.N:
-                warnings.warn(
-                    f"delta = {delta:.3g} >= 1/N = {1.0 / self.N:.3g}: a mechanism that "
-                    "publishes one record outright would meet this guarantee; choose delta "
-                    "well below 1/N.",
-                    PrivacyWarning,
-                    stacklevel=2,
-                )
+            warn_large_delta(delta, self.N)
             mu = calibrate_gdp_mu(epsilon, delta)
             beta = gdp_beta(mu, self.N, self.lam, self.sensitivity)
             self._calibration = _Calibration(epsilon, delta, mu, beta, None, None)
@@ -204,6 +198,14 @@ class QuadraticExponentialMechanism:
             epsilon = 2.0 * beta * utility_sensitivity(self._radius, self.sensitivity)
             self._calibration = self._pure_calibration(epsilon, self._radius, beta)
         return self.preview()
+
+    def set_noise_multiplier(self, noise_multiplier: float) -> Preview:
+        """Gaussian-DP mode: beta = N lam / (z b)^2, so that N lam L^T w is the whitened clipped
+        sum plus Normal(0, (z b)^2 I) noise (docs/theory.md §13); one round is s/z GDP."""
+        if self.mode is not Mode.GDP:
+            raise InvalidParameterError("set_noise_multiplier applies to mode='gdp' only.")
+        z = check_positive("noise multiplier z", noise_multiplier)
+        return self.set_beta(self.N * self.lam / (z * self.sensitivity.per_example_dual_bound) ** 2)
 
     def _pure_calibration(self, epsilon: float, radius: float, beta: float) -> _Calibration:
         acceptance = worst_case_acceptance(

@@ -14,12 +14,13 @@ Everything is float64 numpy/scipy; nothing here knows about models or data.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
 from scipy import optimize, special
 
-from qem.errors import InvalidParameterError
+from qem.errors import InvalidParameterError, PrivacyWarning
 
 _SQRT_HALF = math.sqrt(0.5)
 
@@ -31,13 +32,29 @@ def _check_mu(mu: float) -> float:
     return mu
 
 
+MAX_EPSILON = 500.0
+"""Largest target epsilon qem calibrates to. Beyond it e^epsilon overflows the accountants and
+the number means nothing as a privacy statement; for a non-private reference fine-tune without
+qem (method ``nonprivate``)."""
+
+
 def check_epsilon(epsilon: float) -> float:
-    """Return epsilon as a float, or raise if it is not a finite number > 0."""
+    """Return epsilon as a float, or raise unless it is a number in (0, MAX_EPSILON]."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float | np.integer | np.floating):
+        raise InvalidParameterError(
+            f"epsilon must be a number, got {epsilon!r}; typical private fine-tuning budgets "
+            "are 0.5 to 8."
+        )
     epsilon = float(epsilon)
     if not math.isfinite(epsilon) or epsilon <= 0:
         raise InvalidParameterError(
             f"epsilon must be a finite number > 0, got {epsilon!r}; "
             "typical private fine-tuning budgets are 0.5 to 8."
+        )
+    if epsilon > MAX_EPSILON:
+        raise InvalidParameterError(
+            f"epsilon = {epsilon:g} exceeds {MAX_EPSILON:g}: no accountant can represent it and "
+            "it promises no privacy; for a non-private reference use method 'nonprivate'."
         )
     return epsilon
 
@@ -51,6 +68,18 @@ def check_delta(delta: float) -> float:
             "choose delta well below 1/N, for example 1e-5."
         )
     return delta
+
+
+def warn_large_delta(delta: float, N: float) -> None:
+    """PrivacyWarning when delta >= 1/N (docs/theory.md §12): a mechanism that publishes one
+    record in the clear meets such a guarantee. Every calibration path calls this."""
+    if delta >= 1.0 / N:
+        warnings.warn(
+            f"delta = {delta:.3g} >= 1/N = {1.0 / N:.3g}: a mechanism that publishes one record "
+            "outright would meet this guarantee; choose delta well below 1/N.",
+            PrivacyWarning,
+            stacklevel=3,
+        )
 
 
 def check_profile_epsilon(epsilon: float | np.ndarray) -> np.ndarray:

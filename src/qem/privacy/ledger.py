@@ -1,0 +1,133 @@
+"""The privacy ledger of a run: every executed round, and what the run has spent so far.
+
+What a mechanism did (the DpEvent of ``qem.schedules``) is kept apart from how it is accounted
+(dp-accounting's PLD accountant under the plan's neighbouring relation; basic composition for
+pure epsilon-DP rounds), as dp-accounting does. The event serialises to JSON
+(``dp_event_to_json``) so that a qem release composes with other DP stages: read it back with
+``dp_event_from_json`` and compose it under the same relation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import attr
+import dp_accounting
+from dp_accounting import dp_event
+
+from qem.errors import InvalidParameterError
+from qem.privacy.calibration import (
+    PLD_DISCRETIZATION,
+    discretization_for,
+)
+from qem.privacy.gdp import check_delta
+from qem.schedules import Plan, Round
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One executed round: its public weight, privacy parameter and epoch (no private value:
+    a Poisson round's realised rows are not recorded)."""
+
+    round: int
+    epoch: int
+    N: float
+    noise_multiplier: float | None
+    epsilon: float | None
+
+
+class PrivacyLedger:
+    """The rounds a plan has executed, their DpEvent and the composed epsilon at delta."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.entries: list[LedgerEntry] = []
+
+    def record(self, executed: Round) -> None:
+        """Record a round once its noise has been drawn (its budget is then spent)."""
+        self.entries.append(
+            LedgerEntry(
+                round=executed.index + 1,
+                epoch=executed.epoch + 1,
+                N=executed.N,
+                noise_multiplier=executed.noise_multiplier,
+                epsilon=executed.epsilon,
+            )
+        )
+
+    @property
+    def completed(self) -> int:
+        """Rounds whose noise has been drawn."""
+        return len(self.entries)
+
+    def dp_event(self) -> dp_event.DpEvent:
+        """What the recorded rounds released."""
+        return self.plan.dp_event(self.completed)
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """epsilon spent so far at ``delta`` (default: the budget's delta); see
+        :func:`spent_epsilon`."""
+        return spent_epsilon(self.plan, self.completed, delta)
+
+    def to_dict(self) -> dict:
+        """The public record: relation, event (JSON) and each round's parameters."""
+        return {
+            "neighboring_relation": self.plan.relation.name,
+            "dp_event": dp_event_to_json(self.dp_event()),
+            "rounds": [entry.__dict__ for entry in self.entries],
+        }
+
+
+def spent_epsilon(plan: Plan, completed: int, delta: float | None = None) -> float:
+    """epsilon at ``delta`` (default: the budget's) of the first ``completed`` rounds of
+    ``plan``. Gaussian rounds: dp-accounting's PLD accountant (an upper bound), its interval
+    widened for huge epsilons so that the grid stays bounded (qem.privacy.calibration). Pure
+    rounds: the sum of their epsilons (basic composition)."""
+    if plan.budget.mode == "pure":
+        return plan.epsilon_after(completed)
+    if completed == 0:
+        return 0.0
+    delta = check_delta(plan.budget.delta if delta is None else delta)
+    interval = discretization_for(plan.budget.epsilon, PLD_DISCRETIZATION)
+    accountant = dp_accounting.pld.PLDAccountant(
+        plan.relation, value_discretization_interval=interval
+    )
+    return float(accountant.compose(plan.dp_event(completed)).get_epsilon(delta))
+
+
+_EVENT_CLASSES = {
+    name: cls
+    for name, cls in vars(dp_event).items()
+    if isinstance(cls, type) and issubclass(cls, dp_event.DpEvent)
+}
+
+
+def dp_event_to_json(event: dp_event.DpEvent) -> dict:
+    """A DpEvent as plain JSON: {"class_name": class, field: value, ...}, nested."""
+
+    def encode(value):
+        if isinstance(value, dp_event.DpEvent):
+            return dp_event_to_json(value)
+        if isinstance(value, list | tuple):
+            return [encode(item) for item in value]
+        return value
+
+    fields = attr.asdict(event, recurse=False)
+    return {"class_name": type(event).__name__, **{k: encode(v) for k, v in fields.items()}}
+
+
+def dp_event_from_json(data: dict) -> dp_event.DpEvent:
+    """The DpEvent written by ``dp_event_to_json``; only dp_accounting's own event classes
+    are accepted (nothing is imported by name)."""
+
+    def decode(value):
+        if isinstance(value, dict):
+            return dp_event_from_json(value)
+        if isinstance(value, list):
+            return [decode(item) for item in value]
+        return value
+
+    if not isinstance(data, dict) or data.get("class_name") not in _EVENT_CLASSES:
+        raise InvalidParameterError(f"not a serialised dp-accounting event: {data!r}")
+    fields = {k: decode(v) for k, v in data.items() if k != "class_name"}
+    return _EVENT_CLASSES[data["class_name"]](**fields)

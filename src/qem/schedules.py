@@ -1,0 +1,435 @@
+"""Round schedules (docs/theory.md §13): which private rows each round reads, the public weight
+N_t of its quadratic, the noise multiplier z of its Gaussian, the seed of its subspace, and the
+privacy cost of the whole run as a dp-accounting DpEvent.
+
+Round t releases w_t with N_t lam L^T w_t = -sum_{i in B_t} u_i + xi_t, where u_i = L^-1 gh_i has
+norm at most b (the per-example dual-norm bound) and xi_t ~ Normal(0, (z b)^2 I): a Gaussian
+mechanism on the whitened clipped sum with noise multiplier z, i.e. inverse temperature
+beta_t = N_t lam / (z b)^2. A schedule fixes B_t, N_t and z:
+
+* ``Sequential(T)``: every round reads all records with N_t = N; each round is mu_t = s/z GDP
+  with mu_t = mu / sqrt(T), so the T adaptive rounds are mu-GDP (Dong, Roth & Su 2022, Cor 3.3).
+  Pure mode splits epsilon evenly.
+* ``Partitioned(T, epochs=E)``: one epoch cuts the records into T public, contiguous, disjoint
+  chunks, N_t = the chunk's size; a record is read by one round per epoch, so E epochs are
+  sqrt(E) s / z GDP (parallel composition within an epoch). Replace-one, Gaussian-DP only.
+* ``Poisson(q, T)``: round t reads each record independently with probability q, drawn from
+  the operating system's CSPRNG (never released, never seeded from the data; a user seed only
+  with the explicit reproducibility switch); N_t = q N is the public EXPECTED size, never the
+  realised one; z is calibrated for (epsilon, delta) by dp-accounting's PLD accountant with
+  the routine DP-SGD uses (qem.privacy.calibration).
+
+A ``Plan`` is a schedule calibrated to a budget: it yields the rounds and describes what any
+prefix of them cost. Everything here is numpy and dp-accounting; nothing knows about models.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import dp_accounting
+import numpy as np
+from dp_accounting import dp_event
+
+from qem.checks import check_count
+from qem.errors import InvalidParameterError
+from qem.privacy.calibration import calibrate_noise_multiplier, neighboring_relation
+from qem.privacy.gdp import calibrate_gdp_mu, warn_large_delta
+from qem.privacy.sensitivity import Adjacency
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The target guarantee: (epsilon, delta) for ``adjacency``; ``delta`` is None in pure mode."""
+
+    epsilon: float
+    delta: float | None
+    mode: str
+    adjacency: Adjacency
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round of a plan.
+
+    ``rows`` are the private rows it reads (None: all of them); for a Poisson round they are a
+    private random draw and must never be released. ``N`` is the public weight of the round's
+    quadratic, ``noise_multiplier`` z (Gaussian-DP) or ``epsilon`` (pure mode) its privacy
+    parameter, ``subspace_draw`` the index of the subspace it uses (its seed is the run's
+    subspace seed plus this index).
+    """
+
+    index: int
+    epoch: int
+    rows: np.ndarray | None
+    N: float
+    noise_multiplier: float | None
+    epsilon: float | None
+    subspace_draw: int
+
+
+class Schedule(ABC):
+    """A kind of round schedule with its public parameters (see the module docstring).
+
+    ``resample_every``: draw a new public subspace every that many rounds (None: one subspace
+    for the whole run). The seeds are public and fixed before any private data is read.
+    """
+
+    kind: str = "abstract"
+    modes: tuple[str, ...] = ("gdp",)
+    adjacencies: tuple[Adjacency, ...] = (Adjacency.REPLACE_ONE, Adjacency.ADD_REMOVE)
+
+    def __init__(self, rounds: int, *, resample_every: int | None = None) -> None:
+        self.rounds = check_count("rounds", rounds)
+        self.resample_every = (
+            None if resample_every is None else check_count("resample_every", resample_every)
+        )
+
+    @property
+    def total_rounds(self) -> int:
+        """Number of rounds the schedule runs."""
+        return self.rounds
+
+    def check(self, mode: str, adjacency: Adjacency) -> None:
+        """Refuse a mode or adjacency this schedule cannot account for."""
+        if mode not in self.modes:
+            raise InvalidParameterError(
+                f"the {self.kind} schedule supports mode {' or '.join(self.modes)}, not {mode!r}."
+            )
+        if adjacency not in self.adjacencies:
+            supported = ", ".join(a.value for a in self.adjacencies)
+            raise InvalidParameterError(
+                f"the {self.kind} schedule accounts for {supported} neighbours only, not "
+                f"{adjacency.value}: {self._adjacency_reason()}"
+            )
+
+    def _adjacency_reason(self) -> str:
+        return ""
+
+    def subspace_draw(self, index: int) -> int:
+        """Index of the subspace that round ``index`` uses."""
+        return 0 if self.resample_every is None else index // self.resample_every
+
+    def plan(self, budget: Budget, n: int, N: float, seed: int | None = None) -> Plan:
+        """This schedule calibrated to ``budget`` for ``n`` private records and public weight N
+        (the one place where qem calibrates a run; it warns when delta >= 1/N).
+
+        ``seed`` (the reproducibility switch) seeds the Poisson inclusion draws; None draws
+        them from the operating system's CSPRNG."""
+        self.check(budget.mode, budget.adjacency)
+        if budget.mode == "gdp":
+            warn_large_delta(budget.delta, N)
+        return self._plan(budget, n, N, seed)
+
+    @abstractmethod
+    def _plan(self, budget: Budget, n: int, N: float, seed: int | None) -> Plan:
+        """The calibrated plan (mode and adjacency already checked)."""
+
+    def describe(self) -> dict:
+        """The schedule's public parameters."""
+        return {
+            "kind": self.kind,
+            "rounds": self.total_rounds,
+            "resample_every": self.resample_every,
+        }
+
+
+class Plan(ABC):
+    """A schedule calibrated to a budget: its rounds and the DpEvent of any prefix of them."""
+
+    def __init__(self, schedule: Schedule, budget: Budget, n: int, N: float) -> None:
+        self.schedule, self.budget, self.n, self.N = schedule, budget, n, N
+
+    @abstractmethod
+    def rounds(self) -> Iterator[Round]:
+        """The rounds, in order (Poisson rows are drawn as each round is reached)."""
+
+    @abstractmethod
+    def dp_event(self, completed: int) -> dp_event.DpEvent:
+        """What the first ``completed`` rounds release, as a dp-accounting event."""
+
+    @property
+    @abstractmethod
+    def relation(self) -> dp_accounting.NeighboringRelation:
+        """The neighbouring relation under which ``dp_event`` is to be accounted."""
+
+    def mu_after(self, completed: int) -> float | None:
+        """The composed GDP parameter of the first ``completed`` rounds (None when the run is
+        not a GDP statement: Poisson rounds, pure mode)."""
+        return None
+
+    @property
+    def mu(self) -> float | None:
+        """The composed GDP parameter of the whole run."""
+        return self.mu_after(self.schedule.total_rounds)
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        """z of every round (None in pure mode)."""
+        return None
+
+    def describe(self) -> dict:
+        """Public description: the schedule, the calibrated z, the relation."""
+        return {
+            **self.schedule.describe(),
+            "noise_multiplier": self.noise_multiplier,
+            "neighboring_relation": self.relation.name,
+        }
+
+
+class _UniformPlan(Plan):
+    """Rounds with one privacy parameter each. GDP with mu_round: each round is a
+    GaussianDpEvent(1/mu_round) under ADD_OR_REMOVE_ONE, the factor s being inside mu_round
+    (docs/theory.md §10). Pure epsilon per round: each round is binary randomized response
+    with likelihood ratio e^eps (noise parameter 2 / (1 + e^eps)), whose privacy profile
+    dominates that of every eps-DP mechanism (Kairouz, Oh & Viswanath 2015); dp-accounting
+    accounts it under REPLACE_ONE whatever qem's adjacency. The reported epsilon of pure rounds
+    is their sum (basic composition)."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        budget: Budget,
+        n: int,
+        N: float,
+        *,
+        round_mu: float | None,
+        round_epsilon: float | None,
+    ) -> None:
+        super().__init__(schedule, budget, n, N)
+        self.round_mu, self.round_epsilon = round_mu, round_epsilon
+
+    @property
+    def relation(self) -> dp_accounting.NeighboringRelation:
+        if self.round_mu is None:  # dp-accounting accounts randomized response as REPLACE_ONE
+            return dp_accounting.NeighboringRelation.REPLACE_ONE
+        return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+
+    def releases_per_record(self, completed: int) -> int:
+        """How many of the first ``completed`` rounds read any one record (at most)."""
+        return completed
+
+    def mu_after(self, completed: int) -> float | None:
+        if self.round_mu is None:
+            return None
+        return self.round_mu * math.sqrt(self.releases_per_record(completed))
+
+    def epsilon_after(self, completed: int) -> float | None:
+        """Pure mode: the epsilon of the first ``completed`` rounds (basic composition)."""
+        if self.round_epsilon is None:
+            return None
+        return self.round_epsilon * self.releases_per_record(completed)
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        if self.round_mu is None:
+            return None
+        return self.budget.adjacency.multiplier / self.round_mu
+
+    def dp_event(self, completed: int) -> dp_event.DpEvent:
+        releases = self.releases_per_record(completed)
+        if releases == 0:
+            return dp_event.NoOpDpEvent()
+        if self.round_mu is not None:
+            one = dp_event.GaussianDpEvent(1.0 / self.round_mu)
+        else:  # binary randomized response with ratio e^eps dominates every eps-DP mechanism
+            p = 2.0 / (1.0 + math.exp(self.round_epsilon))
+            one = dp_event.RandomizedResponseDpEvent(noise_parameter=p, num_buckets=2)
+        return dp_event.SelfComposedDpEvent(one, releases)
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "round_mu": self.round_mu,
+            "round_epsilon": self.round_epsilon,
+        }
+
+
+class Sequential(Schedule):
+    """T rounds, each on all the private records (docs/theory.md §8)."""
+
+    kind = "sequential"
+    modes = ("gdp", "pure")
+
+    def _plan(self, budget: Budget, n: int, N: float, seed: int | None) -> Plan:
+        T = self.rounds
+        if budget.mode == "gdp":
+            mu = calibrate_gdp_mu(budget.epsilon, budget.delta)
+            return _SequentialPlan(
+                self, budget, n, N, round_mu=mu / math.sqrt(T), round_epsilon=None
+            )
+        return _SequentialPlan(self, budget, n, N, round_mu=None, round_epsilon=budget.epsilon / T)
+
+
+class _SequentialPlan(_UniformPlan):
+    def rounds(self) -> Iterator[Round]:
+        for t in range(self.schedule.rounds):
+            yield Round(
+                index=t,
+                epoch=0,
+                rows=None,
+                N=self.N,
+                noise_multiplier=self.noise_multiplier,
+                epsilon=self.round_epsilon,
+                subspace_draw=self.schedule.subspace_draw(t),
+            )
+
+
+class Partitioned(Schedule):
+    """E epochs of T disjoint chunks (docs/theory.md §8, parallel composition)."""
+
+    kind = "partitioned"
+    adjacencies = (Adjacency.REPLACE_ONE,)
+
+    def __init__(self, rounds: int, *, epochs: int = 1, resample_every: int | None = None) -> None:
+        super().__init__(rounds, resample_every=resample_every)
+        self.epochs = check_count("epochs", epochs)
+
+    @property
+    def total_rounds(self) -> int:
+        return self.rounds * self.epochs
+
+    def _adjacency_reason(self) -> str:
+        return "adding or removing one record would shift every later chunk."
+
+    def _plan(self, budget: Budget, n: int, N: float, seed: int | None) -> Plan:
+        if n != N or self.rounds > n:
+            raise InvalidParameterError(
+                f"a partitioned schedule splits the {n} private records into {self.rounds} "
+                "chunks, each with N = its own size; do not pass N, and use at most one chunk "
+                "per record."
+            )
+        mu = calibrate_gdp_mu(budget.epsilon, budget.delta)
+        return _PartitionedPlan(
+            self, budget, n, N, round_mu=mu / math.sqrt(self.epochs), round_epsilon=None
+        )
+
+    def describe(self) -> dict:
+        return {**super().describe(), "chunks": self.rounds, "epochs": self.epochs}
+
+
+class _PartitionedPlan(_UniformPlan):
+    def rounds(self) -> Iterator[Round]:
+        T, n = self.schedule.rounds, self.n
+        for epoch in range(self.schedule.epochs):
+            for t in range(T):
+                rows = np.arange(t * n // T, (t + 1) * n // T)
+                index = epoch * T + t
+                yield Round(
+                    index=index,
+                    epoch=epoch,
+                    rows=rows,
+                    N=float(len(rows)),
+                    noise_multiplier=self.noise_multiplier,
+                    epsilon=None,
+                    subspace_draw=self.schedule.subspace_draw(index),
+                )
+
+    def releases_per_record(self, completed: int) -> int:
+        # Within an epoch every record is in one chunk: an epoch costs one round (parallel
+        # composition); a started epoch costs as much as a finished one.
+        return math.ceil(completed / self.schedule.rounds)
+
+
+class Poisson(Schedule):
+    """T rounds, each on a Poisson sample of rate q (docs/theory.md §13)."""
+
+    kind = "poisson"
+
+    def __init__(
+        self, sampling_rate: float, rounds: int, *, resample_every: int | None = None
+    ) -> None:
+        super().__init__(rounds, resample_every=resample_every)
+        q = float(sampling_rate)
+        if not (math.isfinite(q) and 0.0 < q <= 1.0):
+            raise InvalidParameterError(
+                f"the Poisson sampling rate q must lie in (0, 1], got {sampling_rate!r}."
+            )
+        self.sampling_rate = q
+
+    def _plan(self, budget: Budget, n: int, N: float, seed: int | None) -> Plan:
+        z = calibrate_noise_multiplier(
+            budget.epsilon, budget.delta, self.sampling_rate, self.rounds, budget.adjacency
+        )
+        return _PoissonPlan(self, budget, n, N, z, seed)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "sampling_rate": self.sampling_rate}
+
+
+class _PoissonPlan(Plan):
+    def __init__(
+        self, schedule: Poisson, budget: Budget, n: int, N: float, z: float, seed: int | None
+    ) -> None:
+        super().__init__(schedule, budget, n, N)
+        self._z = z
+        self._rng = None if seed is None else np.random.default_rng(seed)
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self._z
+
+    @property
+    def relation(self) -> dp_accounting.NeighboringRelation:
+        return neighboring_relation(self.budget.adjacency)
+
+    def rounds(self) -> Iterator[Round]:
+        q = self.schedule.sampling_rate
+        for t in range(self.schedule.rounds):
+            yield Round(
+                index=t,
+                epoch=0,
+                rows=np.flatnonzero(inclusion_mask(self.n, q, self._rng)),
+                N=q * self.N,
+                noise_multiplier=self._z,
+                epsilon=None,
+                subspace_draw=self.schedule.subspace_draw(t),
+            )
+
+    def dp_event(self, completed: int) -> dp_event.DpEvent:
+        if completed == 0:
+            return dp_event.NoOpDpEvent()
+        sampled = dp_event.PoissonSampledDpEvent(
+            self.schedule.sampling_rate, dp_event.GaussianDpEvent(self._z)
+        )
+        return dp_event.SelfComposedDpEvent(sampled, completed)
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "sampling": "user_seed" if self._rng is not None else "os_csprng",
+        }
+
+
+def inclusion_mask(n: int, q: float, rng: np.random.Generator | None = None) -> np.ndarray:
+    """n independent Bernoulli(q) inclusions: from 64-bit words of the operating system's
+    CSPRNG (``os.urandom``; P(include) = floor(q 2^64) / 2^64), or from ``rng`` when the user
+    asked for reproducibility."""
+    if rng is not None:
+        return rng.random(n) < q
+    if q >= 1.0:
+        return np.ones(n, dtype=bool)
+    words = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
+    return words < np.uint64(math.floor(q * 2.0**64))
+
+
+def sequential(rounds: int = 1, *, resample_subspace: bool = False) -> Sequential:
+    """T rounds on all the records (a new subspace every round with ``resample_subspace``)."""
+    return Sequential(rounds, resample_every=1 if resample_subspace else None)
+
+
+def partitioned(rounds: int, *, epochs: int = 1, resample_subspace: bool = True) -> Partitioned:
+    """E epochs of T disjoint chunks (a new subspace every round by default)."""
+    return Partitioned(rounds, epochs=epochs, resample_every=1 if resample_subspace else None)
+
+
+def poisson(sampling_rate: float, rounds: int, *, resample_every: int | None = 1) -> Poisson:
+    """T rounds on Poisson samples of rate q (a new subspace every ``resample_every`` rounds)."""
+    return Poisson(sampling_rate, rounds, resample_every=resample_every)
+
+
+SCHEDULES: dict[str, type[Schedule]] = {cls.kind: cls for cls in (Sequential, Partitioned, Poisson)}
