@@ -146,16 +146,18 @@ def test_inverse_cdf_map_is_symmetric_and_reaches_the_tail():
     np.testing.assert_array_equal(normals_from_uint64(words | SIGN), -z)
     extremes = normals_from_uint64(np.array([0, (1 << 63) - 1], dtype=np.uint64))
     assert extremes[0] == pytest.approx(-special.ndtri(2.0**-65), rel=1e-15)
-    assert extremes[0] > 9.1  # a 53-bit uniform and 1 - u would stop at 8.3
+    assert extremes[0] > 9.1  # a 53-bit uniform and 1 - u would stop at 8.2
     assert extremes[1] == 0.0
 
 
 def test_ndtri_meets_the_assumed_accuracy():
-    """|ndtri(u) - Phi^-1(u)| <= NDTRI_RELATIVE_ERROR |Phi^-1(u)| at the u the map produces,
-    against Newton's method on Phi in 200-bit arithmetic."""
+    """|ndtri(u) - Phi^-1(u)| <= NDTRI_RELATIVE_ERROR |Phi^-1(u)| at u the map produces, from
+    the far tail to the centre and densely near u = 0.13, where Cephes switches approximations
+    and errs most, against Newton's method on Phi in 200-bit arithmetic."""
     rng = np.random.default_rng(1)
     words = np.unique(np.floor(2.0 ** rng.uniform(0.0, 63.0, 300)).astype(np.uint64))
     u = np.ldexp(words.astype(np.float64) + 0.5, -64)
+    u = np.concatenate([u, rng.uniform(0.11, 0.15, 300)])
     mpmath.mp.prec = 200
     for u_i, z_i in zip(u, special.ndtri(u), strict=True):
         x, target = mpmath.mpf(float(z_i)), mpmath.mpf(float(u_i))
@@ -368,8 +370,8 @@ def test_reports_name_the_source():
     assert "CSPRNG" in noise["generator"] and "inverse CDF" in noise["normal_sampler"]
     s = secure.preview().noise_scale
     assert noise["snapping"]["grid"] == snap_grid(s)
-    assert noise["snapping"]["float_tv_bound"] == pytest.approx(3 * 2.0**-48 * s / snap_grid(s))
-    assert noise["snapping"]["float_tv_bound"] <= 3 * 2.0 ** (SNAP_BITS + 1 - 48)
+    assert noise["snapping"]["float_tv_bound"] == pytest.approx(3 * 2.0**-47 * s / snap_grid(s))
+    assert noise["snapping"]["float_tv_bound"] <= 3 * 2.0 ** (SNAP_BITS + 1 - 47)
     json.dumps(secure.privacy_statement())
     assert (
         mechanism(A, noise=SecureNoise(), snap=False).privacy_statement()["noise"]["snapping"]
