@@ -27,6 +27,13 @@ from scipy import linalg
 
 from qem.errors import InvalidParameterError, NonFiniteError, ShapeError
 from qem.mechanism.clipping import PublicQuadratic, dual_norms
+from qem.mechanism.noise import (
+    NoiseSource,
+    float_tv_bound,
+    noise_from_seed,
+    snap_grid,
+    snap_to_grid,
+)
 from qem.mechanism.report import Preview
 from qem.privacy.gdp import calibrate_gdp_mu, check_delta, check_epsilon, warn_large_delta
 from qem.privacy.pure import (
@@ -78,14 +85,18 @@ def _parse(enum: type[StrEnum], value: object, name: str) -> StrEnum:
         ) from None
 
 
-def _check_seed(seed: object) -> int | None:
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+def _noise_source(seed: int | None, noise: NoiseSource | None) -> NoiseSource:
+    if noise is None:
+        return noise_from_seed(seed)
+    if not isinstance(noise, NoiseSource):
         raise InvalidParameterError(
-            f"seed must be None (operating-system entropy) or an integer >= 0, got {seed!r}."
+            f"noise must be a qem.mechanism.noise.NoiseSource or None, got {noise!r}."
         )
-    return int(seed)
+    if seed is not None:
+        raise InvalidParameterError(
+            "pass either seed or noise, not both: a seed selects SeededNoise(seed)."
+        )
+    return noise
 
 
 class QuadraticExponentialMechanism:
@@ -97,6 +108,9 @@ class QuadraticExponentialMechanism:
     ("gdp" | "pure"); in pure mode ``radius`` R (chosen by ``calibrate`` when None) and
     ``n_max`` (most records the data may hold, default N). ``seed=None`` draws the noise from
     operating-system entropy; an integer seed makes the draws reproducible and is recorded.
+    ``noise`` replaces both by another source (qem.mechanism.noise); secure mode is
+    ``noise=SecureNoise()``, which also turns on ``snap``: the release rounded to a public
+    power-of-two grid in whitened coordinates (docs/theory.md §10a).
     Call ``calibrate`` (or ``set_beta``) before ``sample``.
     """
 
@@ -113,6 +127,8 @@ class QuadraticExponentialMechanism:
         radius: float | None = None,
         n_max: float | None = None,
         seed: int | None = None,
+        noise: NoiseSource | None = None,
+        snap: bool | None = None,
     ) -> None:
         self.N = check_positive(
             "N", N, "N is the dataset size (replace-one) or the declared size (add/remove)."
@@ -128,14 +144,16 @@ class QuadraticExponentialMechanism:
             )
         self._radius = None if radius is None else check_positive("radius R", radius)
         self.n_max = self.N if n_max is None else check_positive("n_max", n_max)
-        self._seed = _check_seed(seed)
+        self.noise = _noise_source(seed, noise)
+        if snap is not None and not isinstance(snap, bool):
+            raise InvalidParameterError(f"snap must be None, True or False, got {snap!r}.")
+        self.snap = self.noise.secure if snap is None else snap
 
         self.quadratic = A if isinstance(A, PublicQuadratic) else PublicQuadratic.from_matrix(A)
         self.A, self.cholesky = self.quadratic.A, self.quadratic.cholesky
         self.lambda_min = self.quadratic.lambda_min
         self.k = int(self.A.shape[0])
         self.sensitivity = Sensitivity(clip_norm, adjacency, clipping, self.lambda_min)
-        self.rng = np.random.default_rng(self._seed)
         self._calibration: _Calibration | None = None
         self.last_draws: int | None = None
         """Normal draws the last ``sample`` call made (pure mode: proposals up to the last
@@ -286,10 +304,19 @@ class QuadraticExponentialMechanism:
         return -linalg.cho_solve((self.cholesky, True), s) / (self.N * self.lam)
 
     def _normal(self, mean: np.ndarray, n: int, beta: float) -> np.ndarray:
-        """n draws (n, k) of m + L^-T z / sqrt(beta N lam), z ~ Normal(0, I_k)."""
-        z = self.rng.standard_normal((self.k, n))
-        noise = linalg.solve_triangular(self.cholesky, z, lower=True, trans="T")
-        return mean + noise.T / math.sqrt(beta * self.N * self.lam)
+        """n draws (n, k) of m + L^-T z / sqrt(beta N lam), z ~ Normal(0, I_k).
+
+        Snapped: L^-T (Lambda t) with t = rint((L^T m + z / sqrt(beta N lam)) / Lambda), the
+        whitened draw rounded to the grid (docs/theory.md §10a).
+        """
+        z = self.noise.standard_normal((self.k, n))
+        scale = math.sqrt(beta * self.N * self.lam)
+        if not self.snap:
+            noise = linalg.solve_triangular(self.cholesky, z, lower=True, trans="T")
+            return mean + noise.T / scale
+        grid = snap_grid(1.0 / scale)
+        whitened = grid * snap_to_grid(mean @ self.cholesky, z.T / scale, grid)
+        return linalg.solve_triangular(self.cholesky, whitened.T, lower=True, trans="T").T
 
     def sample(self, gradient_sum: np.ndarray, size: int | None = None) -> np.ndarray:
         """Draw w (shape (k,), or (size, k)) from the calibrated mechanism.
@@ -349,10 +376,37 @@ class QuadraticExponentialMechanism:
     # -- reporting ------------------------------------------------------------------------
 
     def seed_info(self) -> dict:
-        """Where the noise came from: operating-system entropy, or a user seed (recorded)."""
-        if self._seed is None:
-            return {"seed_source": "os_entropy", "seed": None}
-        return {"seed_source": "user_seed", "seed": self._seed}
+        """Where the noise came from: ``seed_source`` ("os_entropy", "user_seed" with the seed
+        recorded, or "os_csprng") and ``seed``."""
+        source = self.noise.describe()
+        return {"seed_source": source["seed_source"], "seed": source["seed"]}
+
+    def noise_info(self) -> dict:
+        """The noise source and the snapping of the release (docs/theory.md §10a).
+
+        ``snapping`` is None or holds the grid Lambda (whitened coordinates), the bound on the
+        probability that float arithmetic changed the snapped release (secure source only, else
+        None) and, in pure mode, the epsilon of the snapped release, eps (1 + sqrt(k) Lambda
+        / (2 R)).
+        """
+        cal = self._calibrated()
+        info = self.noise.describe()
+        info["snapping"] = None
+        if self.snap:
+            noise_std = 1.0 / math.sqrt(cal.beta * self.N * self.lam)
+            grid = snap_grid(noise_std)
+            tv = float_tv_bound(self.k, noise_std, grid) if self.noise.secure else None
+            info["snapping"] = {
+                "grid": grid,
+                "coordinates": "whitened, L^T w",
+                "float_tv_bound": tv,
+            }
+            if self.mode is Mode.PURE:
+                epsilon = cal.epsilon * (1.0 + math.sqrt(self.k) * grid / (2.0 * cal.radius))
+                info["snapping"]["epsilon"] = epsilon
+                if tv is not None:
+                    info["snapping"]["float_tv_bound"] = tv / cal.acceptance
+        return info
 
     def privacy_statement(self) -> dict:
         """The guarantee and every public number it rests on, for the privacy report."""
@@ -382,7 +436,7 @@ class QuadraticExponentialMechanism:
             "clip_norm": float(self.sensitivity.clip_norm),
             "k": self.k,
             "sensitivity": self.sensitivity.to_dict(),
-            "noise": self.seed_info(),
+            "noise": self.noise_info(),
         }
         if self.mode is Mode.PURE:
             statement.update(
