@@ -112,7 +112,7 @@ def test_report_is_typed_with_one_schema_and_no_private_measurements(tmp_path):
         data = result.report.to_dict()
         assert data["schema"] == REPORT_SCHEMA
         assert isinstance(data["C"], list) and len(data["C"]) == len(data["rounds"])
-        assert set(data["noise"]) == {"source", "seed"}
+        assert {"source", "seed", "generator"} <= set(data["noise"])
         assert not any("second" in key for key in json.dumps(data).split('"'))
         assert PrivacyReport.from_dict(json.loads(result.report.to_json())) == result.report
         assert set(result.diagnostics.seconds) >= {"private_pass", "mechanism"}
@@ -280,3 +280,21 @@ def test_warnings_are_quiet_for_a_healthy_run():
             validation_data=blobs(60, 4),
             **FAST,
         )
+
+
+def test_secure_noise_through_fine_tune():
+    result = fine_tune(
+        nn.Linear(6, 3).double(),
+        cross_entropy,
+        blobs(80, 1),
+        blobs(100, 2),
+        epsilon=2.0,
+        validation_data=blobs(40, 3),
+        secure_noise=True,
+        **{**FAST, "seed": None},
+    )
+    assert result.report.noise["source"] == "os_csprng" and result.report.noise["snapped"]
+    assert result.report.rounds[0].snapping["float_tv_bound"] < 1e-9
+    with pytest.raises(InvalidParameterError, match="no seed"):
+        fine_tune(nn.Linear(6, 3).double(), cross_entropy, blobs(80, 1), blobs(100, 2),
+                  epsilon=2.0, secure_noise=True, **FAST)  # fmt: skip

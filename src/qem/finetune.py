@@ -39,7 +39,7 @@ from qem.errors import InvalidParameterError, SpentBudgetError
 from qem.io import save_run
 from qem.linesearch import line_search_step
 from qem.losses import check_per_example_loss
-from qem.mechanism import PublicQuadratic, QuadraticExponentialMechanism
+from qem.mechanism import PublicQuadratic, QuadraticExponentialMechanism, SecureNoise
 from qem.parameters import check_finite_parameters
 from qem.privacy.gdp import check_delta, check_epsilon, gdp_epsilon
 from qem.privacy.ledger import PrivacyLedger, spent_epsilon
@@ -112,6 +112,7 @@ def fine_tune(
     public_sample_size: int | None = None,
     radius: float | None = None,
     seed: int | None = None,
+    secure_noise: bool = False,
     invalid_records: str = "zero",
     batch_size: int = 256,
     progress: bool = False,
@@ -125,7 +126,9 @@ def fine_tune(
     which records each round reads and how the budget is spent; without it, ``rounds``,
     ``resample_subspace`` and ``partition_rounds`` build a sequential or partitioned one.
     ``seed`` makes the noise (and Poisson sampling) reproducible and is recorded as such in
-    the report; by default both come from operating-system entropy. ``validation_data`` (public)
+    the report; by default both come from operating-system entropy. ``secure_noise`` draws
+    every normal from the operating system's CSPRNG by an inverse CDF and snaps the release to a
+    power-of-two grid (docs/theory.md §10a; it takes no seed). ``validation_data`` (public)
     picks each step length; without it a public split is held out. ``line_search_size`` limits
     the line search to that many validation examples, ``public_sample_size`` the curvature and
     clip passes to that many public examples (public: no privacy cost). ``invalid_records``
@@ -170,6 +173,10 @@ def fine_tune(
         N = len(private)
     N = int(check_positive("N", N))
     budget = Budget(epsilon, delta, mode, adjacency)
+    if secure_noise and seed is not None:
+        raise InvalidParameterError(
+            "secure_noise draws from the operating system's CSPRNG and takes no seed; drop one."
+        )
     seeds = SeedTree(seed, schedule.total_rounds)
     plan = schedule.plan(budget, len(private), N, seed=seeds.sampling)
 
@@ -253,6 +260,7 @@ def fine_tune(
             mode=mode,
             radius=radius,
             seed=seeds.noise[t],
+            noise=SecureNoise() if secure_noise else None,
         )
         if mode == "gdp":
             preview = mechanism.set_noise_multiplier(executed.noise_multiplier).to_dict()
@@ -421,6 +429,7 @@ class _Run:
     invalid: InvalidRecords
     validation_source: dict
     subspace_draw: int = -1
+    noise_source: dict | None = None
     releases: list[np.ndarray] = field(default_factory=list)
     previews: list[dict] = field(default_factory=list)
     pending: list[dict] = field(default_factory=list)
@@ -460,8 +469,22 @@ class _Run:
                 "clip_norm_source": clip_source,
                 "subspace_seed": basis.seed,
                 "preview": preview,
+                "snapping": mechanism.noise_info()["snapping"],
             }
         )
+        if self.noise_source is None:
+            info = mechanism.noise.describe()
+            info.pop("seed")  # a round's own child seed; the report records the user's seed
+            self.noise_source = {
+                "source": info.pop("seed_source"),
+                "seed": self.seed,
+                **info,
+                "round_seeds": "numpy SeedSequence(seed).spawn(T + 1): child t for round t's "
+                "noise, child T for Poisson sampling"
+                if self.seed is not None
+                else None,
+                "snapped": mechanism.snap,
+            }
 
     def finish_round(self, alpha: float, val_loss: float | None, seconds: dict) -> None:
         entry = self.pending.pop()
@@ -489,6 +512,13 @@ class _Run:
             diagnostics=self.diagnostics,
             releases=list(self.releases),
         )
+
+    def _noise_description(self) -> dict:
+        """Where the normals came from (the first round's source; every round uses the same
+        kind). The test-only exact-mean path says NOT PRIVATE."""
+        if not self.noise:
+            return {"source": "DISABLED (test-only path): NOT PRIVATE", "seed": self.seed}
+        return dict(self.noise_source)
 
     def _report(
         self, records: list[RoundRecord], curvature: Curvature, basis: Subspace, done: bool
@@ -544,17 +574,6 @@ class _Run:
             rounds=records,
             step_lengths=steps,
             zero_step_rounds=sum(1 for s in steps[: len(self.records)] if s == 0.0),
-            noise=_noise_description(self.seed, self.noise),
+            noise=self._noise_description(),
             invalid_records=self.invalid.value,
         )
-
-
-def _noise_description(seed: int | None, noise: bool) -> dict:
-    if not noise:
-        return {"source": "DISABLED (test-only path): NOT PRIVATE", "seed": seed}
-    if seed is None:
-        return {"source": "os_entropy", "seed": None}
-    return {
-        "source": "user_seed (reproducible: anyone with the seed can remove the noise)",
-        "seed": seed,
-    }

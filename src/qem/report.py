@@ -51,6 +51,7 @@ class RoundRecord:
     step_length: float
     public_validation_loss: float | None
     preview: dict[str, Any]
+    snapping: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
