@@ -13,8 +13,8 @@ Sources, tried by :func:`load_mnist`:
   single set under ``x``/``y`` (alias ``images``/``labels``), which is split into train and test
   by a seeded permutation holding out ``test_fraction`` (default 1/7, MNIST's 10k of 70k).
 
-Images become float32 tensors (n, 1, 28, 28) in [0, 1] (uint8 or [0, 255] floats are divided by
-255), labels int64 in {0..9}.
+Images become float32 tensors (n, 1, 28, 28) in [0, 1] (uint8 images, and any other image whose
+largest pixel exceeds 1, are divided by 255), labels int64 in {0..9}.
 """
 
 from __future__ import annotations
@@ -275,19 +275,26 @@ def _make_splits(sets: dict[str, tuple[np.ndarray, np.ndarray]], source: str) ->
 
 
 def _images(x: np.ndarray, where: str) -> torch.Tensor:
-    """(n, 784) / (n, 28, 28) / (n, 1, 28, 28) / (n, 28, 28, 1) -> float32 (n, 1, 28, 28)."""
+    """(n, 784) / (n, 28, 28) / (n, 1, 28, 28) / (n, 28, 28, 1) -> float32 (n, 1, 28, 28).
+
+    uint8 images are divided by 255. For other dtypes the scale is decided per image: an image
+    whose largest pixel exceeds 1 is read as [0, 255] and divided by 255, else as [0, 1]. A
+    per-image rule keeps every image's scaling independent of the other rows of the file (a
+    public image's never depends on a private one's); its one blind spot, a [0, 255] image
+    whose pixels are all <= 1, is black to within 1/255 either way.
+    """
     pixels = IMAGE_SIDE * IMAGE_SIDE
     if x.ndim < 2 or int(np.prod(x.shape[1:])) != pixels or len(x) == 0:
         raise DataError(f"{where}: images of shape {x.shape}; expected n > 0 images of 28x28.")
+    flat = x.reshape(len(x), pixels)
     if x.dtype == np.uint8:
-        scaled = x.astype(np.float32) / 255.0
+        scaled = flat.astype(np.float32) / 255.0
     elif np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer):
-        scaled = x.astype(np.float32)
+        scaled = flat.astype(np.float32)
         low, high = float(scaled.min()), float(scaled.max())
         if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 255:
             raise DataError(f"{where}: pixel values span [{low}, {high}]; need [0, 1] or [0, 255].")
-        if high > 1:
-            scaled /= 255.0
+        scaled = np.where(scaled.max(axis=1, keepdims=True) > 1, scaled / 255.0, scaled)
     else:
         raise DataError(f"{where}: images have dtype {x.dtype}; need integers or floats.")
     return torch.from_numpy(np.ascontiguousarray(scaled.reshape(len(x), 1, IMAGE_SIDE, IMAGE_SIDE)))
