@@ -30,6 +30,10 @@ observed values, else 0 = the reference mean). A variable never observed in the 
 has no public scale and is 0 throughout. Forward fill and the stay's mean use only that stay.
 A mask (1 = observed) per value is kept, and the flat feature vector is
 [24 x F values, 24 x F masks].
+
+The file is read through :func:`qem.datasets.hdf5.open_hdf_store`, which never unpickles
+anything but numpy arrays and plain values. MIMIC-Extract writes ``patients`` in pandas' table
+format and ``vitals_labs`` in the fixed format; both formats are accepted for both keys.
 """
 
 from __future__ import annotations
@@ -41,10 +45,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import tables
 import torch
 from pandas.api.types import is_numeric_dtype
 
+from qem.datasets.hdf5 import open_hdf_store
 from qem.datasets.scenarios import Scenario
 from qem.datasets.synthetic_mimic import SYNTHETIC_KEY
 from qem.errors import DataError
@@ -127,13 +131,7 @@ def load_mimic_extract(path: str | Path, *, seed: int = 0) -> MimicCohort:
             f"no MIMIC-Extract file at {path}; pass the all_hourly_data.h5 that MIMIC-Extract "
             "wrote from your credentialed MIMIC-III copy (qem cannot download it)."
         )
-    try:
-        store = pd.HDFStore(path, mode="r")
-    except tables.HDF5ExtError:
-        raise DataError(
-            f"{path} is not a readable HDF5 file; pass MIMIC-Extract's all_hourly_data.h5."
-        ) from None
-    with store:
+    with open_hdf_store(path) as store:
         keys = set(store.keys())
         missing = {"/patients", "/vitals_labs"} - keys
         if missing:
