@@ -1,29 +1,36 @@
 """Loading a file never runs code it brings, and never reads more than its header declares.
 
 Each crafted file carries a HARMLESS payload: a pickle whose ``__reduce__`` touches a marker
-file in tmp_path. Loading must refuse the file with a qem error or leave the payload inert, and
-the marker must not exist afterwards.
+file in tmp_path (or a Python expression doing the same). Loading must refuse the file with a
+qem error, and the marker must not exist afterwards.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
+import json
 import pathlib
 import pickle
 import shutil
 import tracemalloc
 import warnings
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import tables
+import torch
 
+from qem.cli.main import main
 from qem.datasets.mimic import load_mimic_extract
 from qem.datasets.mnist import read_idx
 from qem.datasets.synthetic_mimic import write_synthetic_mimic
-from qem.errors import DataError
+from qem.errors import DataError, UnsupportedModelError
+from qem.model_files import load_exported_model
 
 
 class TouchOnUnpickle:
@@ -104,6 +111,128 @@ def test_h5_attribute_pickle_does_not_run(h5: Path, tmp_path: Path) -> None:
         cohort = load_mimic_extract(crafted)
     assert len(cohort.raw) > 0
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- torch.export archives
+
+
+def _export(path: Path) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    program = torch.export.export(
+        model, (torch.zeros(2, 4),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, path)
+    return model
+
+
+def _pickled(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _program(members: dict[str, bytes], edit: Callable[[dict], None]) -> None:
+    program = json.loads(members["models/model.json"])
+    edit(program)
+    members["models/model.json"] = json.dumps(program).encode()
+
+
+def _first_expression(program: dict, code: str) -> None:
+    stack: list = [program]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict) and "expr_str" in item:
+            item["expr_str"] = code
+            return
+        stack.extend(
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else []
+        )
+    raise AssertionError("the export has no symbolic expression")
+
+
+def _sample_inputs(members: dict[str, bytes], marker: Path) -> None:
+    members["data/sample_inputs/model.pt"] = _pickled(TouchOnUnpickle(marker))
+
+
+def _pickled_weight(members: dict[str, bytes], marker: Path) -> None:
+    config = json.loads(members["data/weights/model_weights_config.json"])
+    entry = config["config"]["0.weight"]
+    entry["use_pickle"] = True
+    members["data/weights/" + entry["path_name"]] = _pickled(TouchOnUnpickle(marker))
+    members["data/weights/model_weights_config.json"] = json.dumps(config).encode()
+
+
+def _sympy_expression(members: dict[str, bytes], marker: Path) -> None:
+    code = f"__import__('pathlib').Path('{marker}').touch()"
+    _program(members, lambda program: _first_expression(program, code))
+
+
+def _guard(members: dict[str, bytes], marker: Path) -> None:
+    code = f"__import__('pathlib').Path('{marker}').touch() is None"
+    _program(members, lambda program: program.update(guards_code=[code]))
+
+
+@pytest.mark.parametrize("craft", [_sample_inputs, _pickled_weight, _sympy_expression, _guard])
+def test_pt2_payload_is_refused_without_running(
+    tmp_path: Path, craft: Callable[[dict[str, bytes], Path], None]
+) -> None:
+    """Each payload runs under ``torch.export.load(...).module()`` (torch 2.13): a pickle that
+    torch loads with weights_only=False, a shape expression that sympy.sympify evaluates, a
+    guard that .module() executes."""
+    model = _export(tmp_path / "plain.pt2")
+    marker = tmp_path / "ran"
+    with zipfile.ZipFile(tmp_path / "plain.pt2") as archive:
+        root = archive.namelist()[0].split("/")[0]
+        members = {name.split("/", 1)[1]: archive.read(name) for name in archive.namelist()}
+    craft(members, marker)
+    with zipfile.ZipFile(tmp_path / "crafted.pt2", "w") as archive:
+        for name, data in members.items():
+            archive.writestr(f"{root}/{name}", data)
+    with pytest.raises(UnsupportedModelError, match=r"refuses this torch\.export archive"):
+        load_exported_model(tmp_path / "crafted.pt2")
+    assert not marker.exists()
+    loaded = load_exported_model(tmp_path / "plain.pt2")  # the untouched export loads
+    x = torch.randn(5, 4)
+    assert torch.allclose(loaded(x), model(x))
+
+
+def test_finetune_cli_refuses_a_crafted_pt2(tmp_path: Path, capsys) -> None:
+    _export(tmp_path / "plain.pt2")
+    marker = tmp_path / "ran"
+    with (
+        zipfile.ZipFile(tmp_path / "plain.pt2") as source,
+        zipfile.ZipFile(tmp_path / "crafted.pt2", "w") as target,
+    ):
+        for name in source.namelist():
+            data = source.read(name)
+            if name.endswith("data/sample_inputs/model.pt"):
+                data = _pickled(TouchOnUnpickle(marker))
+            target.writestr(name, data)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((8, 4), np.float32), y=np.arange(8) % 3)
+    argv = ["finetune", "--model", str(tmp_path / "crafted.pt2"), "--public", str(data)]
+    argv += ["--private", str(data), "--epsilon", "1", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "refuses this torch.export archive" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_pt2_with_unknown_members_or_not_a_zip_is_refused(tmp_path: Path) -> None:
+    _export(tmp_path / "plain.pt2")
+    with (
+        zipfile.ZipFile(tmp_path / "plain.pt2") as source,
+        zipfile.ZipFile(tmp_path / "aoti.pt2", "w") as target,
+    ):
+        root = source.namelist()[0].split("/")[0]
+        for name in source.namelist():
+            target.writestr(name, source.read(name))
+        target.writestr(f"{root}/data/aotinductor/model/model.so", b"\x7fELF")
+    with pytest.raises(UnsupportedModelError, match="aotinductor"):
+        load_exported_model(tmp_path / "aoti.pt2")
+    (tmp_path / "text.pt2").write_text("not a zip")
+    with pytest.raises(UnsupportedModelError, match=r"not a torch\.export archive"):
+        load_exported_model(tmp_path / "text.pt2")
 
 
 # ---------------------------------------------------------------- IDX files

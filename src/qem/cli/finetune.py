@@ -14,6 +14,7 @@ from qem.datasets.files import load_supervised_file
 from qem.errors import DataError, OutputExistsError, UnsupportedModelError
 from qem.finetune import fine_tune
 from qem.losses import LOSSES
+from qem.model_files import load_exported_model
 from qem.pretrain import evaluate_accuracy
 
 
@@ -92,7 +93,7 @@ def load_model(spec: str, state_dict: str | None) -> nn.Module:
     if spec.endswith(".pt2"):
         if not Path(spec).is_file():
             raise DataError(f"model file {spec} does not exist.")
-        model = torch.export.load(spec).module()
+        model = load_exported_model(spec)
     elif ":" in spec:
         module_name, _, factory_name = spec.partition(":")
         try:
