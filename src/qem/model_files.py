@@ -131,7 +131,7 @@ def check_export_archive(data: bytes, where: str = "model file") -> None:
             "torch.export.save(torch.export.export(model, (x,)), 'm.pt2')."
         ) from None
     roots = {name.split("/", 1)[0] for name in listed}
-    if len(listed) != len(set(listed)) or len(roots) != 1:
+    if len(listed) != len(set(listed)) or len(roots) != 1 or not all("/" in n for n in listed):
         _refuse(where, "its zip members are duplicated or not under one folder")
     if {name.split("/", 1)[1] for name in listed if "/" in name} != members:
         _refuse(where, "zip readers disagree on its members")
@@ -143,7 +143,12 @@ def check_export_archive(data: bytes, where: str = "model file") -> None:
         _refuse(where, "it holds no program models/model.json")
     for model in models:
         name = model[len(pt2.MODELS_DIR) : -len(".json")]
-        allowed |= _check_program(reader, name, where)
+        try:
+            allowed |= _check_program(reader, name, where)
+        except UnsupportedModelError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # malformed JSON
+            _refuse(where, f"its program {name!r} is malformed ({error!r})")
     unexpected = sorted(
         m for m in members - allowed if not (m.startswith(".data/") or m.startswith(pt2.EXTRA_DIR))
     )
@@ -152,20 +157,18 @@ def check_export_archive(data: bytes, where: str = "model file") -> None:
 
 
 def _check_program(reader: PT2ArchiveReader, name: str, where: str) -> set[str]:
-    """Check one program's JSON, payload configs and sample inputs; return its members."""
+    """Check one program's JSON, payload configs and sample inputs; return its members.
+    Malformed JSON surfaces as ValueError, KeyError, TypeError or AttributeError."""
     program_file = pt2.MODELS_FILENAME_FORMAT.format(name)
     weights_file = pt2.WEIGHTS_CONFIG_FILENAME_FORMAT.format(name)
     constants_file = pt2.CONSTANTS_CONFIG_FILENAME_FORMAT.format(name)
     inputs_file = pt2.SAMPLE_INPUTS_FILENAME_FORMAT.format(name)
     members = {program_file, weights_file, constants_file, inputs_file}
-    try:
-        program = json.loads(_read(reader, program_file, where))
-        payloads = {
-            pt2.WEIGHTS_DIR: json.loads(_read(reader, weights_file, where))["config"],
-            pt2.CONSTANTS_DIR: json.loads(_read(reader, constants_file, where))["config"],
-        }
-    except (ValueError, KeyError, TypeError) as error:
-        raise UnsupportedModelError(f"{where}: program {name!r} is malformed: {error}") from None
+    program = json.loads(_read(reader, program_file, where))
+    payloads = {
+        pt2.WEIGHTS_DIR: json.loads(_read(reader, weights_file, where))["config"],
+        pt2.CONSTANTS_DIR: json.loads(_read(reader, constants_file, where))["config"],
+    }
     sample_inputs = _read(reader, inputs_file, where)
     for directory, config in payloads.items():
         for fqn, meta in config.items():
