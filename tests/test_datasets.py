@@ -123,6 +123,23 @@ def test_npz_keras_keys_and_single_set(tmp_path: Path) -> None:
         load_mnist(tmp_path / "w.npz")
 
 
+def test_image_scale_is_decided_per_image(tmp_path: Path) -> None:
+    """Whether an image is read as [0, 1] or [0, 255] depends on that image alone, so one
+    (private) image on the other scale changes no other (public) image."""
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 784)).astype(np.float32)
+    y = np.arange(6) % 10
+    np.savez(tmp_path / "a.npz", x_train=x, y_train=y, x_test=x[:2], y_test=y[:2])
+    x_mixed = x.copy()
+    x_mixed[3] *= 255  # one image stored on the [0, 255] scale
+    np.savez(tmp_path / "b.npz", x_train=x_mixed, y_train=y, x_test=x[:2], y_test=y[:2])
+    a, b = load_mnist(tmp_path / "a.npz"), load_mnist(tmp_path / "b.npz")
+    others = [0, 1, 2, 4, 5]
+    assert torch.equal(a.train_x[others], b.train_x[others])
+    assert torch.equal(a.train_x[others].reshape(5, 784), torch.from_numpy(x[others]))
+    assert torch.allclose(b.train_x[3].reshape(784), torch.from_numpy(x[3]), atol=1e-6)
+
+
 def test_pickle_round_trip_and_refusal(tmp_path: Path) -> None:
     sets = [_tiny(n, n) for n in (5, 3, 2)]
     sets = [(x.reshape(len(x), 784).astype(np.float32) / 255, y) for x, y in sets]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from dataclasses import replace
 from itertools import product
 from pathlib import Path
 
@@ -18,7 +19,10 @@ from qem.datasets.mimic import (
     impute,
     load_mimic_extract,
     mimic_careunit_scenario,
+    observed_statistics,
+    split_subjects,
 )
+from qem.datasets.scenarios import Scenario
 from qem.datasets.synthetic_mimic import write_synthetic_mimic
 from qem.errors import DataError, NonFiniteError
 from qem.models import build_model
@@ -71,18 +75,46 @@ def test_window_masks_and_standardisation(
     means = means.droplevel(["subject_id", "hadm_id"])
     grid = pd.MultiIndex.from_tuples(list(product(cohort.icustay_id, range(24))))
     expected = means.reindex(grid).to_numpy().reshape(len(cohort.icustay_id), 24, -1)
-    assert cohort.values.shape == expected.shape and cohort.feature_names == list(means.columns)
+    assert cohort.raw.shape == expected.shape and cohort.feature_names == list(means.columns)
+    assert np.array_equal(cohort.raw, expected.astype(np.float32), equal_nan=True)
     observed = ~np.isnan(expected)
     assert np.array_equal(cohort.mask, observed.astype(np.float32))
     assert 0.05 < cohort.mask.mean() < 0.95
-    standardised = (expected - cohort.feature_mean) / cohort.feature_std
-    assert np.allclose(cohort.values[observed], standardised[observed], atol=1e-5)
-    train = expected[cohort.split == "train"]
-    assert np.allclose(cohort.feature_mean, np.nanmean(train, axis=(0, 1)))
-    assert np.allclose(cohort.feature_std, np.nanstd(train, axis=(0, 1)))
-    features = cohort.features()
-    assert features.shape == (len(cohort.values), 2 * 24 * len(cohort.feature_names))
-    assert not torch.isnan(features).any() and not np.isnan(cohort.values).any()
+    reference = cohort.rows("train", {"SICU"})
+    mean = np.nanmean(expected[reference], axis=(0, 1))
+    std = np.nanstd(expected[reference], axis=(0, 1))
+    assert np.allclose(observed_statistics(cohort.raw[reference])[0], mean)
+    assert np.allclose(observed_statistics(cohort.raw[reference])[1], std)
+    values = cohort.standardised(reference)
+    standardised = (expected - mean) / std
+    assert np.allclose(values[observed], standardised[observed], atol=1e-5)
+    assert not np.allclose(values, cohort.standardised(cohort.rows("train", {"CCU"})))
+    features = cohort.features(reference)
+    n, width = len(cohort.raw), 24 * len(cohort.feature_names)
+    assert features.shape == (n, 2 * width) and features.dtype == torch.float32
+    assert torch.equal(features[:, :width], torch.from_numpy(values.reshape(n, -1)))
+    assert torch.equal(features[:, width:], torch.from_numpy(cohort.mask.reshape(n, -1)))
+    assert not torch.isnan(features).any()
+
+
+def test_variable_never_observed_in_reference_rows_is_zero() -> None:
+    raw = np.full((3, 24, 2), np.nan, dtype=np.float32)
+    raw[:, :, 0] = np.arange(3)[:, None]
+    raw[2, 5, 1] = 130.0  # observed only outside the reference rows
+    cohort = MimicCohort(
+        raw=raw,
+        labels={},
+        subject_id=np.arange(3),
+        icustay_id=np.arange(3),
+        care_unit=np.array(["A", "A", "B"]),
+        split=np.array(["train"] * 3),
+        feature_names=["x", "y"],
+        synthetic=True,
+        source="",
+    )
+    values = cohort.standardised(np.array([0, 1]))
+    assert np.array_equal(values[:, 0, 0], [-1.0, 1.0, 3.0])  # mean 0.5, std 0.5
+    assert not values[:, :, 1].any() and cohort.mask[2, 5, 1] == 1
 
 
 def test_split_by_subject(h5: Path, cohort: MimicCohort) -> None:
@@ -92,12 +124,17 @@ def test_split_by_subject(h5: Path, cohort: MimicCohort) -> None:
     assert not (groups["train"] & groups["valid"] or groups["train"] & groups["test"])
     assert not groups["valid"] & groups["test"]
     n = len(cohort.subject_id)
-    assert len(groups["train"]) == n * 7 // 10
-    assert len(groups["valid"]) == n * 8 // 10 - n * 7 // 10
+    for split, share in (("train", 0.7), ("valid", 0.1), ("test", 0.2)):
+        assert abs(len(groups[split]) / n - share) < 0.06
     with pytest.warns(UserWarning, match="SYNTHETIC"):
         other = load_mimic_extract(h5, seed=1)
     assert not np.array_equal(other.split, cohort.split)
     assert np.array_equal(other.icustay_id, cohort.icustay_id)
+    # a subject's split depends on no other subject: split half of them on their own
+    half = np.arange(0, n, 2)
+    assert np.array_equal(split_subjects(cohort.subject_id[half], 0), cohort.split[half])
+    repeated = np.repeat(cohort.subject_id[:5], 3)
+    assert np.array_equal(split_subjects(repeated, 0), np.repeat(cohort.split[:5], 3))
 
 
 def test_impute_rules() -> None:
@@ -130,12 +167,47 @@ def test_careunit_scenario(cohort: MimicCohort) -> None:
     }
     x, y = scenario.private_train
     rows = scenario.indices["private_train"].numpy()
-    assert torch.equal(x, cohort.features()[rows])
+    assert torch.equal(x, cohort.features(scenario.indices["public_train"].numpy())[rows])
     assert torch.equal(y, torch.from_numpy(cohort.labels["mort_icu"][rows]))
     with pytest.raises(DataError, match="choose one of"):
         mimic_careunit_scenario(cohort, "mort_icu", public_unit="NICU")
     with pytest.raises(DataError, match="unknown MIMIC task"):
         mimic_careunit_scenario(cohort, "los_7")
+
+
+def _public_inputs(scenario: Scenario) -> list[torch.Tensor]:
+    return [*scenario.public_train, *scenario.public_valid]
+
+
+def test_public_inputs_do_not_depend_on_private_stays(
+    cohort: MimicCohort, raw: tuple[pd.DataFrame, pd.DataFrame], tmp_path: Path
+) -> None:
+    """Changing a private stay's hourly values, or dropping a private stay from the cohort,
+    leaves every public tensor bit-identical (standardisation and split read no private row)."""
+    before = mimic_careunit_scenario(cohort, "mort_icu", public_unit="MICU")
+    private_rows = before.indices["private_train"].numpy()
+    changed, dropped = cohort.icustay_id[private_rows[:2]]
+    # in the loaded cohort's raw values
+    shifted = cohort.raw.copy()
+    shifted[private_rows[0]] += 1000.0
+    after = mimic_careunit_scenario(replace(cohort, raw=shifted), "mort_icu", public_unit="MICU")
+    assert not torch.equal(before.private_train[0], after.private_train[0])
+    for old, new in zip(_public_inputs(before), _public_inputs(after), strict=True):
+        assert torch.equal(old, new)
+    # in the raw file: one private stay's values shifted, another one made ineligible (age 10)
+    patients, vitals = raw[0].copy(), raw[1].copy()
+    means = [column for column in vitals.columns if column[1] == "mean"]
+    vitals.loc[vitals.index.get_level_values("icustay_id") == changed, means] += 1000.0
+    patients.loc[patients.index.get_level_values("icustay_id") == dropped, "age"] = 10.0
+    edited = tmp_path / "edited.h5"
+    with pd.HDFStore(edited, "w") as store, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the level name "Aggregation Function"
+        store.put("patients", patients, format="table")
+        store.put("vitals_labs", vitals)
+    from_file = mimic_careunit_scenario(edited, "mort_icu", public_unit="MICU")
+    assert len(from_file.private_train[1]) == len(private_rows) - 1
+    for old, new in zip(_public_inputs(before), _public_inputs(from_file), strict=True):
+        assert torch.equal(old, new)
 
 
 @pytest.mark.parametrize("task", ["mort_icu", "los_3"])

