@@ -430,6 +430,7 @@ class _Run:
     validation_source: dict
     subspace_draw: int = -1
     noise_source: dict | None = None
+    epsilons: dict[int, float] = field(default_factory=dict)
     releases: list[np.ndarray] = field(default_factory=list)
     previews: list[dict] = field(default_factory=list)
     pending: list[dict] = field(default_factory=list)
@@ -440,7 +441,13 @@ class _Run:
         """The accountant's epsilon of the whole planned run, computed from public numbers
         before any private data is read, so that an accounting failure cannot lose a
         release."""
-        return spent_epsilon(self.plan, self.plan.schedule.total_rounds)
+        return self.spent(self.plan.schedule.total_rounds)
+
+    def spent(self, completed: int) -> float:
+        """``spent_epsilon`` of the first ``completed`` rounds, computed once per count."""
+        if completed not in self.epsilons:
+            self.epsilons[completed] = spent_epsilon(self.plan, completed)
+        return self.epsilons[completed]
 
     def add_release(
         self,
@@ -534,13 +541,13 @@ class _Run:
             )
         elif mode == "gdp":
             guarantee = (
-                f"({self.ledger.epsilon():.6g}, {budget.delta:.3g})-DP for "
+                f"({self.spent(len(records)):.6g}, {budget.delta:.3g})-DP for "
                 f"{budget.adjacency.value} neighbours by dp-accounting's PLD accountant "
                 "(Poisson-subsampled Gaussian rounds)"
             )
         else:
             guarantee = (
-                f"pure {self.ledger.epsilon():.6g}-DP for {budget.adjacency.value} neighbours: "
+                f"pure {self.spent(len(records)):.6g}-DP for {budget.adjacency.value} neighbours: "
                 "exponential mechanism restricted to {w : ||w||_A <= R} (McSherry & Talwar "
                 "2007), basic composition; the number of rejections is a timing side channel"
             )
@@ -558,7 +565,7 @@ class _Run:
             mu=mu,
             accountant={
                 "name": "dp_accounting PLD" if mode == "gdp" else "basic composition",
-                "epsilon": self.ledger.epsilon(),
+                "epsilon": self.spent(len(records)),
                 "delta": budget.delta if mode == "gdp" else 0.0,
                 **self.ledger.to_dict(),
             },
