@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from qem import __version__
-from qem.cli import demo, experiment, finetune, preview
+from qem.cli import audit, demo, experiment, finetune, preview
 from qem.errors import QemError
 
-SUBCOMMANDS = (preview, finetune, demo, experiment)
+SUBCOMMANDS = (preview, finetune, demo, experiment, audit)
 
 
 def build_parser() -> argparse.ArgumentParser:
