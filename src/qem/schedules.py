@@ -129,6 +129,10 @@ class Schedule(ABC):
     def _plan(self, budget: Budget, n: int, N: float, seed: int | None) -> Plan:
         """The calibrated plan (mode and adjacency already checked)."""
 
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v}" for k, v in self.describe().items() if k != "kind")
+        return f"{type(self).__name__}({fields})"
+
     def describe(self) -> dict:
         """The schedule's public parameters."""
         return {
