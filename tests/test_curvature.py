@@ -316,8 +316,8 @@ def test_concave_output_loss_is_not_positive_definite():
     def concave(outputs, targets):
         return -10.0 * squared_error(outputs, targets)
 
-    with pytest.raises(CurvatureError, match="positive definite"):
-        GaussNewton(GAMMA, progress=False).matrix(
+    with pytest.raises(CurvatureError, match=r"positive definite.*convex"):
+        GaussNewton(GAMMA, progress=False).quadratic(
             model, concave, DenseTestSubspace(model, K), data_for("mlp", squared_error)
         )
 

@@ -39,7 +39,7 @@ from qem.errors import InvalidParameterError, SpentBudgetError
 from qem.io import save_run
 from qem.linesearch import line_search_step
 from qem.losses import check_per_example_loss
-from qem.mechanism import PublicQuadratic, QuadraticExponentialMechanism, SecureNoise
+from qem.mechanism import QuadraticExponentialMechanism, SecureNoise
 from qem.parameters import check_finite_parameters
 from qem.privacy.gdp import check_delta, check_epsilon, gdp_epsilon
 from qem.privacy.ledger import PrivacyLedger, spent_epsilon
@@ -216,7 +216,7 @@ def fine_tune(
             quadratic = None
         run.subspace_draw = executed.subspace_draw
         if quadratic is None or t % curvature_every == 0:
-            quadratic = PublicQuadratic.from_matrix(curv.matrix(current, loss_fn, basis, public))
+            quadratic = curv.quadratic(current, loss_fn, basis, public)
             clock.lap("curvature")
             if clip_norm is None:
                 C = public_clip_norm(

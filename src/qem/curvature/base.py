@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from qem.data import DataHasher, DataLike, batches, num_examples
 from qem.errors import CurvatureError, InvalidParameterError, NonFiniteError
 from qem.losses import check_per_example_loss
+from qem.mechanism.clipping import PublicQuadratic
 from qem.parameters import check_finite_parameters
 from qem.privacy.sensitivity import check_positive
 from qem.subspace.base import LossFn, Subspace
@@ -62,7 +63,22 @@ class Curvature(ABC):
     def matrix(
         self, model: nn.Module, loss_fn: LossFn, subspace: Subspace, public_data: DataLike
     ) -> np.ndarray:
-        """A = P^T H0 P + gamma I_k as a symmetric positive definite float64 (k, k) array."""
+        """A = P^T H0 P + gamma I_k as a symmetric float64 (k, k) array (``quadratic`` checks
+        that it is positive definite and factors it)."""
+
+    def quadratic(
+        self, model: nn.Module, loss_fn: LossFn, subspace: Subspace, public_data: DataLike
+    ) -> PublicQuadratic:
+        """``matrix`` checked and factored once (PublicQuadratic): the object every later stage
+        of a round uses. Raises CurvatureError when A is not positive definite."""
+        A = self.matrix(model, loss_fn, subspace, public_data)
+        try:
+            return PublicQuadratic.from_matrix(A)
+        except CurvatureError as error:
+            raise CurvatureError(
+                f"{error} ('ggn' needs a loss that is convex in the model's outputs; 'hessian' "
+                "clamps negative eigenvalues instead.)"
+            ) from None
 
     def describe(self) -> dict:
         """Public description of A for the privacy report (data fields filled in by ``matrix``)."""
@@ -99,7 +115,8 @@ class DataCurvature(Curvature):
     def matrix(
         self, model: nn.Module, loss_fn: LossFn, subspace: Subspace, public_data: DataLike
     ) -> np.ndarray:
-        """A = P^T H0 P + gamma I_k, float64 (k, k), symmetric positive definite.
+        """A = P^T H0 P + gamma I_k, float64 (k, k), symmetric (positive definiteness is
+        checked once, by ``quadratic``).
 
         H0 = (1/n) sum_i H_i over the n public examples. The model is used in eval mode and is
         left exactly as it was passed.
@@ -134,13 +151,6 @@ class DataCurvature(Curvature):
         curvature = (total / hasher.n).numpy()
         curvature = self.postprocess(0.5 * (curvature + curvature.T))
         A = 0.5 * (curvature + curvature.T) + self.damping * np.eye(subspace.k)
-        smallest = float(np.linalg.eigvalsh(A)[0])
-        if not smallest > 0:
-            raise CurvatureError(
-                f"A = P^T H0 P + gamma I is not positive definite (smallest eigenvalue "
-                f"{smallest:.3g}). Increase the damping; 'ggn' also needs a loss that is convex in "
-                "the model's outputs ('hessian' clamps negative eigenvalues instead)."
-            )
         self.n_public = hasher.n
         self.public_data_fingerprint = hasher.hexdigest()
         return A
