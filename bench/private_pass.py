@@ -90,10 +90,10 @@ def main() -> None:
                     batch_size=args.batch_size,
                     progress=False,
                 )
-            s = result.report["seconds"]
+            s = result.diagnostics.seconds
             row = (
                 kind,
-                result.report["k"],
+                result.report.k,
                 f"{s['curvature']:.1f}",
                 f"{s['clip_norm']:.1f}",
                 f"{s['private_pass']:.1f}",

@@ -69,8 +69,8 @@ def main() -> None:
         seconds = time.perf_counter() - tic
         test = evaluate_accuracy(result.model, scenario.test)
         valid = evaluate_accuracy(result.model, scenario.public_valid)
-        steps = ", ".join(f"{a:.3g}" for a in result.report["step_lengths"])
-        phases = ", ".join(f"{k} {v:.1f}" for k, v in result.report["seconds"].items())
+        steps = ", ".join(f"{a:.3g}" for a in result.report.step_lengths)
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in result.diagnostics.seconds.items())
         print(
             f"| `{json.dumps(config)}` | {test:.4f} | {valid:.4f} | {seconds:.1f} | {steps} | "
             f"{phases} |",

@@ -45,7 +45,15 @@ from qem.privacy.gdp import check_delta, check_epsilon, gdp_epsilon
 from qem.privacy.ledger import PrivacyLedger, spent_epsilon
 from qem.privacy.sensitivity import Adjacency, ClipNorm, check_positive
 from qem.report import Diagnostics, PrivacyReport, RoundRecord
-from qem.schedules import Budget, Plan, Round, Schedule, partitioned, sequential
+from qem.schedules import (
+    Budget,
+    Plan,
+    Round,
+    Schedule,
+    make_schedule,
+    partitioned,
+    sequential,
+)
 from qem.statistics import InvalidRecords, check_targets, private_gradient_sum, public_clip_norm
 from qem.subspace.base import LossFn, Subspace
 from qem.subspace.factory import make_subspace
@@ -90,7 +98,7 @@ def fine_tune(
     *,
     epsilon: float,
     delta: float | None = 1e-5,
-    schedule: Schedule | None = None,
+    schedule: Schedule | dict | None = None,
     rounds: int = 1,
     resample_subspace: bool = False,
     partition_rounds: bool = False,
@@ -122,9 +130,10 @@ def fine_tune(
     """Fine-tune ``model`` on ``private_data`` with a differential-privacy guarantee.
 
     The returned model is a copy; the input model is not modified (not even its buffers or
-    train/eval flag). ``schedule`` (qem.schedules.sequential / partitioned / poisson) says
-    which records each round reads and how the budget is spent; without it, ``rounds``,
-    ``resample_subspace`` and ``partition_rounds`` build a sequential or partitioned one.
+    train/eval flag). ``schedule`` (qem.schedules.sequential / partitioned / poisson, or its
+    JSON form {"kind": "poisson", "sampling_rate": q, "rounds": T}) says which records each
+    round reads and how the budget is spent; without it, ``rounds``, ``resample_subspace`` and
+    ``partition_rounds`` build a sequential or partitioned one.
     ``seed`` makes the noise (and Poisson sampling) reproducible and is recorded as such in
     the report; by default both come from operating-system entropy. ``secure_noise`` draws
     every normal from the operating system's CSPRNG by an inverse CDF and snaps the release to a
@@ -301,15 +310,11 @@ def fine_tune(
 
 
 def _resolve_schedule(
-    schedule: Schedule | None, rounds: int, resample_subspace: bool, partition_rounds: bool
+    schedule: Schedule | dict | None, rounds: int, resample_subspace: bool, partition_rounds: bool
 ) -> Schedule:
     """``schedule`` itself, or the one the shortcuts describe."""
     if schedule is not None:
-        if not isinstance(schedule, Schedule):
-            raise InvalidParameterError(
-                f"schedule must be built by qem.schedules (sequential, partitioned, poisson), "
-                f"got {schedule!r}."
-            )
+        schedule = make_schedule(schedule)
         if rounds != 1 or resample_subspace or partition_rounds:
             raise InvalidParameterError(
                 "give either schedule= or the shortcuts rounds=/resample_subspace=/"

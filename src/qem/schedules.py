@@ -25,6 +25,7 @@ prefix of them cost. Everything here is numpy and dp-accounting; nothing knows a
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from abc import ABC, abstractmethod
@@ -437,3 +438,25 @@ def poisson(sampling_rate: float, rounds: int, *, resample_every: int | None = 1
 
 
 SCHEDULES: dict[str, type[Schedule]] = {cls.kind: cls for cls in (Sequential, Partitioned, Poisson)}
+
+
+def make_schedule(spec: Schedule | dict) -> Schedule:
+    """A schedule from its JSON form, e.g. {"kind": "poisson", "sampling_rate": 0.02,
+    "rounds": 50, "resample_every": 1} (configs and the command line), or the schedule
+    itself."""
+    if isinstance(spec, Schedule):
+        return spec
+    if not isinstance(spec, dict) or spec.get("kind") not in SCHEDULES:
+        raise InvalidParameterError(
+            f"a schedule is one of {sorted(SCHEDULES)} given as {{'kind': ..., parameters}}, "
+            f"got {spec!r}."
+        )
+    cls = SCHEDULES[spec["kind"]]
+    parameters = {k: v for k, v in spec.items() if k != "kind"}
+    accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
+    unknown = sorted(set(parameters) - set(accepted))
+    if unknown:
+        raise InvalidParameterError(
+            f"the {spec['kind']} schedule takes no parameters {unknown}; it accepts {accepted}."
+        )
+    return cls(**parameters)
