@@ -187,9 +187,11 @@ class Plan(ABC):
 
 
 class _UniformPlan(Plan):
-    """Rounds with one privacy parameter each. GDP with mu_round: each round is a
-    GaussianDpEvent(1/mu_round) under ADD_OR_REMOVE_ONE, the factor s being inside mu_round
-    (docs/theory.md §10). Pure epsilon per round: each round is binary randomized response
+    """Rounds with one privacy parameter each. GDP with mu_round = s / z: each round is a
+    GaussianDpEvent(z) under the adjacency's own relation (dp-accounting's PLD accountant
+    doubles the shift under REPLACE_ONE, which is the s = 2), the convention of the Poisson
+    schedule and of DP-SGD, so that every qem and DP-SGD event of one adjacency composes under
+    one relation (docs/theory.md §13, deviation (f)). Pure epsilon per round: each round is binary randomized response
     with likelihood ratio e^eps (noise parameter 2 / (1 + e^eps)), whose privacy profile
     dominates that of every eps-DP mechanism (Kairouz, Oh & Viswanath 2015); dp-accounting
     accounts it under REPLACE_ONE whatever qem's adjacency. The reported epsilon of pure rounds
@@ -212,7 +214,7 @@ class _UniformPlan(Plan):
     def relation(self) -> dp_accounting.NeighboringRelation:
         if self.round_mu is None:  # dp-accounting accounts randomized response as REPLACE_ONE
             return dp_accounting.NeighboringRelation.REPLACE_ONE
-        return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+        return neighboring_relation(self.budget.adjacency)
 
     def releases_per_record(self, completed: int) -> int:
         """How many of the first ``completed`` rounds read any one record (at most)."""
@@ -240,7 +242,7 @@ class _UniformPlan(Plan):
         if releases == 0:
             return dp_event.NoOpDpEvent()
         if self.round_mu is not None:
-            one = dp_event.GaussianDpEvent(1.0 / self.round_mu)
+            one = dp_event.GaussianDpEvent(self.noise_multiplier)
         else:  # binary randomized response with ratio e^eps dominates every eps-DP mechanism
             p = 2.0 / (1.0 + math.exp(self.round_epsilon))
             one = dp_event.RandomizedResponseDpEvent(noise_parameter=p, num_buckets=2)
