@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from qem.errors import DataError, ShapeError
 
@@ -38,14 +38,32 @@ def batches(
     Tensor datasets are indexed directly (much faster than item-by-item collation)."""
     dataset = as_dataset(data, name)
     shuffle = generator is not None
-    if isinstance(dataset, TensorDataset):
+    tensors, index = _tensor_view(dataset)
+    if tensors is not None:
         n = len(dataset)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        inputs, targets = dataset.tensors
+        if index is not None:
+            order = index[order]
+        inputs, targets = tensors
         for rows in order.split(batch_size):
             yield inputs[rows], targets[rows]
     else:
         yield from DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def _tensor_view(
+    dataset: Dataset,
+) -> tuple[tuple[torch.Tensor, ...] | None, torch.Tensor | None]:
+    """(tensors, rows) when ``dataset`` is a TensorDataset or a (nested) Subset of one, so that
+    batches can be gathered by indexing; (None, None) otherwise."""
+    index = None
+    while isinstance(dataset, Subset):
+        rows = torch.as_tensor(list(dataset.indices), dtype=torch.long)
+        index = rows if index is None else rows[index]
+        dataset = dataset.dataset
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors, index
+    return None, None
 
 
 def num_examples(data: DataLike) -> int:
