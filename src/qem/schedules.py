@@ -191,8 +191,9 @@ class _UniformPlan(Plan):
     GaussianDpEvent(z) under the adjacency's own relation (dp-accounting's PLD accountant
     doubles the shift under REPLACE_ONE, which is the s = 2), the convention of the Poisson
     schedule and of DP-SGD, so that every qem and DP-SGD event of one adjacency composes under
-    one relation (docs/theory.md §13, deviation (f)). Pure epsilon per round: each round is binary randomized response
-    with likelihood ratio e^eps (noise parameter 2 / (1 + e^eps)), whose privacy profile
+    one relation (docs/theory.md §13, deviation (f)). Pure epsilon per round: each round is
+    binary randomized response with likelihood ratio e^eps (noise parameter 2 / (1 + e^eps)),
+    whose privacy profile
     dominates that of every eps-DP mechanism (Kairouz, Oh & Viswanath 2015); dp-accounting
     accounts it under REPLACE_ONE whatever qem's adjacency. The reported epsilon of pure rounds
     is their sum (basic composition)."""
