@@ -7,22 +7,34 @@ import argparse
 import json
 import math
 import re
+import shlex
 import statistics
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from qem.baselines.registry import METHODS
 from qem.cli import experiment as experiment_cli
 from qem.datasets.scenarios import Scenario
 from qem.errors import InvalidParameterError, OutputExistsError
+from qem.experiments import report as report_module
 from qem.experiments import runner as runner_module
 from qem.experiments.config import load_config, parse_config
 from qem.experiments.report import write_report
-from qem.experiments.runner import Registry, run_experiment, write_json_atomic
-from qem.finetune import FineTuneResult
+from qem.experiments.runner import (
+    CellFailedError,
+    Registry,
+    accepted_hyperparameters,
+    default_registry,
+    run_experiment,
+    write_json_atomic,
+)
+from qem.finetune import FineTuneResult, fine_tune
+from qem.io import load as load_saved_run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "experiments"
 REPO = Path(__file__).parent.parent
@@ -50,23 +62,28 @@ def toy_scenario(seed: int = 0) -> Scenario:
 
 class Fakes:
     """A registry whose method sets the model to the true weights when ``good`` is True (zeros
-    otherwise, which predicts class 0), counts its calls and fails on call ``fail_at``."""
+    otherwise, which predicts class 0), records its calls with the noise it would draw (from
+    its seed, and from torch's global generator) and raises ``error`` on call ``fail_at``."""
 
-    def __init__(self, fail_at: int | None = None) -> None:
+    def __init__(self, fail_at: int | None = None, error: BaseException | None = None) -> None:
         self.fail_at = fail_at
+        self.error = error or RuntimeError("simulated crash")
         self.calls: list[dict] = []
         self.pretrained: list[nn.Module] = []
         self.scenario = toy_scenario()
 
     def method(self, model, loss_fn, public_data, private_data, *, epsilon, delta, adjacency,
                validation_data, seed, progress, good=False, scale=1.0):  # fmt: skip
-        self.calls.append({"epsilon": epsilon, "seed": seed, "good": good, "model": model})
+        noise = float(np.random.default_rng(seed).standard_normal())
+        self.calls.append({"epsilon": epsilon, "seed": seed, "good": good, "model": model,
+                           "noise": noise, "torch_noise": float(torch.randn(()))})  # fmt: skip
         if len(self.calls) == self.fail_at:
-            raise RuntimeError("simulated crash")
+            raise self.error
         with torch.no_grad():
             target = self.scenario.true_weight if good else torch.zeros_like(model.weight)
             model.weight.copy_(scale * target)
-        return FineTuneResult(model, {"epsilon": epsilon, "delta": delta, "seed": seed})
+        report = {"epsilon": epsilon, "delta": delta, "seed": seed, "noise": noise}
+        return FineTuneResult(model, report)
 
     def none(self, model, loss_fn, public_data, private_data, **kwargs):
         self.calls.append({"epsilon": kwargs["epsilon"], "seed": kwargs["seed"], "model": model})
@@ -159,7 +176,9 @@ def test_cell_records_the_choice_on_public_validation_and_the_test_metric(tmp_pa
     assert record["valid_metric"] == 1.0
     assert (record["metric"], record["metric_name"]) == (1.0, "accuracy")
     assert (record["epsilon"], record["delta"], record["seed"]) == (2.0, 1e-5, 3)
-    assert record["report"] == {"epsilon": 2.0, "delta": 1e-5, "seed": 3}
+    assert record["report"] == {"epsilon": 2.0, "delta": 1e-5, "seed": None,
+                                "noise": fakes.calls[1]["noise"]}  # fmt: skip
+    assert (record["reproducible"], record["noise_seed"]) == (False, None)
     assert set(record["seconds"]) == {"tuning", "fine_tune", "evaluate", "total"}
     assert record["seconds"]["total"] >= record["seconds"]["tuning"] >= 0
     assert record["peak_memory_mb"] > 0
@@ -241,6 +260,8 @@ def test_unknown_names_and_hyperparameters_fail_before_any_work(tmp_path):
         ({"methods": [{"name": "fake", "grid": {"k": [1]}, "fixed": {"k": 2}}]}, "both grid"),
         ({"methods": [{"name": "fake"}, {"name": "fake"}]}, "method labels must be unique"),
         ({"methods": [{"name": "fake", "label": "a__b"}]}, "no '__'"),
+        ({"methods": [{"name": "fake", "fixed": {"noise": False}}]}, "for tests only"),
+        ({"reproducible": "yes"}, "reproducible must be true or false"),
     ],
 )
 def test_config_validation_errors_say_what_to_change(change, message):
@@ -353,6 +374,7 @@ def test_report_tables_equal_the_fixture_cells_and_plots_are_png(tmp_path):
     ratio = tables[("mnist_s1", "Seconds ratio DP-SGD / qem")]["dpsgd / qem_T2"]
     assert float(ratio["ε = 1"]) == pytest.approx(42.0 / 2.5, abs=0.005)
     assert "## mimic_mort_icu (SYNTHETIC" in markdown
+    assert "cells present" not in markdown  # no config.json: the whole sweep is unknown
     for path in written[1:]:
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         height, width, _ = matplotlib.image.imread(path).shape
@@ -364,8 +386,7 @@ def test_cli_run_and_report(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(runner_module, "default_registry", fakes.registry)
     config_path = tmp_path / "toy.json"
     config_path.write_text(json.dumps(toy_config()))
-    parser = argparse.ArgumentParser(prog="qem")
-    experiment_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    parser = experiment_parser()
     run_dir = tmp_path / "run"
     args = parser.parse_args(["experiment", "run", str(config_path), "--out", str(run_dir),
                               "--no-progress"])  # fmt: skip
@@ -377,3 +398,184 @@ def test_cli_run_and_report(tmp_path, monkeypatch, capsys):
     assert markdown.startswith("# Experiment results: toy")
     assert "| fake_grid | 1.0000 ± 0.0000 | 1.0000 ± 0.0000 | — |" in markdown
     assert str(tmp_path / "r" / "seconds.png") in capsys.readouterr().out
+
+
+def experiment_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qem")
+    experiment_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def single_cell_config(**changes) -> dict:
+    """One cell of the fake method with grid good = [False, True]."""
+    return toy_config(methods=toy_config()["methods"][:1], epsilons=[1], seeds=[0], **changes)
+
+
+def test_noise_is_fresh_for_every_release_unless_the_sweep_is_reproducible(tmp_path):
+    runs = {}
+    for run, reproducible in (("a", False), ("b", False), ("c", True), ("d", True)):
+        fakes = Fakes()
+        config = toy_config(reproducible=reproducible)
+        run_experiment(config, tmp_path / run, progress=False, registry=fakes.registry())
+        runs[run] = [call for call in fakes.calls if "noise" in call]
+        assert len(runs[run]) == 2 * 2 * 2  # epsilons x seeds x grid points
+        for source in ("noise", "torch_noise"):  # the method's own draw; torch's global one
+            draws = [call[source] for call in runs[run]]
+            assert len(set(draws)) == len(draws)  # no two releases of a sweep share noise
+    draws = {run: {call[s] for call in calls for s in ("noise", "torch_noise")}
+             for run, calls in runs.items()}  # fmt: skip
+    assert not draws["a"] & draws["b"]  # OS entropy: a rerun draws new noise
+    assert all(call["seed"] is None for call in runs["a"] + runs["b"])
+    assert draws["c"] == draws["d"] and not draws["c"] & draws["a"]  # reproducible reruns
+    assert [c["seed"] for c in runs["c"]] == [c["seed"] for c in runs["d"]]
+    seeds = [call["seed"] for call in runs["c"]]
+    assert all(isinstance(seed, int) for seed in seeds) and len(set(seeds)) == len(seeds)
+    for run, reproducible in (("a", False), ("c", True)):
+        for path in (tmp_path / run / "cells").glob("toy__fake_grid__*.json"):
+            record = json.loads(path.read_text())
+            assert record["reproducible"] is reproducible
+            grid_seeds = [entry["noise_seed"] for entry in record["grid_scores"]]
+            assert record["noise_seed"] == grid_seeds[1] == record["report"]["seed"]  # chosen
+            assert all((seed is None) is (not reproducible) for seed in grid_seeds)
+
+
+def test_a_sweep_resumes_only_with_the_noise_setting_it_started_with(tmp_path):
+    run_experiment(toy_config(seeds=[0]), tmp_path, progress=False, registry=Fakes().registry())
+    fakes = Fakes()
+    with pytest.raises(OutputExistsError, match="reproducible = False, this run has True"):
+        run_experiment(toy_config(seeds=[0], reproducible=True), tmp_path, progress=False,
+                       registry=fakes.registry())  # fmt: skip
+    path = tmp_path / "cells" / "toy__fake_grid__eps1.0__seed0.json"
+    record = json.loads(path.read_text())
+    del record["reproducible"]  # as written before cells recorded it
+    path.write_text(json.dumps(record))
+    with pytest.raises(OutputExistsError, match="before cells recorded how their noise"):
+        run_experiment(toy_config(seeds=[0]), tmp_path, progress=False, registry=fakes.registry())
+    assert fakes.calls == []
+
+
+def test_cli_reproducible_flag_reaches_the_config(tmp_path, monkeypatch):
+    fakes = Fakes()
+    monkeypatch.setattr(runner_module, "default_registry", fakes.registry)
+    config_path = tmp_path / "toy.json"
+    config_path.write_text(json.dumps(toy_config()))  # no "reproducible" key: false
+    run_dir = tmp_path / "run"
+    args = experiment_parser().parse_args(
+        ["experiment", "run", str(config_path), "--out", str(run_dir), "--no-progress",
+         "--reproducible"]
+    )  # fmt: skip
+    assert args.handler(args) == 0
+    assert json.loads((run_dir / "config.json").read_text())["reproducible"] is True
+    records = [json.loads(p.read_text()) for p in (run_dir / "cells").glob("*.json")]
+    assert len(records) == 6 and all(record["reproducible"] is True for record in records)
+    assert all(isinstance(call["seed"], int) for call in fakes.calls)
+
+
+def test_releases_reach_disk_before_scoring_and_a_failed_cell_names_them(tmp_path, monkeypatch):
+    def unreadable_test_set(*args, **kwargs):
+        raise RuntimeError("test set unreadable")
+
+    monkeypatch.setattr(runner_module, "evaluate_loss", unreadable_test_set)
+    fakes = Fakes()
+    config = single_cell_config()
+    partial = tmp_path / "cells" / "toy__fake_grid__eps1.0__seed0.partial"
+    with pytest.raises(CellFailedError, match=re.escape(str(partial))) as caught:
+        run_experiment(config, tmp_path, progress=False, registry=fakes.registry())
+    assert "test set unreadable" in str(caught.value) and caught.value.saved == partial
+    assert not (tmp_path / "cells" / "toy__fake_grid__eps1.0__seed0.json").exists()
+    targets = [torch.zeros(CLASSES, FEATURES, dtype=torch.float64), fakes.scenario.true_weight]
+    seconds = []
+    for index, target in enumerate(targets):
+        saved = load_saved_run(partial / f"point{index}")  # the released model and report
+        assert torch.equal(saved.state_dict["weight"], target)
+        assert saved.report["noise"] == fakes.calls[index]["noise"]
+        record = json.loads((partial / f"point{index}.json").read_text())
+        assert record["hyperparameters"] == {"good": bool(index)}
+        seconds.append(record["seconds"])
+
+    monkeypatch.undo()
+    resumed = Fakes()
+    run_experiment(config, tmp_path, progress=False, registry=resumed.registry())
+    assert resumed.calls == []  # both releases loaded: no new noise drawn on the private data
+    cell = json.loads((tmp_path / "cells" / "toy__fake_grid__eps1.0__seed0.json").read_text())
+    assert cell["metric"] == 1.0 and cell["report"]["noise"] == fakes.calls[1]["noise"]
+    assert [entry["seconds"] for entry in cell["grid_scores"]] == seconds
+    assert not partial.exists()  # the finished cell's JSON replaces them
+
+
+def test_a_method_failing_after_a_saved_grid_point_keeps_that_release(tmp_path):
+    partial = tmp_path / "cells" / "toy__fake_grid__eps1.0__seed0.partial"
+    with pytest.raises(CellFailedError, match="simulated crash"):
+        run_experiment(single_cell_config(), tmp_path, progress=False,
+                       registry=Fakes(fail_at=2).registry())  # fmt: skip
+    assert sorted(p.name for p in partial.iterdir()) == ["point0", "point0.json"]
+
+    changed = single_cell_config()
+    changed["methods"][0]["grid"] = {"good": [True, False]}
+    with pytest.raises(OutputExistsError, match="release of another configuration"):
+        run_experiment(changed, tmp_path, progress=False, registry=Fakes().registry())
+
+    resumed = Fakes()
+    run_experiment(single_cell_config(), tmp_path, progress=False, registry=resumed.registry())
+    assert [call["good"] for call in resumed.calls] == [True]  # only the unsaved grid point
+
+
+def test_ctrl_c_prints_the_resume_command_and_keeps_finished_cells(tmp_path, monkeypatch, capsys):
+    # 4 fake cells x 2 grid points; call 6 is the second grid point of cell 3 (eps 4, seed 0)
+    interrupted = Fakes(fail_at=6, error=KeyboardInterrupt())
+    monkeypatch.setattr(runner_module, "default_registry", interrupted.registry)
+    config_path = tmp_path / "toy.json"
+    config_path.write_text(json.dumps(toy_config()))
+    run_dir = tmp_path / "run"
+    argv = ["experiment", "run", str(config_path), "--out", str(run_dir), "--no-progress"]
+    parser = experiment_parser()
+    args = parser.parse_args(argv)
+    assert args.handler(args) == 130
+    command = shlex.join(["qem", *argv])
+    assert command in capsys.readouterr().err
+    assert sorted(p.name for p in (run_dir / "cells").iterdir()) == [
+        "toy__fake_grid__eps1.0__seed0.json",
+        "toy__fake_grid__eps1.0__seed1.json",
+        "toy__fake_grid__eps4.0__seed0.partial",
+    ]
+
+    resumed = Fakes()
+    monkeypatch.setattr(runner_module, "default_registry", resumed.registry)
+    args = parser.parse_args(shlex.split(command)[1:])
+    assert args.handler(args) == 0
+    assert len(resumed.calls) == 1 + 2 + 2  # cell 3's unsaved point, cell 4, the 2 none cells
+    assert {p.stem for p in (run_dir / "cells").iterdir()} == expected_keys()
+
+
+def test_report_says_which_cells_of_the_sweep_are_missing(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    run_experiment(toy_config(), run_dir, progress=False, registry=Fakes().registry())
+    for key in ("toy__fake_grid__eps4.0__seed1", "toy__none__epsnone__seed0"):
+        (run_dir / "cells" / f"{key}.json").unlink()
+    args = experiment_parser().parse_args(["experiment", "report", str(run_dir)])
+    assert args.handler(args) == 0
+    missing = "toy__fake_grid__eps4.0__seed1, toy__none__epsnone__seed0"
+    line = f"4 of 6 cells present; missing: {missing}."
+    assert line in capsys.readouterr().out
+    assert line in (run_dir / "results.md").read_text()
+    monkeypatch.setattr(report_module, "MISSING_LISTED", 1)
+    write_report(run_dir)
+    line = "4 of 6 cells present; missing: toy__fake_grid__eps4.0__seed1 and 1 more."
+    assert line in (run_dir / "results.md").read_text()
+
+
+def test_hyperparameters_are_checked_against_the_function_they_reach(tmp_path):
+    qem_accepts = accepted_hyperparameters(METHODS["qem"], fine_tune)
+    assert {"k", "rounds", "subspace", "damping", "clip_norm"} <= qem_accepts
+    assert {"lr", "epochs", "batch_size"} <= accepted_hyperparameters(METHODS["dpsgd"])
+    runner_module._check_registry(load_config(REPO / "configs" / "smoke.json"), default_registry())
+    for method in ("qem", "qem_identity", "dpsgd"):
+        methods = [{"name": method, "fixed": {"learning_rate": 0.1}}]
+        config = toy_config(scenarios=[{"name": "mnist_s1"}], methods=methods)
+        with pytest.raises(InvalidParameterError, match=r"hyperparameter\(s\) \['learning_rate'\]"):
+            run_experiment(config, tmp_path / method, progress=False)
+        assert not (tmp_path / method).exists()  # refused before anything was built or written
+    fakes = Fakes()  # a method taking **kwargs it passes nowhere the registry names
+    config = toy_config(methods=[{"name": "none", "fixed": {"epochs": 1}}])
+    with pytest.raises(InvalidParameterError, match=r"no hyperparameter\(s\) \['epochs'\]"):
+        run_experiment(config, tmp_path / "none", progress=False, registry=fakes.registry())

@@ -12,11 +12,19 @@ Example (``configs/smoke.json``)::
 
 Top-level keys: ``name``, ``scenarios``, ``methods``, ``epsilons``, ``seeds`` and ``pretrain``
 are required; ``delta`` (default 1e-5), ``model`` (default "cnn"; a name or
-``{"name", "options"}``), ``adjacency`` (default "replace_one") and ``loss`` (default
-"cross_entropy") are optional. A scenario entry has ``name`` and optional ``label``,
-``options`` (keyword arguments of the scenario's constructor) and ``model`` (overrides the
-top-level model). A method entry has ``name`` and optional ``label``, ``grid`` (hyperparameter
--> non-empty list of values, tuned on public validation data) and ``fixed``.
+``{"name", "options"}``), ``adjacency`` (default "replace_one"), ``loss`` (default
+"cross_entropy") and ``reproducible`` (default false) are optional. A scenario entry has
+``name`` and optional ``label``, ``options`` (keyword arguments of the scenario's
+constructor) and ``model`` (overrides the top-level model). A method entry has ``name`` and
+optional ``label``, ``grid`` (hyperparameter -> non-empty list of values, tuned on public
+validation data) and ``fixed`` (the method's keyword-only parameters; see
+:func:`qem.experiments.runner.accepted_hyperparameters`).
+
+Noise: by default every release draws its noise from operating-system entropy (the methods get
+``seed=None``); the config's ``seeds`` only number the repetitions. ``"reproducible": true``
+(or ``qem experiment run --reproducible``) seeds each release from its cell and grid point
+instead (:meth:`qem.experiments.runner.Cell.noise_seed`): reruns give the same numbers, but
+anyone who knows the config knows the noise, so never publish releases of a reproducible sweep.
 """
 
 from __future__ import annotations
@@ -40,9 +48,12 @@ RESERVED_HYPERPARAMETERS = frozenset(
     {"epsilon", "delta", "adjacency", "validation_data", "seed", "progress"}
 )
 """Arguments the runner passes to every method itself; a grid or fixed value may not set them."""
+TEST_ONLY_HYPERPARAMETERS = frozenset({"noise"})
+"""Switches that exist for tests only (``noise=False`` releases without noise); a sweep may not
+set them."""
 
 _TOP_REQUIRED = frozenset({"name", "scenarios", "methods", "epsilons", "seeds", "pretrain"})
-_TOP_OPTIONAL = frozenset({"delta", "model", "adjacency", "loss"})
+_TOP_OPTIONAL = frozenset({"delta", "model", "adjacency", "loss", "reproducible"})
 _SCENARIO_KEYS = frozenset({"name", "label", "options", "model"})
 _METHOD_KEYS = frozenset({"name", "label", "grid", "fixed"})
 _MODEL_KEYS = frozenset({"name", "options"})
@@ -97,6 +108,7 @@ class ExperimentConfig:
     delta: float = 1e-5
     adjacency: str = "replace_one"
     loss: str = "cross_entropy"
+    reproducible: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; ``parse_config(config.to_dict()) == config``."""
@@ -104,7 +116,8 @@ class ExperimentConfig:
 
     def fingerprint(self, scenario: ScenarioSpec, method: MethodSpec) -> str:
         """SHA-256 of everything a cell of (scenario, method) depends on besides epsilon and
-        seed; a finished cell is reused only if its fingerprint still matches."""
+        seed; a finished cell is reused only if its fingerprint still matches. ``reproducible``
+        is not part of it: the runner compares it on its own, with a message of its own."""
         relevant = {
             "scenario": asdict(scenario),
             "method": asdict(method),
@@ -165,6 +178,11 @@ def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
         raise InvalidParameterError(
             f"{source}: loss must be one of {sorted(LOSSES)}, got {loss!r}."
         )
+    reproducible = top.get("reproducible", False)
+    if not isinstance(reproducible, bool):
+        raise InvalidParameterError(
+            f"{source}: reproducible must be true or false, got {reproducible!r}."
+        )
     name = top["name"]
     if not isinstance(name, str) or not _LABEL.fullmatch(name):
         raise InvalidParameterError(
@@ -181,6 +199,7 @@ def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
         delta=delta,
         adjacency=adjacency,
         loss=loss,
+        reproducible=reproducible,
     )
 
 
@@ -277,6 +296,11 @@ def _method(raw: Any, where: str) -> MethodSpec:
             raise InvalidParameterError(
                 f"{where}: {key!r} is set by the runner for every cell; remove it from "
                 "grid/fixed (epsilons, delta, adjacency and seeds are top-level keys)."
+            )
+        if key in TEST_ONLY_HYPERPARAMETERS:
+            raise InvalidParameterError(
+                f"{where}: {key!r} is a switch for tests only (noise=False releases the private "
+                "data without noise); remove it from grid/fixed."
             )
     overlap = sorted(set(grid) & set(fixed))
     if overlap:

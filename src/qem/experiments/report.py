@@ -6,7 +6,8 @@ deviation (ddof = 1) over seeds, rows = methods, columns = epsilon; the fine-tun
 to mean qem seconds per epsilon. PNG plots (matplotlib, Agg canvas): a privacy-utility curve
 per scenario (metric vs epsilon, log x, mean with a ±1 sd band; budget-free methods as
 horizontal lines) and the mean fine-tuning seconds per method (bar chart, one panel per
-scenario).
+scenario). When the run directory holds the sweep's ``config.json``, ``results.md`` says how
+many of its cells are present and which are missing (:func:`cell_coverage`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from qem.errors import DataError
-from qem.experiments.runner import CELLS_DIR, CONFIG_FILE
+from qem.experiments.config import load_config
+from qem.experiments.runner import CELLS_DIR, CONFIG_FILE, plan_cells
 
 REPORT_FILE = "results.md"
 SECONDS_PLOT = "seconds.png"
@@ -30,6 +32,8 @@ QEM_METHODS = ("qem", "qem_identity")
 DPSGD_METHODS = ("dpsgd",)
 NO_BUDGET = "no budget"
 METRIC_TITLES = {"accuracy": "accuracy", "auroc": "AUROC"}
+MISSING_LISTED = 10
+"""How many missing cells :func:`cell_coverage` names before it just counts the rest."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,24 @@ def write_report(
     report = out / REPORT_FILE
     report.write_text(_preamble(Path(run_dir), seconds_plot.name) + "\n".join(sections))
     return [report, *plots, seconds_plot]
+
+
+def cell_coverage(run_dir: str | os.PathLike) -> str | None:
+    """``"12 of 40 cells present; missing: <key>, ..."`` for the sweep whose ``config.json``
+    is in ``run_dir`` (the first :data:`MISSING_LISTED` missing keys, then a count); None when
+    there is no ``config.json`` to say what the whole sweep is."""
+    config_path = Path(run_dir) / CONFIG_FILE
+    if not config_path.is_file():
+        return None
+    expected = [cell.key for cell in plan_cells(load_config(config_path))]
+    present = {path.stem for path in (Path(run_dir) / CELLS_DIR).glob("*.json")}
+    missing = [key for key in expected if key not in present]
+    text = f"{len(expected) - len(missing)} of {len(expected)} cells present"
+    if not missing:
+        return text + "."
+    listed = ", ".join(missing[:MISSING_LISTED])
+    more = len(missing) - MISSING_LISTED
+    return f"{text}; missing: {listed}" + (f" and {more} more." if more > 0 else ".")
 
 
 class _Table:
@@ -240,9 +262,11 @@ def _plot_seconds(tables: list[_Table], path: Path) -> None:
 def _preamble(run_dir: Path, seconds_plot: str) -> str:
     config = run_dir / CONFIG_FILE
     name = json.loads(config.read_text())["name"] if config.is_file() else run_dir.name
+    coverage = cell_coverage(run_dir)
     return (
         f"# Experiment results: {name}\n\n"
-        "Test metric as mean ± sample standard deviation over seeds (no ± with one seed). "
+        + (f"{coverage}\n\n" if coverage else "")
+        + "Test metric as mean ± sample standard deviation over seeds (no ± with one seed). "
         "Each method's hyperparameters were chosen on the public validation split, never on "
         "the test set; but each grid point was a release on the private data, so in reality "
         "the tuning spends privacy beyond the epsilon shown (see qem.experiments.runner). "

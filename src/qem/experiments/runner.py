@@ -6,8 +6,11 @@ split (cached on disk by :func:`qem.pretrain.cached_pretrain`); every method sta
 of that same pretrained model. Per cell:
 
 1. *Tuning.* Every point of the method's grid is run on the private training data with the
-   cell's budget (epsilon, delta) and seed, and scored on the PUBLIC validation split; the best
-   score wins (ties: the first point). Every grid point and its score are recorded.
+   cell's budget (epsilon, delta), and scored on the PUBLIC validation split; the best score
+   wins (ties: the first point). Every grid point and its score are recorded. The noise comes
+   from operating-system entropy (``seed=None``) unless the config is ``reproducible``; then
+   each grid point of each cell gets a seed of its own (:meth:`Cell.noise_seed`), so that no
+   two releases of a sweep share a noise draw.
    Caution: each grid point is a separate release computed on the private data, so in reality
    this tuning spends privacy (by composition, up to |grid| times the cell's budget). Only
    tuning that touches public data alone is free. The sweep reports the budget of ONE release,
@@ -22,20 +25,30 @@ Layout of ``out_dir``: ``config.json`` (the validated config), ``cells/<key>.jso
 cell, written atomically: temporary file + ``os.replace``) and ``results.json`` (a list of
 ``{scenario, method, epsilon, seed, metric, seconds}``, seconds = the chosen configuration's
 fine-tuning time).
+
+A release is written to disk as soon as its method returns, before it is scored: grid point i
+of a cell goes to ``cells/<key>.partial/point<i>.json`` (hyperparameters, seconds, noise seed)
+and ``cells/<key>.partial/point<i>/`` (``model.pt`` and ``privacy_report.json``, by
+:func:`qem.io.save_run`). If the cell then fails, these stay and the error names them; a rerun
+loads them instead of drawing new noise on the private data. They are deleted once the cell's
+JSON is written.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import json
 import math
 import os
 import resource
+import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +60,15 @@ from tqdm.auto import tqdm
 import qem
 from qem.errors import InvalidParameterError, NonFiniteError, OutputExistsError
 from qem.experiments.config import (
+    RESERVED_HYPERPARAMETERS,
     ExperimentConfig,
     MethodSpec,
     ScenarioSpec,
     load_config,
     parse_config,
 )
+from qem.io import load as load_saved_run
+from qem.io import save_run
 from qem.losses import LOSSES
 from qem.pretrain import evaluate_loss, evaluate_metric
 from qem.report import report_as_dict
@@ -61,6 +77,7 @@ from qem.subspace.base import LossFn
 CELLS_DIR = "cells"
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
+PARTIAL_SUFFIX = ".partial"
 BUDGET_FREE = frozenset({"nonprivate", "none"})
 
 Method = Callable[..., Any]
@@ -81,6 +98,9 @@ class Registry:
     methods: Mapping[str, Method]
     pretrainer: Pretrainer
     budget_free: frozenset[str] = BUDGET_FREE
+    forwards: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+    """For a method that passes ``**hyperparameters`` on: the function they go to, whose
+    signature says which hyperparameters the method accepts."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +118,16 @@ class Cell:
         """File stem, e.g. ``mnist_s1__qem_T2__eps0.5__seed0``."""
         eps = "none" if self.epsilon is None else repr(self.epsilon)
         return f"{self.scenario.label}__{self.method.label}__eps{eps}__seed{self.seed}"
+
+    def noise_seed(self, point: dict[str, Any]) -> int:
+        """The noise seed of grid point ``point`` in a reproducible sweep: 63 bits of numpy's
+        ``SeedSequence([seed, SHA-256 of (fingerprint, epsilon, point)])``. The fingerprint
+        names the scenario and method, so every cell and grid point of a sweep has its own
+        seed; a rerun of the same config gets the same ones."""
+        identity = json.dumps([self.fingerprint, self.epsilon, point], sort_keys=True)
+        digest = int.from_bytes(hashlib.sha256(identity.encode()).digest(), "big")
+        state = np.random.SeedSequence([self.seed, digest]).generate_state(1, np.uint64)
+        return int(state[0] >> np.uint64(1))
 
 
 def _mnist_factory(name: str) -> ScenarioFactory:
@@ -147,8 +177,9 @@ def cached_pretrainer(
 
 def default_registry() -> Registry:
     """The real scenarios ("mnist_s1", "mnist_s2", "mimic_careunit") and
-    :data:`qem.baselines.registry.METHODS`."""
+    :data:`qem.baselines.registry.METHODS` (qem's hyperparameters are fine_tune's)."""
     from qem.baselines.registry import METHODS
+    from qem.finetune import fine_tune
 
     return Registry(
         scenarios={
@@ -158,17 +189,18 @@ def default_registry() -> Registry:
         },
         methods=METHODS,
         pretrainer=cached_pretrainer,
+        forwards={"qem": fine_tune, "qem_identity": fine_tune},
     )
 
 
-def plan_cells(config: ExperimentConfig, registry: Registry) -> list[Cell]:
-    """All cells in run order: scenario, method, epsilon, seed."""
+def plan_cells(config: ExperimentConfig, budget_free: frozenset[str] = BUDGET_FREE) -> list[Cell]:
+    """All cells in run order: scenario, method, epsilon, seed; methods named in
+    ``budget_free`` get one cell per seed, with epsilon None."""
     cells = []
     for scenario in config.scenarios:
         for method in config.methods:
             fingerprint = config.fingerprint(scenario, method)
-            budget_free = method.name in registry.budget_free
-            epsilons = (None,) if budget_free else config.epsilons
+            epsilons = (None,) if method.name in budget_free else config.epsilons
             cells += [
                 Cell(scenario, method, epsilon, seed, fingerprint)
                 for epsilon in epsilons
@@ -188,9 +220,10 @@ def run_experiment(
     """Run every unfinished cell of ``config`` into ``out_dir`` and write ``results.json``.
 
     ``config`` is an ExperimentConfig, its JSON dict, or a path to a JSON file. Finished cells
-    are skipped; one computed under a different configuration of its scenario or method raises
-    OutputExistsError. ``cache_dir`` holds pretrained models (default ``.qem_cache``). Returns
-    the rows of ``results.json``.
+    are skipped; one computed under a different configuration of its scenario or method, or
+    with the other ``reproducible`` setting, raises OutputExistsError. ``cache_dir`` holds
+    pretrained models (default ``.qem_cache``). Returns the rows of ``results.json``. A cell
+    that fails after a release was saved raises CellFailedError (see the module docstring).
     """
     if not isinstance(config, ExperimentConfig):
         config = parse_config(config) if isinstance(config, dict) else load_config(config)
@@ -201,8 +234,8 @@ def run_experiment(
     cells_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / CONFIG_FILE, config.to_dict())
     loss_fn = LOSSES[config.loss]
-    cells = plan_cells(config, registry)
-    pending = [cell for cell in cells if not _finished(cell, cells_dir)]
+    cells = plan_cells(config, registry.budget_free)
+    pending = [cell for cell in cells if not _finished(cell, cells_dir, config.reproducible)]
     with tqdm(
         total=len(cells), initial=len(cells) - len(pending), desc=config.name, disable=not progress
     ) as bar:
@@ -215,8 +248,12 @@ def run_experiment(
             for cell in todo:
                 bar.set_postfix_str(cell.key, refresh=True)
                 method = registry.methods[cell.method.name]
-                record = run_cell(cell, method, scenario, pretrained, config, loss_fn, progress)
+                partial = cells_dir / f"{cell.key}{PARTIAL_SUFFIX}"
+                record = run_cell(
+                    cell, method, scenario, pretrained, config, loss_fn, partial, progress
+                )
                 write_json_atomic(cells_dir / f"{cell.key}.json", record)
+                shutil.rmtree(partial, ignore_errors=True)
                 bar.update()
     results = [result_row(_read(cells_dir / f"{cell.key}.json")) for cell in cells]
     write_json_atomic(out / RESULTS_FILE, results)
@@ -230,40 +267,54 @@ def run_cell(
     pretrained: nn.Module,
     config: ExperimentConfig,
     loss_fn: LossFn,
+    partial_dir: str | os.PathLike,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Tune ``method`` on the public validation split over the cell's grid, then score the
-    chosen model on the test split; returns the cell's JSON record."""
+    chosen model on the test split; returns the cell's JSON record. Each release is saved in
+    ``partial_dir`` as soon as the method returns (releases saved there by an earlier run are
+    loaded instead of recomputed); a later failure raises CellFailedError naming it."""
     start = time.perf_counter()
+    saved = SavedReleases(Path(partial_dir), cell)
     grid_scores: list[dict[str, Any]] = []
-    best: tuple[Any, float, float, dict[str, Any]] | None = None
-    with PeakMemory() as memory:
-        for point in cell.method.grid_points():
+    best: tuple[Release, float, dict[str, Any]] | None = None
+    with PeakMemory() as memory, _naming_saved_releases(saved):
+        for index, point in enumerate(cell.method.grid_points()):
             hyperparameters = {**cell.method.fixed, **point}
-            torch.manual_seed(cell.seed)
-            tic = time.perf_counter()
-            result = method(
-                copy.deepcopy(pretrained),
-                loss_fn,
-                scenario.public_train,
-                scenario.private_train,
-                epsilon=cell.epsilon,
-                delta=config.delta,
-                adjacency=config.adjacency,
-                validation_data=scenario.public_valid,
-                seed=cell.seed,
-                progress=progress,
-                **hyperparameters,
-            )
-            seconds = time.perf_counter() - tic
-            score = _score(result.model, scenario.public_valid, scenario.metric)
+            noise_seed = cell.noise_seed(point) if config.reproducible else None
+            release = saved.load(index, point, noise_seed, pretrained)
+            if release is None:
+                _seed_torch(noise_seed)
+                tic = time.perf_counter()
+                output = method(
+                    copy.deepcopy(pretrained),
+                    loss_fn,
+                    scenario.public_train,
+                    scenario.private_train,
+                    epsilon=cell.epsilon,
+                    delta=config.delta,
+                    adjacency=config.adjacency,
+                    validation_data=scenario.public_valid,
+                    seed=noise_seed,
+                    progress=progress,
+                    **hyperparameters,
+                )
+                seconds = time.perf_counter() - tic
+                release = Release(output.model, output.report, seconds, noise_seed)
+                saved.save(index, point, release)
+            score = _score(release.model, scenario.public_valid, scenario.metric)
             grid_scores.append(
-                {"hyperparameters": point, "valid_metric": score, "seconds": seconds}
+                {
+                    "hyperparameters": point,
+                    "valid_metric": score,
+                    "seconds": release.seconds,
+                    "noise_seed": release.noise_seed,
+                }
             )
             if best is None or _rank(score) > _rank(best[1]):
-                best = (result, score, seconds, hyperparameters)
+                best = (release, score, hyperparameters)
         assert best is not None  # grid_points() is never empty
-        result, valid_metric, fine_tune_seconds, hyperparameters = best
+        result, valid_metric, hyperparameters = best
         tic = time.perf_counter()
         metric = _score(result.model, scenario.test, scenario.metric)
         loss = evaluate_loss(result.model, loss_fn, scenario.test)
@@ -278,13 +329,15 @@ def run_cell(
             "epsilon": cell.epsilon,
             "delta": None if cell.epsilon is None else config.delta,
             "seed": cell.seed,
+            "reproducible": config.reproducible,
+            "noise_seed": result.noise_seed,
             "metric": metric,
             "metric_name": scenario.metric,
             "loss": loss,
             "valid_metric": valid_metric,
             "seconds": {
                 "tuning": sum(entry["seconds"] for entry in grid_scores),
-                "fine_tune": fine_tune_seconds,
+                "fine_tune": result.seconds,
                 "evaluate": evaluate_seconds,
                 "total": time.perf_counter() - start,
             },
@@ -298,6 +351,107 @@ def run_cell(
             "qem_version": qem.__version__,
         }
     )
+
+
+def _seed_torch(noise_seed: int | None) -> None:
+    """Seed torch's global generator with ``noise_seed``, or from operating-system entropy when
+    it is None: whatever a method draws from it is then never predictable from the config."""
+    if noise_seed is None:
+        torch.seed()
+    else:
+        torch.manual_seed(noise_seed)
+
+
+@dataclass(frozen=True)
+class Release:
+    """What one grid point released: the model and its report, the seconds the method took and
+    the noise seed it was given (None: operating-system entropy)."""
+
+    model: nn.Module
+    report: Any
+    seconds: float
+    noise_seed: int | None
+
+
+class CellFailedError(RuntimeError):
+    """A cell failed after some of its releases were saved; ``saved`` is their directory."""
+
+    def __init__(self, message: str, saved: Path) -> None:
+        super().__init__(message)
+        self.saved = saved
+
+
+class SavedReleases:
+    """The releases of one cell on disk, so that a failure after a method returned loses none:
+    grid point i is ``point<i>.json`` (its key, fingerprint, hyperparameters, seconds and noise
+    seed; written first) and ``point<i>/`` (model and report, :func:`qem.io.save_run`)."""
+
+    def __init__(self, directory: Path, cell: Cell) -> None:
+        self.directory = directory
+        self.cell = cell
+        self.points: list[int] = []
+        """The grid points saved or loaded so far."""
+
+    def save(self, index: int, point: dict[str, Any], release: Release) -> None:
+        """Write grid point ``index``'s release, each file atomically."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        record = {**self._identity(point, release.noise_seed), "seconds": release.seconds}
+        write_json_atomic(self._record(index), record)
+        save_run(self._run(index), release.model.state_dict(), _jsonable(release.report))
+        self.points.append(index)
+
+    def load(
+        self, index: int, point: dict[str, Any], noise_seed: int | None, pretrained: nn.Module
+    ) -> Release | None:
+        """The release an earlier run saved for grid point ``index`` (None if there is none);
+        OutputExistsError if it was computed for another configuration or noise seed."""
+        run = self._run(index)
+        if not run.is_dir():
+            return None
+        record = _read(self._record(index)) if self._record(index).is_file() else {}
+        expected = self._identity(point, noise_seed)
+        if {key: record.get(key) for key in expected} != expected:
+            raise OutputExistsError(
+                f"{run} holds a release of another configuration or noise seed than grid point "
+                f"{index} of {self.cell.key}; move it away, or delete it to recompute (which "
+                "spends that release's privacy budget again)."
+            )
+        stored = load_saved_run(run)
+        model = stored.into(copy.deepcopy(pretrained))
+        self.points.append(index)
+        return Release(model, stored.report, record["seconds"], noise_seed)
+
+    def _identity(self, point: dict[str, Any], noise_seed: int | None) -> dict[str, Any]:
+        return _jsonable(
+            {
+                "key": self.cell.key,
+                "fingerprint": self.cell.fingerprint,
+                "hyperparameters": point,
+                "noise_seed": noise_seed,
+            }
+        )
+
+    def _record(self, index: int) -> Path:
+        return self.directory / f"point{index}.json"
+
+    def _run(self, index: int) -> Path:
+        return self.directory / f"point{index}"
+
+
+@contextmanager
+def _naming_saved_releases(saved: SavedReleases) -> Iterator[None]:
+    """Turn a failure after a release was saved into a CellFailedError that says where."""
+    try:
+        yield
+    except Exception as error:
+        if not saved.points:
+            raise
+        raise CellFailedError(
+            f"cell {saved.cell.key} failed ({type(error).__name__}: {error}); its releases so "
+            f"far are saved in {saved.directory}, and rerunning the sweep resumes from them "
+            "without drawing new noise.",
+            saved.directory,
+        ) from error
 
 
 class PeakMemory:
@@ -364,7 +518,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 def _check_registry(config: ExperimentConfig, registry: Registry) -> None:
     """Fail before any work on unknown scenario or method names, or hyperparameters a method
-    (without ``**kwargs``) does not accept."""
+    does not accept (:func:`accepted_hyperparameters`)."""
     for spec in config.scenarios:
         if spec.name not in registry.scenarios:
             raise InvalidParameterError(
@@ -375,26 +529,51 @@ def _check_registry(config: ExperimentConfig, registry: Registry) -> None:
             raise InvalidParameterError(
                 f"unknown method {spec.name!r}; choose one of {sorted(registry.methods)}."
             )
-        parameters = inspect.signature(registry.methods[spec.name]).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-            continue
-        unknown = sorted((set(spec.grid) | set(spec.fixed)) - set(parameters))
+        accepted = accepted_hyperparameters(
+            registry.methods[spec.name], registry.forwards.get(spec.name)
+        )
+        unknown = sorted((set(spec.grid) | set(spec.fixed)) - accepted)
         if unknown:
             raise InvalidParameterError(
                 f"method {spec.label!r} ({spec.name}) has no hyperparameter(s) {unknown}; "
-                f"it accepts {sorted(parameters)}."
+                f"it accepts {sorted(accepted - RESERVED_HYPERPARAMETERS)}."
             )
 
 
-def _finished(cell: Cell, cells_dir: Path) -> bool:
+def accepted_hyperparameters(
+    method: Callable[..., Any], forwards_to: Callable[..., Any] | None = None
+) -> set[str]:
+    """The keyword-only parameters of ``method``, plus those of ``forwards_to`` when ``method``
+    passes ``**kwargs`` on to it. Without ``forwards_to``, ``**kwargs`` adds nothing: what it
+    would accept cannot be checked before the method runs."""
+    parameters = inspect.signature(method).parameters.values()
+    names = {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    if forwards_to is not None and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        names |= accepted_hyperparameters(forwards_to)
+    return names
+
+
+def _finished(cell: Cell, cells_dir: Path, reproducible: bool) -> bool:
     path = cells_dir / f"{cell.key}.json"
     if not path.exists():
         return False
-    if _read(path).get("fingerprint") != cell.fingerprint:
+    record = _read(path)
+    if record.get("fingerprint") != cell.fingerprint:
         raise OutputExistsError(
             f"{path} was computed under a different configuration of scenario "
             f"{cell.scenario.label!r} or method {cell.method.label!r}; use another output "
             "directory, or delete that file to recompute it."
+        )
+    if "reproducible" not in record:
+        raise OutputExistsError(
+            f"{path} was computed before cells recorded how their noise was seeded (then by the "
+            "cell's seed); use another output directory, or delete it to recompute it."
+        )
+    if record["reproducible"] != reproducible:
+        raise OutputExistsError(
+            f"{path} was computed with reproducible = {record['reproducible']}, this run has "
+            f"{reproducible}; a sweep's cells all draw their noise one way: resume it as it was "
+            "started (with or without --reproducible), or use another output directory."
         )
     return True
 
