@@ -127,7 +127,8 @@ def test_dpsgd_replace_one_epsilon_is_dp_accountings_and_meets_target(replace_on
     report = result.report.to_dict()
     acc = report["accountant"]
     q, steps = 1 / math.ceil(N / BATCH), EPOCHS * math.ceil(N / BATCH)
-    assert (acc["sample_rate"], acc["steps"], acc["relation"]) == (q, steps, "REPLACE_ONE")
+    relation = acc["neighboring_relation"]
+    assert (acc["sample_rate"], acc["steps"], relation) == (q, steps, "REPLACE_ONE")
     sigma = acc["noise_multiplier"]
     expected = independent_pld_epsilon(sigma, q, steps, NeighboringRelation.REPLACE_ONE)
     assert report["epsilon"] == pytest.approx(expected, rel=1e-12)

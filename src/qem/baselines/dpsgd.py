@@ -199,7 +199,7 @@ def dpsgd(
 
     accountant = {
         "name": "dp_accounting PLD",
-        "relation": neighboring_relation(adjacency).name,
+        "neighboring_relation": neighboring_relation(adjacency).name,
         "value_discretization_interval": PLD_DISCRETIZATION,
         "noise_multiplier": sigma,
         "sample_rate": sample_rate,

@@ -191,6 +191,18 @@ class _Table:
         metric = METRIC_TITLES.get(self.metric_name, self.metric_name)
         lines = [title, "", f"### Test {metric}", "", *self._rows("metric", 4)]
         lines += ["", "### Fine-tuning seconds", "", *self._rows("seconds.fine_tune", 2)]
+        if any(
+            _field(c, "budget_spent_by_tuning.releases") for g in self.groups.values() for c in g
+        ):
+            lines += [
+                "",
+                "### Budget spent by tuning (epsilon at the cell's delta, all grid points)",
+                "",
+                "Each grid point is a release on the private data; the chosen one's epsilon "
+                "(the column) is not the whole cost. Composed by dp-accounting's PLD accountant.",
+                "",
+                *self._rows("budget_spent_by_tuning.epsilon", 3),
+            ]
         ratios = self.ratios()
         if ratios:
             header = ["ratio", *(_column_name(eps) for eps in self.epsilons)]

@@ -71,6 +71,7 @@ from qem.io import load as load_saved_run
 from qem.io import save_run
 from qem.losses import LOSSES
 from qem.pretrain import evaluate_loss, evaluate_metric
+from qem.privacy.ledger import total_spent
 from qem.report import report_as_dict
 from qem.subspace.base import LossFn
 
@@ -277,6 +278,7 @@ def run_cell(
     start = time.perf_counter()
     saved = SavedReleases(Path(partial_dir), cell)
     grid_scores: list[dict[str, Any]] = []
+    releases: list[Release] = []
     best: tuple[Release, float, dict[str, Any]] | None = None
     with PeakMemory() as memory, _naming_saved_releases(saved):
         for index, point in enumerate(cell.method.grid_points()):
@@ -300,8 +302,15 @@ def run_cell(
                     **hyperparameters,
                 )
                 seconds = time.perf_counter() - tic
-                release = Release(output.model, output.report, seconds, noise_seed)
+                release = Release(
+                    output.model,
+                    report_as_dict(output.report),
+                    seconds,
+                    noise_seed,
+                    _diagnostics(output),
+                )
                 saved.save(index, point, release)
+            releases.append(release)
             score = _score(release.model, scenario.public_valid, scenario.metric)
             grid_scores.append(
                 {
@@ -344,13 +353,26 @@ def run_cell(
             **memory.as_dict(),
             "hyperparameters": hyperparameters,
             "grid_scores": grid_scores,
-            "report": report_as_dict(result.report),
-            "diagnostics": result.diagnostics.to_dict(),
+            "report": result.report,
+            "diagnostics": result.diagnostics,
+            "budget_spent_by_tuning": _tuning_budget(releases, config.delta),
             "synthetic": bool(getattr(scenario, "synthetic", False)),
             "fingerprint": cell.fingerprint,
             "qem_version": qem.__version__,
         }
     )
+
+
+def _diagnostics(output: Any) -> dict[str, Any] | None:
+    """A method's diagnostics (not publishable: timings) as a dict, if it has any."""
+    diagnostics = getattr(output, "diagnostics", None)
+    return diagnostics.to_dict() if hasattr(diagnostics, "to_dict") else diagnostics
+
+
+def _tuning_budget(releases: list[Release], delta: float) -> dict[str, Any]:
+    """What the whole grid spent: every grid point is a release on the private data, so the
+    chosen cell's epsilon is not the whole cost of tuning (docs/theory.md §12)."""
+    return {**total_spent([r.report for r in releases], delta), "releases": len(releases)}
 
 
 def _seed_torch(noise_seed: int | None) -> None:
@@ -368,9 +390,10 @@ class Release:
     the noise seed it was given (None: operating-system entropy)."""
 
     model: nn.Module
-    report: Any
+    report: dict[str, Any]
     seconds: float
     noise_seed: int | None
+    diagnostics: dict[str, Any] | None = None
 
 
 class CellFailedError(RuntimeError):
@@ -397,7 +420,12 @@ class SavedReleases:
         self.directory.mkdir(parents=True, exist_ok=True)
         record = {**self._identity(point, release.noise_seed), "seconds": release.seconds}
         write_json_atomic(self._record(index), record)
-        save_run(self._run(index), release.model.state_dict(), _jsonable(release.report))
+        save_run(
+            self._run(index),
+            release.model.state_dict(),
+            _jsonable(release.report),
+            diagnostics=release.diagnostics,
+        )
         self.points.append(index)
 
     def load(
@@ -419,7 +447,7 @@ class SavedReleases:
         stored = load_saved_run(run)
         model = stored.into(copy.deepcopy(pretrained))
         self.points.append(index)
-        return Release(model, stored.report, record["seconds"], noise_seed)
+        return Release(model, stored.report, record["seconds"], noise_seed, stored.diagnostics)
 
     def _identity(self, point: dict[str, Any], noise_seed: int | None) -> dict[str, Any]:
         return _jsonable(

@@ -9,6 +9,7 @@ pure epsilon-DP rounds), as dp-accounting does. The event serialises to JSON
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import attr
@@ -20,7 +21,7 @@ from qem.privacy.calibration import (
     PLD_DISCRETIZATION,
     discretization_for,
 )
-from qem.privacy.gdp import check_delta
+from qem.privacy.gdp import MAX_EPSILON, check_delta
 from qem.schedules import Plan, Round
 
 
@@ -131,3 +132,36 @@ def dp_event_from_json(data: dict) -> dp_event.DpEvent:
         raise InvalidParameterError(f"not a serialised dp-accounting event: {data!r}")
     fields = {k: decode(v) for k, v in data.items() if k != "class_name"}
     return _EVENT_CLASSES[data["class_name"]](**fields)
+
+
+def total_spent(reports: list[dict], delta: float) -> dict:
+    """The budget a list of releases spent together (e.g. every point of a tuning grid, each a
+    release on the same private data): their DpEvents (``accountant.dp_event`` of each report)
+    composed by dp-accounting's PLD accountant under their common relation. Releases under
+    different relations are composed by summing their epsilons (basic composition, a valid
+    but loose bound); a release without an event (not private) makes the total None; one that
+    reads no private data costs nothing."""
+    events, relations, epsilons = [], set(), []
+    for report in reports:
+        accountant = report.get("accountant") or {}
+        if report.get("epsilon") == 0.0 and not accountant:
+            continue  # reads no private data
+        if "dp_event" not in accountant:
+            return {"epsilon": None, "delta": delta, "method": "a release is not private"}
+        events.append(dp_event_from_json(accountant["dp_event"]))
+        relations.add(accountant["neighboring_relation"])
+        epsilons.append(float(accountant["epsilon"]))
+    if not events:
+        return {"epsilon": 0.0, "delta": delta, "method": "no private data read"}
+    if len(relations) > 1:
+        return {
+            "epsilon": math.fsum(epsilons),
+            "delta": delta * len(epsilons),
+            "method": "basic composition (releases under different neighbouring relations)",
+        }
+    relation = dp_accounting.NeighboringRelation[relations.pop()]
+    interval = discretization_for(min(max(epsilons) * len(epsilons), MAX_EPSILON))
+    accountant = dp_accounting.pld.PLDAccountant(relation, value_discretization_interval=interval)
+    total = accountant.compose(dp_event.ComposedDpEvent(events)).get_epsilon(check_delta(delta))
+    method = f"dp_accounting PLD, {relation.name}"
+    return {"epsilon": float(total), "delta": delta, "method": method}
