@@ -405,7 +405,8 @@ def test_line_search_finds_the_grid_minimum_however_short_the_step(scale):
     valid = make_task(300, 4, shift=0.8)
     basis = make_subspace("identity", model)
     w = descent_direction(model, valid, scale)
-    alpha, loss, _ = line_search_step(model, cross_entropy, basis, w, valid)
+    step = basis.direction(model, torch.as_tensor(w))
+    alpha, loss, _ = line_search_step(model, cross_entropy, step, valid)
     grid = [0.0, *(2.0 ** (j / 2) for j in range(-16, 41))]
     brute = []
     for a in grid:
@@ -425,9 +426,8 @@ def test_line_search_keeps_the_model_for_an_ascent_direction():
     valid = make_task(300, 4, shift=0.8)
     basis = make_subspace("identity", model)
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    alpha, loss, _ = line_search_step(
-        model, cross_entropy, basis, -descent_direction(model, valid, 1.0), valid
-    )
+    ascent = basis.direction(model, torch.as_tensor(-descent_direction(model, valid, 1.0)))
+    alpha, loss, _ = line_search_step(model, cross_entropy, ascent, valid)
     assert alpha == 0.0
     assert loss == pytest.approx(evaluate_loss(model, cross_entropy, valid), rel=1e-12)
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
@@ -547,3 +547,18 @@ def test_partitioned_rounds_refuse_what_they_cannot_account(task):
                 **{**STEP_KWARGS, "rounds": 2, **bad},
                 partition_rounds=True,
             )
+
+
+def test_momentum_steps_along_the_heavy_ball_of_the_releases(task):
+    """With alpha fixed (prior_weight), two rounds with momentum m move theta by
+    P w_1 + (P w_2 + m P w_1): post-processing of the two releases only."""
+    model, public, private, _ = task
+    kwargs = dict(STEP_KWARGS, rounds=2, seed=6, momentum=0.5)
+    result = fine_tune(model, cross_entropy, public, private, **kwargs)
+    P = make_subspace("dense", model, k=20, seed=0).materialize().numpy()
+    w1, w2 = result.releases
+    expected = P @ w1 + P @ w2 + 0.5 * P @ w1
+    np.testing.assert_allclose(parameter_step(model, result.model), expected, atol=1e-10)
+    assert result.report.momentum == 0.5
+    with pytest.raises(InvalidParameterError, match="momentum"):
+        fine_tune(model, cross_entropy, public, private, **{**kwargs, "momentum": 1.0})

@@ -55,7 +55,7 @@ from qem.schedules import (
     sequential,
 )
 from qem.statistics import InvalidRecords, check_targets, private_gradient_sum, public_clip_norm
-from qem.subspace.base import LossFn, Subspace
+from qem.subspace.base import LossFn, Subspace, add_to_parameters
 from qem.subspace.factory import make_subspace
 
 HOLDOUT_FRACTION, HOLDOUT_MAX = 0.2, 2000
@@ -112,6 +112,7 @@ def fine_tune(
     clip_quantile: float = 0.9,
     clipping: str = "dual",
     prior_weight: float | None = None,
+    momentum: float = 0.0,
     mode: str = "gdp",
     adjacency: str = "replace_one",
     N: int | None = None,
@@ -140,7 +141,9 @@ def fine_tune(
     power-of-two grid (docs/theory.md §10a; it takes no seed). ``validation_data`` (public)
     picks each step length; without it a public split is held out. ``line_search_size`` limits
     the line search to that many validation examples, ``public_sample_size`` the curvature and
-    clip passes to that many public examples (public: no privacy cost). ``invalid_records``
+    clip passes to that many public examples (public: no privacy cost). ``momentum`` m in
+    [0, 1) steps along d_t = P_t w_t + m alpha_{t-1} d_{t-1} instead of P_t w_t (heavy ball over
+    the releases: post-processing, free). ``invalid_records``
     ('zero' | 'raise') is what the private pass does with a record whose gradient cannot be
     computed (docs/theory.md §12). ``on_release(result)`` is called right after every draw with
     the run so far, so that a caller can save it before anything else can fail; an error after
@@ -157,6 +160,8 @@ def fine_tune(
     check_positive("damping gamma", damping, "Typical values are 1e-3 to 1.")
     if prior_weight is not None:
         check_positive("prior_weight lam", prior_weight)
+    if not (isinstance(momentum, int | float) and 0.0 <= momentum < 1.0):
+        raise InvalidParameterError(f"momentum must lie in [0, 1), got {momentum!r}.")
     curvature_every = check_count("curvature_every", curvature_every)
     schedule = _resolve_schedule(schedule, rounds, resample_subspace, partition_rounds)
     if schedule.resample_every is not None and isinstance(subspace, Subspace):
@@ -202,6 +207,7 @@ def fine_tune(
         noise=noise,
         invalid=invalid,
         validation_source=validation_source,
+        momentum=float(momentum),
     )
     run.accountant_epsilon_upfront()  # every public computation that can fail, before the data
     curv = (
@@ -211,7 +217,7 @@ def fine_tune(
     )
     basis = subspace if isinstance(subspace, Subspace) else None
     quadratic = C = clip_source = None
-    previous_step = 1.0
+    previous_step, velocity = 1.0, None
 
     for executed in plan.rounds():
         clock = _Clock()
@@ -285,13 +291,17 @@ def fine_tune(
 
         # -- post-processing with public data ------------------------------------------------
         try:
+            step = basis.direction(current, torch.as_tensor(w, dtype=torch.float64))
+            if momentum and velocity is not None:
+                step = {name: d + momentum * velocity.get(name, 0.0) for name, d in step.items()}
             if searches:
                 alpha, val_loss, _ = line_search_step(
-                    current, loss_fn, basis, w, validation, start=previous_step
+                    current, loss_fn, step, validation, start=previous_step
                 )
             else:
                 alpha, val_loss = 1.0, None
-            basis.apply_step(current, alpha * torch.as_tensor(w, dtype=torch.float64))
+            add_to_parameters(current, step, alpha)
+            velocity = {name: alpha * d for name, d in step.items()}
         except Exception as error:
             raise SpentBudgetError(
                 f"round {t + 1} failed after its noise was drawn ({error}); the budget of "
@@ -433,6 +443,7 @@ class _Run:
     noise: bool
     invalid: InvalidRecords
     validation_source: dict
+    momentum: float = 0.0
     subspace_draw: int = -1
     noise_source: dict | None = None
     epsilons: dict[int, float] = field(default_factory=dict)
@@ -588,4 +599,5 @@ class _Run:
             zero_step_rounds=sum(1 for s in steps[: len(self.records)] if s == 0.0),
             noise=self._noise_description(),
             invalid_records=self.invalid.value,
+            momentum=self.momentum,
         )

@@ -8,33 +8,28 @@ it is post-processing of w with public data.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 from torch import nn
 
 from qem.data import DataLike
-from qem.parameters import unflatten
 from qem.pretrain import evaluate_loss
-from qem.subspace.base import LossFn, Subspace
+from qem.subspace.base import LossFn
 
 MIN_STEP, MAX_STEP = 2.0**-8, 2.0**20
 """Range of the positive step lengths alpha the search tries (besides alpha = 0)."""
 
 
 @contextmanager
-def step_probe(model: nn.Module, subspace: Subspace, w: np.ndarray) -> Iterator:
-    """Yield ``move(alpha)``, which sets the spanned parameters of ``model`` to
-    theta + alpha P w (P w lifted once, in the parameters' dtype); theta is restored on exit.
-    No copy of the model is made, so a probe costs one forward pass over the validation data
-    whatever the model's size."""
-    step = torch.as_tensor(w, dtype=torch.float64)
-    theta = subspace.parameters_of(model)
-    direction = unflatten(subspace.lift(step), theta)
+def step_probe(model: nn.Module, direction: Mapping[str, torch.Tensor]) -> Iterator:
+    """Yield ``move(alpha)``, which sets each parameter named in ``direction`` to
+    theta + alpha direction (in the parameter's dtype); theta is restored on exit. No copy of the
+    model is made, so a probe costs one forward pass over the validation data whatever the
+    model's size."""
     params = dict(model.named_parameters())
-    origin = {name: t.clone() for name, t in theta.items()}
+    origin = {name: params[name].detach().clone() for name in direction}
     moves = {
         name: d.to(device=origin[name].device, dtype=origin[name].dtype)
         for name, d in direction.items()
@@ -54,13 +49,14 @@ def step_probe(model: nn.Module, subspace: Subspace, w: np.ndarray) -> Iterator:
 def line_search_step(
     model: nn.Module,
     loss_fn: LossFn,
-    subspace: Subspace,
-    w: np.ndarray,
+    direction: Mapping[str, torch.Tensor],
     validation: DataLike,
     *,
     start: float = 1.0,
 ) -> tuple[float, float, int]:
-    """Pick the step length alpha minimising the public validation loss of theta + alpha P w.
+    """Pick the step length alpha minimising the public validation loss of theta + alpha d,
+    for a direction d in parameter space (the lifted release P w, or with momentum a
+    combination of releases: post-processing either way).
 
     Over {0} and the powers of sqrt(2) in [MIN_STEP, MAX_STEP], coarse to fine: from alpha =
     ``start`` (the previous round's step: a warm start) it moves by factors of 4 (up while the
@@ -71,7 +67,7 @@ def line_search_step(
     """
     start = _on_grid(start)
     losses: dict[float, float] = {}
-    with step_probe(model, subspace, w) as move:
+    with step_probe(model, direction) as move:
 
         def loss_at(alpha: float) -> float:
             if alpha not in losses:

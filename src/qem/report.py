@@ -87,6 +87,7 @@ class PrivacyReport:
     zero_step_rounds: int
     noise: dict[str, Any]
     invalid_records: str
+    momentum: float = 0.0
     schema: str = REPORT_SCHEMA
 
     def to_dict(self) -> dict[str, Any]:

@@ -141,14 +141,13 @@ class Subspace(ABC):
             raise UnsupportedModelError(f"the model has no parameters {missing} for this subspace.")
         return {n: params[n].detach() for n in self.parameter_names}
 
+    def direction(self, model: nn.Module, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """P w as float64 tensors shaped like the spanned parameters of ``model``."""
+        return unflatten(self.lift(w), self.parameters_of(model))
+
     def apply_step(self, model: nn.Module, w: torch.Tensor) -> None:
         """In place: theta <- theta + P w on the spanned parameters of ``model``."""
-        like = self.parameters_of(model)
-        delta = unflatten(self.lift(w), like)
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for name, step in delta.items():
-                params[name].add_(step.to(device=params[name].device, dtype=params[name].dtype))
+        add_to_parameters(model, self.direction(model, w))
 
     def functional(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], ModelCall]:
         """theta0 (the spanned parameters, detached) and a pure call ``call(theta, inputs)`` of
@@ -179,3 +178,14 @@ class Subspace(ABC):
 
         grads = vmap(grad(one_loss), in_dims=(None, 0, 0))(spanned, inputs, targets)
         return self.project_parameter_dict(grads, batch_dims=1)
+
+
+def add_to_parameters(
+    model: nn.Module, step: Mapping[str, torch.Tensor], scale: float = 1.0
+) -> None:
+    """In place: each named parameter of ``model`` += scale * step[name] (in its dtype)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in step.items():
+            target = params[name]
+            target.add_((scale * value).to(device=target.device, dtype=target.dtype))
