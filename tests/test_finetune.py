@@ -395,18 +395,20 @@ def descent_direction(model, valid, scale):
     return -scale * gradient / np.linalg.norm(gradient)
 
 
+@pytest.mark.parametrize("start", [1.0, 2.0**12, 2.0**-6])
 @pytest.mark.parametrize("scale", [1e-5, 1e-2, 1.0])
-def test_line_search_finds_the_grid_minimum_however_short_the_step(scale):
+def test_line_search_finds_the_grid_minimum_however_short_the_step(scale, start):
     """Linear softmax regression: the validation loss is convex along the line, so the coarse-
     to-fine search must return the minimum over the whole grid {0} and 2^(j/2), 2^-8..2^20,
-    which a brute force evaluates, whether the best step is short (scale 1) or long (1e-5)."""
+    which a brute force evaluates, whether the best step is short (scale 1) or long (1e-5),
+    and whatever the warm start (the previous round's step) is."""
     torch.manual_seed(0)
     model = nn.Linear(6, 3).double()
     valid = make_task(300, 4, shift=0.8)
     basis = make_subspace("identity", model)
     w = descent_direction(model, valid, scale)
     step = basis.direction(model, torch.as_tensor(w))
-    alpha, loss, _ = line_search_step(model, cross_entropy, step, valid)
+    alpha, loss, _ = line_search_step(model, cross_entropy, step, valid, start=start)
     grid = [0.0, *(2.0 ** (j / 2) for j in range(-16, 41))]
     brute = []
     for a in grid:

@@ -58,14 +58,15 @@ def line_search_step(
     for a direction d in parameter space (the lifted release P w, or with momentum a
     combination of releases: post-processing either way).
 
-    Over {0} and the powers of sqrt(2) in [MIN_STEP, MAX_STEP], coarse to fine: from alpha =
-    ``start`` (the previous round's step: a warm start) it moves by factors of 4 (up while the
-    loss falls, else down) to bracket the minimum, then tries the best alpha times 2 and 1/2,
-    then times sqrt(2) and 1/sqrt(2). For a loss unimodal along the line this returns the
-    minimum over the whole sqrt(2) grid in about eight passes from a good start. Returns
-    (alpha, validation loss at alpha, passes made); ``model`` is left at theta.
+    Over {0} and the powers of sqrt(2) in [MIN_STEP, MAX_STEP], coarse to fine. From alpha =
+    ``start`` (the previous round's step: a warm start) it moves down by factors of 4 until a
+    step beats alpha = 0 (if ``start`` does not); from the best step so far it then walks by
+    factors of 4 up, or else down, while the loss falls; finally it tries the best alpha times
+    2 and 1/2, then sqrt(2) and 1/sqrt(2). For a loss unimodal along the line this returns the
+    minimum over the whole sqrt(2) grid in about eight passes from a good start, and from any
+    start within the range. Returns (alpha, validation loss at alpha, passes made); ``model``
+    is left at theta.
     """
-    start = _on_grid(start)
     losses: dict[float, float] = {}
     with step_probe(model, direction) as move:
 
@@ -78,14 +79,23 @@ def line_search_step(
         def best() -> float:
             return min(losses, key=lambda alpha: (losses[alpha], alpha))
 
+        def walk(alpha: float, factor: float) -> None:
+            while (
+                MIN_STEP <= alpha * factor <= MAX_STEP and loss_at(alpha * factor) < losses[alpha]
+            ):
+                alpha *= factor
+
         loss_at(0.0)
-        factor = 4.0 if loss_at(start) < losses[0.0] else 0.25
-        alpha = start
-        while MIN_STEP <= alpha * factor <= MAX_STEP and best() == alpha:
-            alpha *= factor
+        alpha = _on_grid(start)
+        loss_at(alpha)
+        while best() == 0.0 and alpha * 0.25 >= MIN_STEP:
+            alpha *= 0.25
             loss_at(alpha)
-        if best() == 0.0 and start != 1.0 and 1.0 not in losses:
-            loss_at(1.0)  # a warm start far off: look once from the default as well
+        if best() > 0:
+            centre = best()
+            walk(centre, 4.0)
+            if best() == centre:
+                walk(centre, 0.25)
         for factor in (2.0, math.sqrt(2.0)):
             centre = best()
             if centre > 0:
