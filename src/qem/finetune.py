@@ -221,11 +221,11 @@ def fine_tune(
     previous_step = 1.0
 
     total = plan.schedule.total_rounds
-    rounds = tqdm(plan.rounds(), total=total, unit="round", disable=not progress)
-    for executed in rounds:
+    round_bar = tqdm(plan.rounds(), total=total, unit="round", disable=not progress)
+    for executed in round_bar:
         clock = _Clock()
         t = executed.index
-        rounds.set_description(f"qem round {t + 1}/{total}")
+        round_bar.set_description(f"qem round {t + 1}/{total}")
         if basis is None or (
             not isinstance(subspace, Subspace) and run.subspace_draw != executed.subspace_draw
         ):

