@@ -253,12 +253,15 @@ def test_demo_mnist_json_on_a_small_slice(capsys, tmp_path):
             "1",
             "--cache-dir",
             str(tmp_path),
+            "--out",
+            str(tmp_path / "run"),
             "--seed",
             "0",
             "--no-progress",
             "--json",
         ],
     )
+    assert load(tmp_path / "run").report == out["report"] and out["out"] == str(tmp_path / "run")
     for key in ("pretrained_accuracy", "finetuned_accuracy", "epsilon", "delta", "mu"):
         assert key in out
     assert "seconds" in out["diagnostics"] and "seconds" not in out["report"]
@@ -272,6 +275,7 @@ def test_demo_mimic_synthetic_json_and_table(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     common = ["--synthetic-subjects", "600", "--cache-dir", str(tmp_path / "cache"), "--seed", "0"]
     argv = ["demo", "mimic", *common, "--epsilon", "2", "--no-progress", "--json"]
+    argv += ["--out", str(tmp_path / "run")]
     assert main(argv) == 0
     captured = capsys.readouterr()
     out = json.loads(captured.out)
@@ -287,6 +291,8 @@ def test_demo_mimic_synthetic_json_and_table(capsys, tmp_path, monkeypatch):
     # the synthetic file's temporary directory is gone
     assert not [p for p in scratch.iterdir() if p.name.startswith("qem-synthetic-mimic-")]
 
+    assert load(tmp_path / "run").report == report
+    common += ["--out", str(tmp_path / "mlp")]
     assert main(["demo", "mimic", *common, "--model", "mlp", "--k", "16", "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("qem demo mimic -- SYNTHETIC data")

@@ -20,6 +20,7 @@ private gradients is public or an earlier release, so the composition of §8/§1
 from __future__ import annotations
 
 import copy
+import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
+from tqdm import tqdm
 
 import qem
 from qem.checks import check_count, parse_option
@@ -57,6 +59,9 @@ from qem.schedules import (
 from qem.statistics import InvalidRecords, check_targets, private_gradient_sum, public_clip_norm
 from qem.subspace.base import LossFn, Subspace, add_to_parameters
 from qem.subspace.factory import make_subspace
+
+logger = logging.getLogger(__name__)
+"""INFO: each round's public summary; DEBUG: its timings (diagnostics, not for publication)."""
 
 HOLDOUT_FRACTION, HOLDOUT_MAX = 0.2, 2000
 """Without validation data, the last min(20%, 2000) public examples are held out for the
@@ -147,7 +152,9 @@ def fine_tune(
     ('zero' | 'raise') is what the private pass does with a record whose gradient cannot be
     computed (docs/theory.md §12). ``on_release(result)`` is called right after every draw with
     the run so far, so that a caller can save it before anything else can fail; an error after
-    a draw raises SpentBudgetError carrying that partial result. ``noise=False`` exists only
+    a draw raises SpentBudgetError carrying that partial result. ``progress`` shows a bar over the
+    rounds ("qem round t/T") above the passes' bars; the ``qem.finetune`` logger records each
+    round's public summary at INFO and its timings at DEBUG. ``noise=False`` exists only
     for tests (it releases the exact mean and the report says so); never use it on real data.
     """
     epsilon = check_epsilon(epsilon)
@@ -219,9 +226,12 @@ def fine_tune(
     quadratic = C = clip_source = None
     previous_step, velocity = 1.0, None
 
-    for executed in plan.rounds():
+    total = plan.schedule.total_rounds
+    round_bar = tqdm(plan.rounds(), total=total, unit="round", disable=not progress)
+    for executed in round_bar:
         clock = _Clock()
         t = executed.index
+        round_bar.set_description(f"qem round {t + 1}/{total}")
         if basis is None or (
             not isinstance(subspace, Subspace) and run.subspace_draw != executed.subspace_draw
         ):
@@ -312,6 +322,7 @@ def fine_tune(
         clock.lap("line_search")
         previous_step = alpha if alpha > 0 else previous_step
         run.finish_round(alpha, val_loss, clock.seconds)
+        _log_round(run.records[-1], total, clock.seconds)
         if alpha == 0.0 and searches:
             warnings.warn(
                 _zero_step_message(t + 1, validation_source), ZeroStepWarning, stacklevel=2
@@ -378,6 +389,31 @@ def _probe_public(model: nn.Module, loss_fn: LossFn, public: Dataset, validation
         if isinstance(base, TensorDataset):
             check_targets(outputs, base.tensors[1])
     check_per_example_loss(loss_fn, outputs, probe_y)
+
+
+def _log_round(record: RoundRecord, total: int, seconds: dict[str, float]) -> None:
+    """Round summary at INFO, from public values only (N_t is the schedule's public weight,
+    never a Poisson round's realised size); its timings at DEBUG, as diagnostics."""
+    privacy = (
+        f"z = {record.noise_multiplier:.4g}"
+        if record.noise_multiplier is not None
+        else f"epsilon_t = {record.epsilon:.4g}"
+    )
+    logger.info(
+        "round %d/%d: N_t = %.6g, %s, clip norm C = %.4g, step length %.4g",
+        record.round,
+        total,
+        record.N,
+        privacy,
+        record.clip_norm,
+        record.step_length,
+    )
+    logger.debug(
+        "round %d seconds per phase (diagnostics, not for publication: timings of the private "
+        "pass depend on the private data): %s",
+        record.round,
+        ", ".join(f"{phase} {value:.3g}" for phase, value in seconds.items()),
+    )
 
 
 def _zero_step_message(round_number: int, validation_source: dict) -> str:

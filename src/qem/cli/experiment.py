@@ -1,4 +1,4 @@
-"""``qem experiment``: privacy-utility sweeps (DESIGN.md §5).
+"""``qem experiment``: privacy-utility sweeps of the evaluation protocol (README).
 
 ``qem experiment run CONFIG`` runs every scenario x method x epsilon x seed cell of a JSON
 config (resuming an interrupted sweep; Ctrl-C prints the command that resumes it and exits
@@ -14,6 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from qem.cli.commands import summary
 from qem.experiments.config import load_config
 from qem.experiments.report import cell_coverage, write_report
 from qem.experiments.runner import CELLS_DIR, RESULTS_FILE, run_experiment
@@ -26,7 +27,7 @@ def add_parser(subparsers) -> None:
     """Register ``qem experiment run`` and ``qem experiment report``."""
     parser = subparsers.add_parser(
         "experiment",
-        help="run privacy-utility sweeps and report them as tables and plots",
+        help=summary("experiment"),
         description=(
             "Sweep scenarios x methods x epsilons x seeds from a JSON config (see "
             "configs/smoke.json); each cell is one JSON file, so rerunning resumes."

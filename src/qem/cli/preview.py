@@ -1,4 +1,6 @@
-"""``qem preview``: what a privacy budget buys, before touching any data (DESIGN.md §1c)."""
+"""``qem preview``: what a privacy budget buys, before touching any data (docs/theory.md §7).
+
+It needs numpy and qem.mechanism only (no torch), so that it answers at once."""
 
 from __future__ import annotations
 
@@ -6,7 +8,9 @@ import argparse
 
 import numpy as np
 
-from qem.cli.common import add_budget_arguments, print_json, print_table
+from qem.cli.commands import summary
+from qem.cli.common import print_json, print_table
+from qem.cli.options import add_budget_arguments
 from qem.errors import DataError
 from qem.mechanism import QuadraticExponentialMechanism
 
@@ -15,7 +19,7 @@ def add_parser(subparsers) -> None:
     """Register ``qem preview``."""
     parser = subparsers.add_parser(
         "preview",
-        help="preview mu, beta, noise scale and expected excess loss for a budget",
+        help=summary("preview"),
         description=(
             "Print the privacy parameters and the expected excess of the quadratic surrogate, "
             "E[F_D(w)] - F_D(m_D) = k / (2 beta N), which do not depend on the private data. "
@@ -60,8 +64,15 @@ def _curvature(args: argparse.Namespace) -> np.ndarray:
     return args.gamma * np.eye(args.k)
 
 
+INPUTS = ("epsilon", "delta", "mode", "adjacency", "clipping", "N", "k", "lam", "clip_norm")
+"""The preview's fields that echo the options (the rest is what the budget buys)."""
+
+NOT_APPLICABLE = {"gdp": ("radius", "worst_case_acceptance"), "pure": ("delta", "mu")}
+"""Fields left out of the table in each mode (None or meaningless there)."""
+
+
 def run(args: argparse.Namespace) -> int:
-    """Build the mechanism on A and print its preview."""
+    """Build the mechanism on A and print its preview: the inputs, then what they buy."""
     mechanism = QuadraticExponentialMechanism(
         _curvature(args),
         N=args.N,
@@ -75,7 +86,20 @@ def run(args: argparse.Namespace) -> int:
     mechanism.calibrate(args.epsilon, args.delta if args.mode == "gdp" else None)
     preview = mechanism.preview().to_dict()
     if args.json:
-        print_json(preview)
-    else:
-        print_table([(key, value) for key, value in preview.items()], "qem preview")
+        print_json({**preview, "gamma": None if args.eigenvalues else args.gamma,
+                    "eigenvalues": args.eigenvalues})  # fmt: skip
+        return 0
+    curvature = ("gamma (A = gamma I)", args.gamma)
+    if args.eigenvalues:
+        curvature = ("eigenvalues of A", args.eigenvalues)
+    hidden = NOT_APPLICABLE[args.mode]
+    shown = {key: value for key, value in preview.items() if key not in hidden}
+    print_table(
+        [*((key, shown[key]) for key in INPUTS if key in shown), curvature],
+        "qem preview: inputs",
+    )
+    print_table(
+        [(key, value) for key, value in shown.items() if key not in INPUTS],
+        "what the budget buys",
+    )
     return 0

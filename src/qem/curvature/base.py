@@ -133,6 +133,7 @@ class DataCurvature(Curvature):
             desc=f"curvature ({self.kind})",
             unit="batch",
             disable=not self.progress,
+            leave=False,
         )
         with eval_mode(model):
             for index, (inputs, targets) in enumerate(bar):

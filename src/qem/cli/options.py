@@ -1,0 +1,314 @@
+"""The command-line options of ``qem.fine_tune``, declared once.
+
+``FINE_TUNE_OPTIONS`` lists every keyword of ``fine_tune`` the command line exposes (with its
+type, choices and help); ``SCHEDULE_OPTIONS`` the parameters of the round schedules
+(qem.schedules) beyond ``rounds``; ``NOT_EXPOSED`` the keywords deliberately left out, each
+with the reason. ``qem finetune`` and ``qem demo`` generate their arguments from these tables
+(:func:`add_fine_tune_arguments`) and collect the keywords for ``fine_tune`` from them
+(:func:`fine_tune_kwargs`), with the defaults read from ``fine_tune``'s signature; a test checks
+that every keyword of ``fine_tune`` is either exposed or listed in ``NOT_EXPOSED``.
+
+This module imports nothing heavy: ``qem preview`` and ``qem audit`` declare their privacy
+budget arguments from the same table (:func:`add_budget_arguments`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from qem.errors import InvalidParameterError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line option: ``--keyword-with-dashes`` (or ``flag``) stored as ``keyword``.
+
+    Without ``type`` or ``choices`` it is an on/off switch (``negate``: the switch turns the
+    keyword off, as ``--no-progress``). ``choices`` are the accepted names (a test checks them
+    against the library's registries)."""
+
+    keyword: str
+    help: str
+    group: str
+    type: type | None = None
+    choices: tuple[str, ...] | None = None
+    flag: str | None = None
+    negate: bool = False
+
+    @property
+    def is_switch(self) -> bool:
+        """An on/off option without a value."""
+        return self.type is None and self.choices is None
+
+    @property
+    def flags(self) -> list[str]:
+        """The option strings."""
+        if self.flag is not None:
+            return [self.flag]
+        return ["--" + self.keyword.replace("_", "-")]
+
+
+BUDGET = "privacy budget"
+ROUNDS = "rounds (docs/theory.md §8, §13)"
+METHOD = "subspace and curvature"
+STEP = "clipping and step length"
+RUN = "run"
+
+FINE_TUNE_OPTIONS: tuple[Option, ...] = (
+    Option("epsilon", "target epsilon (> 0)", BUDGET, float),
+    Option("delta", "target delta in (0, 1), Gaussian-DP mode only", BUDGET, float),
+    Option(
+        "mode",
+        "gdp: Gaussian DP, unbounded domain; pure: eps-DP on the ball ||w||_A <= R by exact "
+        "rejection sampling",
+        BUDGET,
+        choices=("gdp", "pure"),
+    ),
+    Option("adjacency", "neighbouring datasets", BUDGET, choices=("replace_one", "add_remove")),
+    Option(
+        "clipping",
+        "norm of per-example gradient clipping (dual: ||g||_{A^-1})",
+        BUDGET,
+        choices=("dual", "euclidean"),
+    ),
+    Option(
+        "N",
+        "declared public dataset size (required for add_remove; default: the number of private "
+        "records)",
+        BUDGET,
+        int,
+    ),
+    Option(
+        "schedule",
+        "which records each round reads: sequential (all, every round), partitioned (disjoint "
+        "chunks; with --epochs) or poisson (each record with probability --sampling-rate); "
+        "default: sequential, or partitioned with --partition-rounds",
+        ROUNDS,
+        choices=("sequential", "partitioned", "poisson"),
+    ),
+    Option("rounds", "number of re-linearised rounds T", ROUNDS, int),
+    Option(
+        "resample_subspace",
+        "without --schedule: a new public subspace every round",
+        ROUNDS,
+    ),
+    Option(
+        "partition_rounds",
+        "without --schedule: round t reads only the t-th of T disjoint chunks (replace_one, gdp)",
+        ROUNDS,
+    ),
+    Option(
+        "subspace",
+        "the subspace P of the update theta + P w",
+        METHOD,
+        choices=("identity", "last_layer", "biases", "dense", "srht", "kronecker"),
+    ),
+    Option(
+        "k",
+        "subspace dimension (default 512 for dense/srht/kronecker; fixed by the parameters for "
+        "identity/last_layer/biases)",
+        METHOD,
+        int,
+    ),
+    Option("subspace_seed", "public seed of P", METHOD, int),
+    Option(
+        "curvature",
+        "public curvature H0 of A = P^T H0 P + gamma I",
+        METHOD,
+        choices=("ggn", "fisher", "hessian", "identity"),
+    ),
+    Option("damping", "gamma > 0", METHOD, float),
+    Option("curvature_every", "rebuild A and C every this many rounds", METHOD, int),
+    Option(
+        "public_sample_size",
+        "use only this many public examples for the curvature and clip passes",
+        METHOD,
+        int,
+    ),
+    Option(
+        "clip_norm",
+        "clipping bound C (default: a quantile of public gradient norms)",
+        STEP,
+        float,
+    ),
+    Option("clip_quantile", "quantile of public gradient norms that sets C", STEP, float),
+    Option(
+        "prior_weight",
+        "lam (default: step length by public line search in gdp mode)",
+        STEP,
+        float,
+    ),
+    Option(
+        "line_search_size",
+        "use only this many validation examples for the step line search",
+        STEP,
+        int,
+    ),
+    Option("radius", "pure mode: radius R (default: chosen)", STEP, float),
+    Option(
+        "seed",
+        "reproducible noise, recorded in the report (default: operating-system entropy)",
+        RUN,
+        int,
+    ),
+    Option(
+        "secure_noise",
+        "draw every normal from the OS CSPRNG by an inverse CDF and snap the release to a grid "
+        "(docs/theory.md §10a; takes no --seed)",
+        RUN,
+    ),
+    Option(
+        "invalid_records",
+        "a private record whose gradient cannot be computed: zero it (no count released) or "
+        "raise (docs/theory.md §12)",
+        RUN,
+        choices=("zero", "raise"),
+    ),
+    Option("batch_size", "examples per batch of every pass", RUN, int),
+    Option("progress", "hide progress bars", RUN, flag="--no-progress", negate=True),
+)
+
+SCHEDULE_OPTIONS: tuple[Option, ...] = (
+    Option("epochs", "--schedule partitioned: passes over the records", ROUNDS, int),
+    Option(
+        "sampling_rate",
+        "--schedule poisson: probability q that a round reads a record",
+        ROUNDS,
+        float,
+    ),
+    Option(
+        "resample_every",
+        "with --schedule: draw a new public subspace every this many rounds",
+        ROUNDS,
+        int,
+    ),
+)
+"""Parameters of the schedules of qem.schedules.SCHEDULES other than ``rounds``."""
+
+NOT_EXPOSED: dict[str, str] = {
+    # the model and the data are positional: --model, --public, --private in qem finetune
+    "validation_data": "a data file (--validation in qem finetune; the scenario's public "
+    "validation split in qem demo)",
+    "on_release": "a callback: the command saves every release through it (ReleaseSaver)",
+    "noise": "test-only switch that releases the exact mean (NOT PRIVATE); never offered",
+}
+"""Keywords of ``fine_tune`` the command line does not offer, and why."""
+
+PENDING: dict[str, str] = {
+    "layers": "names or module types selecting the fine-tuned layers; expose it as --layers "
+    "(Option('layers', ..., nargs)) once fine_tune takes it",
+}
+"""Options planned for keywords ``fine_tune`` does not take yet (a test fails once it does)."""
+
+BUDGET_DEFAULTS: dict[str, object] = {
+    "delta": 1e-5,
+    "mode": "gdp",
+    "adjacency": "replace_one",
+    "clipping": "dual",
+}
+"""fine_tune's defaults of the budget options, for the commands that do not import fine_tune
+(``qem preview``, ``qem audit``); a test checks them against its signature."""
+
+
+def fine_tune_defaults() -> dict[str, object]:
+    """The defaults of ``fine_tune``'s keywords, read from its signature (imports torch)."""
+    from qem.finetune import fine_tune
+
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(fine_tune).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+
+
+def add_options(
+    parser: argparse.ArgumentParser,
+    options: tuple[Option, ...],
+    defaults: Mapping[str, object],
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """Declare ``options`` on ``parser`` in their groups. An option without an entry in
+    ``defaults`` is required; ``overrides[keyword]`` replaces argparse settings of one option
+    (default, choices, help)."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for option in options:
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(option.group)
+        settings: dict[str, Any] = {"dest": option.keyword, "help": option.help}
+        if option.is_switch:
+            settings["action"] = "store_false" if option.negate else "store_true"
+        else:
+            settings["type"] = option.type or str
+            settings["choices"] = option.choices
+        if option.keyword in defaults:
+            settings["default"] = defaults[option.keyword]
+        else:
+            settings["required"] = True
+        settings.update((overrides or {}).get(option.keyword, {}))
+        default = settings.get("default")
+        if not option.is_switch and default is not None:
+            settings["help"] += f" (default {default})"
+        groups[option.group].add_argument(*option.flags, **settings)
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser, epsilon: float | None = None) -> None:
+    """--epsilon (required unless given), --delta, --mode, --adjacency, --clipping, with
+    fine_tune's defaults."""
+    budget = tuple(o for o in FINE_TUNE_OPTIONS if o.keyword in ("epsilon", *BUDGET_DEFAULTS))
+    defaults = dict(BUDGET_DEFAULTS) if epsilon is None else {**BUDGET_DEFAULTS, "epsilon": epsilon}
+    add_options(parser, budget, defaults)
+
+
+def add_fine_tune_arguments(
+    parser: argparse.ArgumentParser,
+    defaults: Mapping[str, object] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """Every option of FINE_TUNE_OPTIONS and SCHEDULE_OPTIONS, with fine_tune's defaults
+    updated by ``defaults`` (progress bars are on at the command line)."""
+    merged = {**fine_tune_defaults(), "progress": True, **(defaults or {})}
+    merged.update({option.keyword: None for option in SCHEDULE_OPTIONS})
+    add_options(parser, FINE_TUNE_OPTIONS + SCHEDULE_OPTIONS, merged, overrides)
+
+
+def fine_tune_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """The keywords for ``fine_tune`` from parsed options. With ``--schedule`` the schedule's
+    JSON form is built from ``--rounds`` and the schedule options given; without it, those
+    options are refused and ``--rounds`` goes to fine_tune's shortcut."""
+    from qem.schedules import SCHEDULES
+
+    kwargs = {option.keyword: getattr(args, option.keyword) for option in FINE_TUNE_OPTIONS}
+    given = {
+        option.keyword: getattr(args, option.keyword)
+        for option in SCHEDULE_OPTIONS
+        if getattr(args, option.keyword) is not None
+    }
+    kind = kwargs.pop("schedule")
+    if kind is None:
+        if given:
+            raise InvalidParameterError(
+                f"{_flags(given)}: only with --schedule (sequential, partitioned or poisson); "
+                "give one."
+            )
+        return kwargs
+    spec = {"kind": kind, "rounds": kwargs.pop("rounds"), **given}
+    parameters = inspect.signature(SCHEDULES[kind]).parameters
+    missing = [
+        name
+        for name, parameter in parameters.items()
+        if parameter.default is inspect.Parameter.empty and name not in spec
+    ]
+    if missing:
+        raise InvalidParameterError(f"--schedule {kind} needs {_flags(missing)}.")
+    unknown = sorted(set(given) - set(parameters))
+    if unknown:
+        raise InvalidParameterError(f"--schedule {kind} takes no {_flags(unknown)}.")
+    return {**kwargs, "schedule": spec}
+
+
+def _flags(keywords) -> str:
+    return ", ".join("--" + keyword.replace("_", "-") for keyword in keywords)

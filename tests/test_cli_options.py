@@ -1,0 +1,155 @@
+"""The command line offers every option of ``fine_tune`` from one declaration
+(qem.cli.options), and hands the parsed values to it unchanged."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from qem.cli.main import build_parser
+from qem.cli.options import (
+    BUDGET_DEFAULTS,
+    FINE_TUNE_OPTIONS,
+    NOT_EXPOSED,
+    PENDING,
+    SCHEDULE_OPTIONS,
+    fine_tune_kwargs,
+)
+from qem.curvature.factory import CURVATURES
+from qem.errors import InvalidParameterError
+from qem.finetune import fine_tune
+from qem.privacy.sensitivity import Adjacency, ClipNorm
+from qem.schedules import SCHEDULES
+from qem.statistics import InvalidRecords
+from qem.subspace.factory import KINDS
+
+SIGNATURE = inspect.signature(fine_tune)
+KEYWORDS = {n for n, p in SIGNATURE.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+EXPOSED = {option.keyword for option in FINE_TUNE_OPTIONS}
+REQUIRED = ["--model", "m:f", "--public", "p.npz", "--private", "q.npz", "--out", "o"]
+
+
+def test_every_keyword_of_fine_tune_is_exposed_or_excluded_with_a_reason():
+    forgotten = KEYWORDS - EXPOSED - set(NOT_EXPOSED)
+    assert not forgotten, f"fine_tune options missing from qem.cli.options: {sorted(forgotten)}"
+    assert EXPOSED <= KEYWORDS, f"stale options: {sorted(EXPOSED - KEYWORDS)}"
+    assert set(NOT_EXPOSED) <= KEYWORDS and not EXPOSED & set(NOT_EXPOSED)
+    landed = set(PENDING) & KEYWORDS
+    assert not landed, f"fine_tune takes {sorted(landed)} now: add it to FINE_TUNE_OPTIONS"
+
+
+def test_every_schedule_parameter_is_exposed():
+    kinds = next(o for o in FINE_TUNE_OPTIONS if o.keyword == "schedule").choices
+    assert set(kinds) == set(SCHEDULES)
+    parameters = {name for cls in SCHEDULES.values() for name in inspect.signature(cls).parameters}
+    assert parameters - {"rounds"} == {option.keyword for option in SCHEDULE_OPTIONS}
+
+
+def test_choices_are_the_librarys_names():
+    choices = {o.keyword: set(o.choices) for o in FINE_TUNE_OPTIONS if o.choices}
+    assert choices["subspace"] == set(KINDS) - {"subset"}  # subset needs parameter names
+    assert choices["curvature"] == set(CURVATURES)
+    assert choices["adjacency"] == {a.value for a in Adjacency}
+    assert choices["clipping"] == {c.value for c in ClipNorm}
+    assert choices["invalid_records"] == {r.value for r in InvalidRecords}
+    assert choices["mode"] == {"gdp", "pure"}
+
+
+def test_budget_defaults_of_preview_and_audit_are_fine_tunes():
+    defaults = {name: SIGNATURE.parameters[name].default for name in BUDGET_DEFAULTS}
+    assert defaults == BUDGET_DEFAULTS
+
+
+def parse(argv: list[str], command: str = "finetune"):
+    return build_parser(command).parse_args([command, *argv])
+
+
+def test_defaults_are_fine_tunes_except_progress():
+    kwargs = fine_tune_kwargs(parse([*REQUIRED, "--epsilon", "1"]))
+    assert kwargs.pop("progress") is True  # on at the command line, off in the library
+    assert kwargs == {
+        name: 1.0 if name == "epsilon" else SIGNATURE.parameters[name].default
+        for name in EXPOSED - {"progress", "schedule"}
+    }
+
+
+GIVEN = {
+    "epsilon": 0.5,
+    "delta": 1e-6,
+    "mode": "gdp",
+    "adjacency": "add_remove",
+    "clipping": "euclidean",
+    "N": 1000,
+    "subspace": "kronecker",
+    "k": 32,
+    "subspace_seed": 7,
+    "curvature": "fisher",
+    "damping": 0.5,
+    "curvature_every": 5,
+    "public_sample_size": 100,
+    "clip_norm": 2.5,
+    "clip_quantile": 0.8,
+    "prior_weight": 3.0,
+    "line_search_size": 50,
+    "radius": 4.0,
+    "seed": 11,
+    "invalid_records": "raise",
+    "batch_size": 64,
+}
+"""A value other than the default for every valued option."""
+
+
+def test_every_option_reaches_fine_tune():
+    argv = [word for k, v in GIVEN.items() for word in ("--" + k.replace("_", "-"), str(v))]
+    schedule = ["--schedule", "poisson", "--sampling-rate", "0.05", "--rounds", "40"]
+    switches = ["--resample-every", "4", "--secure-noise", "--no-progress"]
+    kwargs = fine_tune_kwargs(parse([*REQUIRED, *argv, *schedule, *switches]))
+    assert kwargs == {
+        **GIVEN,
+        "schedule": {"kind": "poisson", "rounds": 40, "sampling_rate": 0.05, "resample_every": 4},
+        "resample_subspace": False,
+        "partition_rounds": False,
+        "secure_noise": True,
+        "progress": False,
+    }
+    valued = {o.keyword for o in FINE_TUNE_OPTIONS if not o.is_switch}
+    assert valued - {"schedule", "rounds"} == set(GIVEN)  # every option was given
+    SIGNATURE.bind(None, None, None, None, **kwargs)  # every keyword is fine_tune's
+
+
+def test_shortcuts_without_a_schedule():
+    kwargs = fine_tune_kwargs(
+        parse([*REQUIRED, "--epsilon", "1", "--rounds", "3", "--partition-rounds"])
+    )
+    assert "schedule" not in kwargs
+    assert kwargs["rounds"] == 3 and kwargs["partition_rounds"] and not kwargs["resample_subspace"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--schedule", "poisson", "--rounds", "5"], "--schedule poisson needs --sampling-rate"),
+        (["--sampling-rate", "0.1"], "--sampling-rate: only with --schedule"),
+        (["--schedule", "sequential", "--epochs", "2"], "--schedule sequential takes no --epochs"),
+    ],
+)
+def test_schedule_options_are_checked(argv, message):
+    with pytest.raises(InvalidParameterError, match=message):
+        fine_tune_kwargs(parse([*REQUIRED, "--epsilon", "1", *argv]))
+
+
+def test_an_unknown_name_lists_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        parse([*REQUIRED, "--epsilon", "1", "--curvature", "ggm"])
+    assert "invalid choice: 'ggm' (choose from 'ggn', 'fisher'" in capsys.readouterr().err
+
+
+def test_demo_offers_the_same_options_with_its_own_defaults():
+    args = parse(["mnist", "--schedule", "partitioned", "--rounds", "4", "--epochs", "2"], "demo")
+    kwargs = fine_tune_kwargs(args)
+    assert kwargs["epsilon"] == 1.0 and kwargs["subspace"] == "kronecker" and kwargs["k"] == 2048
+    assert kwargs["schedule"] == {"kind": "partitioned", "rounds": 4, "epochs": 2}
+    assert kwargs["progress"] is True
+    mimic = fine_tune_kwargs(parse(["mimic", "--secure-noise"], "demo"))
+    assert mimic["subspace"] == "auto" and mimic["secure_noise"] and mimic["rounds"] == 1
