@@ -91,6 +91,7 @@ GIVEN = {
     "clip_norm": 2.5,
     "clip_quantile": 0.8,
     "prior_weight": 3.0,
+    "momentum": 0.5,
     "line_search_size": 50,
     "radius": 4.0,
     "seed": 11,
@@ -129,7 +130,7 @@ def test_shortcuts_without_a_schedule():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--schedule", "poisson", "--rounds", "5"], "--schedule poisson needs --sampling-rate"),
+        (["--schedule", "poisson", "--rounds", "5"], "exactly one of sampling_rate"),
         (["--sampling-rate", "0.1"], "--sampling-rate: only with --schedule"),
         (["--schedule", "sequential", "--epochs", "2"], "--schedule sequential takes no --epochs"),
     ],

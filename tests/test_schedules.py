@@ -233,3 +233,12 @@ def test_the_budget_a_tuning_grid_spent_composes_every_release():
     assert mixed["epsilon"] == pytest.approx(2.0, abs=0.01) and "basic" in mixed["method"]
     assert total_spent([two[0], {"epsilon": None}], DELTA)["epsilon"] is None
     assert total_spent([{"epsilon": 0.0, "accountant": None}], DELTA)["epsilon"] == 0.0
+
+
+def test_poisson_expected_batch_sets_q_from_the_public_size():
+    budget = Budget(1.0, DELTA, "gdp", Adjacency.REPLACE_ONE)
+    plan = poisson(expected_batch=250, rounds=3).plan(budget, 1000, 1000)
+    assert plan.sampling_rate == 0.25 and plan.describe()["sampling_rate"] == 0.25
+    assert poisson(expected_batch=5000, rounds=3).plan(budget, 1000, 1000).sampling_rate == 1.0
+    with pytest.raises(InvalidParameterError, match="exactly one"):
+        poisson(0.1, 3, expected_batch=100)

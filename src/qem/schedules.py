@@ -344,37 +344,71 @@ class _PartitionedPlan(_UniformPlan):
 
 
 class Poisson(Schedule):
-    """T rounds, each on a Poisson sample of rate q (docs/theory.md §13)."""
+    """T rounds, each on a Poisson sample of rate q (docs/theory.md §13).
+
+    Give the rate q, or ``expected_batch`` B: then q = min(1, B / N) with N the public size, so
+    one configuration means "about B records per round" on datasets of any size."""
 
     kind = "poisson"
 
     def __init__(
-        self, sampling_rate: float, rounds: int, *, resample_every: int | None = None
+        self,
+        sampling_rate: float | None = None,
+        rounds: int = 1,
+        *,
+        expected_batch: float | None = None,
+        resample_every: int | None = None,
     ) -> None:
         super().__init__(rounds, resample_every=resample_every)
-        q = float(sampling_rate)
-        if not (math.isfinite(q) and 0.0 < q <= 1.0):
+        if (sampling_rate is None) == (expected_batch is None):
             raise InvalidParameterError(
-                f"the Poisson sampling rate q must lie in (0, 1], got {sampling_rate!r}."
+                "a Poisson schedule needs exactly one of sampling_rate (q) and expected_batch."
             )
-        self.sampling_rate = q
+        if sampling_rate is not None:
+            q = float(sampling_rate)
+            if not (math.isfinite(q) and 0.0 < q <= 1.0):
+                raise InvalidParameterError(
+                    f"the Poisson sampling rate q must lie in (0, 1], got {sampling_rate!r}."
+                )
+        else:
+            q = None
+            check_count("expected_batch", expected_batch)
+        self.sampling_rate, self.expected_batch = q, expected_batch
+
+    def rate(self, N: float) -> float:
+        """q for a public size N."""
+        if self.sampling_rate is not None:
+            return self.sampling_rate
+        return min(1.0, self.expected_batch / N)
 
     def _plan(self, budget: Budget, n: int, N: float, seed: int | None) -> Plan:
+        q = self.rate(N)
         z = calibrate_noise_multiplier(
-            budget.epsilon, budget.delta, self.sampling_rate, self.rounds, budget.adjacency
+            budget.epsilon, budget.delta, q, self.rounds, budget.adjacency
         )
-        return _PoissonPlan(self, budget, n, N, z, seed)
+        return _PoissonPlan(self, budget, n, N, q, z, seed)
 
     def describe(self) -> dict:
-        return {**super().describe(), "sampling_rate": self.sampling_rate}
+        return {
+            **super().describe(),
+            "sampling_rate": self.sampling_rate,
+            "expected_batch": self.expected_batch,
+        }
 
 
 class _PoissonPlan(Plan):
     def __init__(
-        self, schedule: Poisson, budget: Budget, n: int, N: float, z: float, seed: int | None
+        self,
+        schedule: Poisson,
+        budget: Budget,
+        n: int,
+        N: float,
+        q: float,
+        z: float,
+        seed: int | None,
     ) -> None:
         super().__init__(schedule, budget, n, N)
-        self._z = z
+        self.sampling_rate, self._z = q, z
         self._rng = None if seed is None else np.random.default_rng(seed)
 
     @property
@@ -386,7 +420,7 @@ class _PoissonPlan(Plan):
         return neighboring_relation(self.budget.adjacency)
 
     def rounds(self) -> Iterator[Round]:
-        q = self.schedule.sampling_rate
+        q = self.sampling_rate
         for t in range(self.schedule.rounds):
             yield Round(
                 index=t,
@@ -402,13 +436,14 @@ class _PoissonPlan(Plan):
         if completed == 0:
             return dp_event.NoOpDpEvent()
         sampled = dp_event.PoissonSampledDpEvent(
-            self.schedule.sampling_rate, dp_event.GaussianDpEvent(self._z)
+            self.sampling_rate, dp_event.GaussianDpEvent(self._z)
         )
         return dp_event.SelfComposedDpEvent(sampled, completed)
 
     def describe(self) -> dict:
         return {
             **super().describe(),
+            "sampling_rate": self.sampling_rate,
             "sampling": "user_seed" if self._rng is not None else "os_csprng",
         }
 
@@ -435,9 +470,18 @@ def partitioned(rounds: int, *, epochs: int = 1, resample_subspace: bool = True)
     return Partitioned(rounds, epochs=epochs, resample_every=1 if resample_subspace else None)
 
 
-def poisson(sampling_rate: float, rounds: int, *, resample_every: int | None = 1) -> Poisson:
-    """T rounds on Poisson samples of rate q (a new subspace every ``resample_every`` rounds)."""
-    return Poisson(sampling_rate, rounds, resample_every=resample_every)
+def poisson(
+    sampling_rate: float | None = None,
+    rounds: int = 1,
+    *,
+    expected_batch: float | None = None,
+    resample_every: int | None = 1,
+) -> Poisson:
+    """T rounds on Poisson samples of rate q, or of about ``expected_batch`` records (a new
+    subspace every ``resample_every`` rounds)."""
+    return Poisson(
+        sampling_rate, rounds, expected_batch=expected_batch, resample_every=resample_every
+    )
 
 
 SCHEDULES: dict[str, type[Schedule]] = {cls.kind: cls for cls in (Sequential, Partitioned, Poisson)}

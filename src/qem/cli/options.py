@@ -143,6 +143,12 @@ FINE_TUNE_OPTIONS: tuple[Option, ...] = (
         float,
     ),
     Option(
+        "momentum",
+        "heavy ball over the releases: step along P w_t + m alpha d_(t-1) (post-processing)",
+        STEP,
+        float,
+    ),
+    Option(
         "line_search_size",
         "use only this many validation examples for the step line search",
         STEP,
@@ -179,6 +185,13 @@ SCHEDULE_OPTIONS: tuple[Option, ...] = (
         "--schedule poisson: probability q that a round reads a record",
         ROUNDS,
         float,
+    ),
+    Option(
+        "expected_batch",
+        "--schedule poisson: about this many records per round (q = B / N), instead of "
+        "--sampling-rate",
+        ROUNDS,
+        int,
     ),
     Option(
         "resample_every",
@@ -279,7 +292,7 @@ def fine_tune_kwargs(args: argparse.Namespace) -> dict[str, object]:
     """The keywords for ``fine_tune`` from parsed options. With ``--schedule`` the schedule's
     JSON form is built from ``--rounds`` and the schedule options given; without it, those
     options are refused and ``--rounds`` goes to fine_tune's shortcut."""
-    from qem.schedules import SCHEDULES
+    from qem.schedules import SCHEDULES, make_schedule
 
     kwargs = {option.keyword: getattr(args, option.keyword) for option in FINE_TUNE_OPTIONS}
     given = {
@@ -307,6 +320,7 @@ def fine_tune_kwargs(args: argparse.Namespace) -> dict[str, object]:
     unknown = sorted(set(given) - set(parameters))
     if unknown:
         raise InvalidParameterError(f"--schedule {kind} takes no {_flags(unknown)}.")
+    make_schedule(spec)  # the schedule's own checks, before any data is read
     return {**kwargs, "schedule": spec}
 
 
