@@ -271,7 +271,8 @@ def fine_tune(
             cholesky=quadratic.cholesky,
             batch_size=batch_size,
             invalid_records=invalid,
-            progress=progress,
+            # a Poisson round's size is private: no bar that would display it
+            progress=progress and plan.schedule.kind != "poisson",
         )
         clock.lap("private_pass")
         lam = 1.0 if (mode == "gdp" and prior_weight is None) else float(prior_weight or 1.0)
