@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from qem.data import DataLike
+from qem.metrics import evaluate_loss
 from qem.parameters import unflatten
-from qem.pretrain import evaluate_loss
 from qem.subspace.base import LossFn, Subspace
 
 MIN_STEP, MAX_STEP = 2.0**-8, 2.0**20

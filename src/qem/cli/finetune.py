@@ -15,8 +15,8 @@ from qem.errors import DataError, UnsupportedModelError
 from qem.finetune import fine_tune
 from qem.io import check_output_path
 from qem.losses import LOSSES
+from qem.metrics import evaluate_accuracy
 from qem.model_files import load_exported_model
-from qem.pretrain import evaluate_accuracy
 
 
 def add_parser(subparsers) -> None:
