@@ -22,8 +22,9 @@ from qem.datasets.scenarios import mnist_s1
 from qem.experiments.runner import PeakMemory
 from qem.finetune import fine_tune
 from qem.losses import cross_entropy
+from qem.metrics import evaluate_accuracy
 from qem.models import build_model
-from qem.pretrain import MNIST_CNN_PRETRAIN, cached_pretrain, evaluate_accuracy
+from qem.pretrain import MNIST_CNN_PRETRAIN, cached_pretrain
 
 
 def plain_epoch(model: torch.nn.Module, data, batch_size: int) -> tuple[float, float]:
@@ -48,7 +49,7 @@ def main() -> None:
 
     scenario = mnist_s1(load_mnist(), seed=0, private_size=args.private_size)
     model = cached_pretrain(
-        ".qem_cache",
+        None,  # the user cache directory (qem.pretrain.default_cache_dir)
         "s1-cnn",
         lambda: build_model("cnn", seed=0),
         scenario.public_train,

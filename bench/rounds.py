@@ -20,8 +20,9 @@ from qem.datasets import scenarios
 from qem.datasets.mnist import load_mnist
 from qem.finetune import fine_tune
 from qem.losses import cross_entropy
+from qem.metrics import evaluate_accuracy
 from qem.models import build_model
-from qem.pretrain import MNIST_CNN_PRETRAIN, cached_pretrain, evaluate_accuracy
+from qem.pretrain import MNIST_CNN_PRETRAIN, cached_pretrain
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from qem.baselines.nonprivate import nonprivate
 from qem.errors import InvalidParameterError, UnsupportedModelError
 from qem.finetune import FineTuneResult
 from qem.losses import cross_entropy
-from qem.pretrain import evaluate_loss
+from qem.metrics import evaluate_loss
 from qem.privacy.calibration import (
     PLD_DISCRETIZATION,
     calibrate_noise_multiplier,

@@ -1,4 +1,4 @@
-"""Exact privacy of the Gaussian-DP mode on worst-case neighbouring datasets (DESIGN §1a).
+"""Exact privacy of the Gaussian-DP mode on worst-case neighbouring datasets (docs/theory.md §3).
 
 For a neighbouring pair the two outputs are Normal(m, Sigma) and Normal(m', Sigma) with the same
 Sigma = (beta N lam A)^-1. With d the Mahalanobis distance between m and m', the privacy loss

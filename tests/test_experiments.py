@@ -207,7 +207,7 @@ def test_default_pretrainer_caches_the_public_model_once_per_scenario(tmp_path):
     cache = tmp_path / "cache"
     for run in ("a", "b"):
         run_experiment(config, tmp_path / run, progress=False, registry=registry, cache_dir=cache)
-    assert len(list(cache.glob("toy-logreg-*.pt"))) == 1  # trained once, loaded the second time
+    assert len(list(cache.glob("toy-logreg-*.safetensors"))) == 1  # trained once, then loaded
     runs = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/results.json"))]
     first, second = ([row["metric"] for row in rows] for rows in runs)
     assert first == second  # the same pretrained model, from the cache

@@ -24,7 +24,7 @@ from qem.linesearch import line_search_step
 from qem.losses import cross_entropy
 from qem.mechanism import QuadraticExponentialMechanism
 from qem.mechanism.clipping import clip_gradients, validate_curvature
-from qem.pretrain import evaluate_loss
+from qem.metrics import evaluate_loss
 from qem.privacy.gdp import calibrate_gdp_mu
 from qem.privacy.sensitivity import gdp_beta
 from qem.report import PrivacyReport
@@ -239,18 +239,18 @@ def test_save_load_round_trip(released, tmp_path):
 def test_failure_between_writes_leaves_nothing(released, tmp_path, monkeypatch):
     result = released
     calls = []
-    original = qem.io._write_file
+    original = qem.io.write_atomically
 
-    def fail_on_second(path, write):
+    def fail_on_second(path, data):
         calls.append(path.name)
         if len(calls) == 2:
             raise OSError("disk full (injected)")
-        original(path, write)
+        original(path, data)
 
-    monkeypatch.setattr(qem.io, "_write_file", fail_on_second)
+    monkeypatch.setattr(qem.io, "write_atomically", fail_on_second)
     with pytest.raises(OSError, match="injected"):
         result.save(tmp_path / "run")
-    assert calls == ["model.pt", "privacy_report.json"]
+    assert calls == ["model.safetensors", "privacy_report.json"]
     assert list(tmp_path.iterdir()) == []
     result.save(tmp_path / "run")  # a failed save leaves nothing that blocks the next one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -255,7 +255,7 @@ def test_overwrite_exchanges_atomically_and_stale_staging_is_cleaned(tmp_path):
     save_run(target, {"w": torch.ones(1)}, {"run": "old"})
     stale = tmp_path / f".run.{qem.io._STAGING}.999999999"
     stale.mkdir()
-    (stale / "model.pt").write_bytes(b"half-written")
+    (stale / "model.safetensors").write_bytes(b"half-written")
     save_run(target, {"w": torch.zeros(1)}, {"run": "new"}, overwrite=True)
     assert load(target).report == {"run": "new"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -1,4 +1,4 @@
-"""MIMIC-Extract loader and care-unit scenario on the synthetic file; AUROC."""
+"""MIMIC-Extract loader and care-unit scenario on the synthetic file; AUROC of a model on it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch
 
 from qem.datasets.mimic import (
     MimicCohort,
-    auroc,
     impute,
     load_mimic_extract,
     mimic_careunit_scenario,
@@ -24,9 +23,10 @@ from qem.datasets.mimic import (
 )
 from qem.datasets.scenarios import Scenario
 from qem.datasets.synthetic_mimic import write_synthetic_mimic
-from qem.errors import DataError, NonFiniteError
+from qem.errors import DataError
+from qem.metrics import evaluate_auroc
 from qem.models import build_model
-from qem.pretrain import evaluate_auroc, pretrain
+from qem.pretrain import pretrain
 
 
 @pytest.fixture(scope="module")
@@ -235,20 +235,3 @@ def test_real_schema_is_not_flagged_and_bad_files_fail(h5: Path, tmp_path: Path)
     (tmp_path / "text.h5").write_text("not HDF5")
     with pytest.raises(DataError, match="not a readable HDF5 file"):
         load_mimic_extract(tmp_path / "text.h5")
-
-
-def test_auroc_matches_pair_count() -> None:
-    rng = np.random.default_rng(0)
-    for n in (2, 7, 60):
-        scores = rng.integers(0, 4, n).astype(float)  # many ties
-        labels = rng.integers(0, 2, n)
-        labels[:2] = [0, 1]
-        pos, neg = scores[labels == 1], scores[labels == 0]
-        diff = pos[:, None] - neg[None, :]
-        brute = ((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size
-        assert auroc(torch.from_numpy(scores), torch.from_numpy(labels)) == pytest.approx(brute)
-    assert auroc([0.1, 0.2, 0.9], [0, 0, 1]) == 1.0 and auroc([0.9, 0.2], [0, 1]) == 0.0
-    with pytest.raises(DataError, match="both classes"):
-        auroc([0.1, 0.2], [1, 1])
-    with pytest.raises(NonFiniteError):
-        auroc([np.nan, 0.2], [0, 1])

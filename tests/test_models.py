@@ -12,8 +12,9 @@ from torch.utils.data import Dataset
 import qem.pretrain
 from qem.errors import InvalidParameterError, NonFiniteError
 from qem.losses import cross_entropy
+from qem.metrics import evaluate_accuracy, evaluate_loss
 from qem.models import MLP, LogisticRegression, SmallCNN, build_model, num_parameters
-from qem.pretrain import cached_pretrain, evaluate_accuracy, evaluate_loss, pretrain
+from qem.pretrain import cached_pretrain, pretrain
 
 
 def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

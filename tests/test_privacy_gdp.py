@@ -1,5 +1,5 @@
 """The exact privacy profile of a mu-GDP release, its inverse, calibration and composition
-(qem.privacy.gdp, DESIGN.md §1a), checked against dp-accounting and mpmath."""
+(qem.privacy.gdp, docs/theory.md §3-§5), checked against dp-accounting and mpmath."""
 
 import math
 

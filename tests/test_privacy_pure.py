@@ -1,4 +1,4 @@
-"""Pure eps-DP mode (qem.privacy.pure, DESIGN.md §1b): the calibration, the privacy of the
+"""Pure eps-DP mode (qem.privacy.pure, docs/theory.md §6): the calibration, the privacy of the
 restricted exponential mechanism, and the worst-case acceptance of the rejection sampler."""
 
 import math

@@ -1,4 +1,4 @@
-"""Pure eps-DP mode (DESIGN §1b): the rejection sampler and the exact privacy of its output.
+"""Pure eps-DP mode (docs/theory.md §6): the rejection sampler and the exact privacy of its output.
 
 The output of the pure mode is Normal(m_D, Sigma) conditioned on W_R = {w : ||w||_A <= R}, with
 density phi(w; m_D, Sigma) / Z(m_D) on W_R, where Z(m) = P(||w||_A <= R) is a noncentral

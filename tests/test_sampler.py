@@ -1,4 +1,5 @@
-"""The Gaussian-DP sampler draws exactly Normal(-(N lam A)^-1 S, (beta N lam A)^-1) (DESIGN §1).
+"""The Gaussian-DP sampler draws exactly Normal(-(N lam A)^-1 S, (beta N lam A)^-1)
+(docs/theory.md §1).
 
 Draws are whitened with the symmetric square root of the claimed precision beta N lam A
 (an eigendecomposition, independent of the sampler's Cholesky factor); the whitened draws must

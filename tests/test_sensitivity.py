@@ -1,5 +1,6 @@
 """Sensitivity of the clipped-gradient sum and the GDP parameter it gives (qem.privacy.sensitivity,
-DESIGN.md §1a): the bounds hold, are attained, and mu is the Mahalanobis shift of the mean."""
+docs/theory.md §2, §3): the bounds hold, are attained, and mu is the Mahalanobis shift of the mean.
+"""
 
 import dataclasses
 import json
@@ -156,14 +157,14 @@ def test_bad_mu_beta_inputs(bad):
 
 
 def _release(S: np.ndarray, A: np.ndarray, N: float, lam: float, beta: float, z: np.ndarray):
-    """w = -(N lam A)^-1 S + L^-T z / sqrt(beta N lam), A = L L^T (DESIGN.md §1)."""
+    """w = -(N lam A)^-1 S + L^-T z / sqrt(beta N lam), A = L L^T (docs/theory.md §1)."""
     L = np.linalg.cholesky(A)
     return -np.linalg.solve(N * lam * A, S) + np.linalg.solve(L.T, z) / math.sqrt(beta * N * lam)
 
 
 @pytest.mark.parametrize("clipping", list(ClipNorm))
 def test_gdp_release_at_lam_is_the_release_at_one_divided_by_lam(clipping):
-    """DESIGN.md §1e: at a fixed mu, beta N lam grows like lam^2, so the same noise draw gives
+    """docs/theory.md §9: at a fixed mu, beta N lam grows like lam^2, so the same noise draw gives
     w(lam) = w(1) / lam: choosing the step length after the draw is post-processing."""
     k, N, mu = 5, 300.0, 0.7
     A = _spd(k, 7)

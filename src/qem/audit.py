@@ -1,5 +1,5 @@
-"""Empirical privacy audit (DESIGN.md §2 `audit`): black-box membership inference on a
-synthetic worst-case neighbouring pair, through the public API ``qem.fine_tune``.
+"""Empirical privacy audit (a check of docs/theory.md §3 and §6): black-box membership
+inference on a synthetic worst-case neighbouring pair, through the public API ``qem.fine_tune``.
 
 The audit fixes everything public (a tiny logistic-regression model at theta0 = 0, public data,
 curvature, clip norm), builds two neighbouring private datasets D and D' whose differing record

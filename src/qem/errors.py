@@ -1,7 +1,7 @@
 """Exceptions raised by qem. Each message says what to change.
 
 All derive from :class:`QemError`, and from the matching built-in (``ValueError``,
-``TypeError``, ``FileExistsError``) so that generic handlers keep working.
+``TypeError``, ``FileExistsError``, ``ImportError``) so that generic handlers keep working.
 """
 
 
@@ -39,6 +39,10 @@ class RejectionSamplingError(QemError, ValueError):
 
 class OutputExistsError(QemError, FileExistsError):
     """The output directory exists and overwriting was not requested."""
+
+
+class MissingExtraError(QemError, ImportError):
+    """A feature needs a package of one of qem's optional extras, which is not installed."""
 
 
 class PrivacyWarning(UserWarning):

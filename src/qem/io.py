@@ -1,5 +1,9 @@
 """Writing and reading a fine-tuned model with its privacy report, atomically and together
-(docs/theory.md §14).
+(docs/theory.md §14), and the atomic file writer every qem output goes through.
+
+The model is a safetensors file (``model.safetensors``: tensors and a JSON header, read back
+without pickle); a run saved by an earlier qem holds ``model.pt`` instead, which
+:func:`load` still reads with ``torch.load(weights_only=True)`` (tensors and containers only).
 
 All files are written into a hidden staging directory beside the target, flushed and fsynced,
 and the staging directory then takes the target's place: by ``rename`` when the target does not
@@ -17,16 +21,22 @@ import ctypes
 import ctypes.util
 import json
 import os
+import secrets
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors
+import safetensors.torch
 import torch
 from torch import nn
 
 from qem.errors import DataError, OutputExistsError
 
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.safetensors"
+LEGACY_MODEL_FILE = "model.pt"
+"""The model file of runs saved before qem wrote safetensors; :func:`load` still reads it."""
 REPORT_FILE = "privacy_report.json"
 DIAGNOSTICS_FILE = "diagnostics.json"
 _STAGING, _BACKUP = "qem-staging", "qem-backup"
@@ -59,13 +69,13 @@ def check_output_path(directory: str | os.PathLike, overwrite: bool = False) -> 
 
 def save_run(
     directory: str | os.PathLike,
-    state_dict: dict,
+    state_dict: Mapping[str, torch.Tensor],
     report: dict,
     *,
     diagnostics: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model.pt`` (a state dict), ``privacy_report.json`` and, when given,
+    """Write ``model.safetensors`` (a state dict), ``privacy_report.json`` and, when given,
     ``diagnostics.json`` into ``directory`` (see the module docstring).
 
     Raises OutputExistsError if ``directory`` exists and ``overwrite`` is False. On any failure
@@ -74,17 +84,15 @@ def save_run(
     target = check_output_path(directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
-    texts = {REPORT_FILE: _json_bytes(report)}
+    files = {MODEL_FILE: state_dict_bytes(state_dict), REPORT_FILE: _json_bytes(report)}
     if diagnostics is not None:
-        texts[DIAGNOSTICS_FILE] = _json_bytes(diagnostics)
+        files[DIAGNOSTICS_FILE] = _json_bytes(diagnostics)
     staging = target.parent / f".{target.name}.{_STAGING}.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        _write_file(staging / MODEL_FILE, lambda h: torch.save(state_dict, h))
-        for name, data in texts.items():
-            _write_file(staging / name, lambda h, data=data: h.write(data))
-        _fsync_directory(staging)
+        for name, data in files.items():
+            write_atomically(staging / name, data)
         _install(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -108,28 +116,78 @@ class SavedRun:
 
 
 def load(directory: str | os.PathLike) -> SavedRun:
-    """Read back what :func:`save_run` wrote (restoring an interrupted overwrite first)."""
+    """Read back what :func:`save_run` wrote (restoring an interrupted overwrite first). The
+    model is read from ``model.safetensors`` without pickle, or from the ``model.pt`` of a run
+    saved before qem wrote safetensors by ``torch.load(weights_only=True)``."""
     source = Path(directory)
     _recover(source)
     model_path, report_path = source / MODEL_FILE, source / REPORT_FILE
-    if not (model_path.is_file() and report_path.is_file()):
+    legacy_path = source / LEGACY_MODEL_FILE
+    if not ((model_path.is_file() or legacy_path.is_file()) and report_path.is_file()):
         raise DataError(f"{source} does not hold {MODEL_FILE} and {REPORT_FILE}.")
-    state = torch.load(model_path, map_location="cpu", weights_only=True)
+    if model_path.is_file():
+        state, _ = read_state_dict(model_path)
+    else:
+        state = torch.load(legacy_path, map_location="cpu", weights_only=True)
     report = json.loads(report_path.read_text())
     diagnostics_path = source / DIAGNOSTICS_FILE
     diagnostics = json.loads(diagnostics_path.read_text()) if diagnostics_path.is_file() else None
     return SavedRun(state_dict=state, report=report, diagnostics=diagnostics)
 
 
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader, or the disk after a crash, holds the old
+    file or the whole new one: ``data`` goes to a temporary sibling (``.<name>.<random>.tmp``,
+    created exclusively), is flushed and fsynced, replaces ``path`` by ``os.replace``, and the
+    parent directory is fsynced so the rename itself is durable. On any failure the temporary
+    is removed and ``path`` is untouched."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with open(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def state_dict_bytes(
+    state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """The safetensors file of ``state_dict`` (with string ``metadata`` in its header). Each
+    tensor is detached, moved to the CPU and copied into storage of its own in contiguous
+    layout, because safetensors refuses tensors that share storage (tied weights) or are
+    strided views; integer and boolean buffers keep their dtype."""
+    tensors = {}
+    for name, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise DataError(
+                f"state dict entry {name!r} is a {type(value).__name__}, not a tensor; a qem "
+                "model file (safetensors) holds tensors only."
+            )
+        tensors[name] = value.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+    return safetensors.torch.save(tensors, metadata={"format": "pt", **(metadata or {})})
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (on the CPU) and the header metadata of the safetensors file ``path``; a
+    file that is not one raises DataError. Nothing is unpickled."""
+    try:
+        with safetensors.safe_open(path, framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+    except safetensors.SafetensorError as error:
+        raise DataError(f"{path} is not a readable safetensors file: {error}") from error
+    return tensors, metadata
+
+
 def _json_bytes(obj: dict) -> bytes:
     return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False).encode()
-
-
-def _write_file(path: Path, write) -> None:
-    with open(path, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _fsync_directory(path: Path) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qem.data import DataLike
-from qem.pretrain import evaluate_loss
+from qem.metrics import evaluate_loss
 from qem.subspace.base import LossFn
 
 MIN_STEP, MAX_STEP = 2.0**-8, 2.0**20

@@ -1,5 +1,5 @@
-"""Non-private pretraining on public data, evaluation metrics, and a disk cache of pretrained
-weights.
+"""Non-private pretraining on public data, and a disk cache of pretrained weights (the
+evaluation functions are in :mod:`qem.metrics`).
 
 Pretraining minimises the mean per-example loss (1/n) sum_i loss(f(x_i; theta), y_i) with Adam
 on PUBLIC data only; it has no privacy cost and must never see private data.
@@ -10,23 +10,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import platformdirs
 import torch
-from scipy.stats import rankdata
 from torch import nn
 from tqdm.auto import tqdm
 
-from qem.data import DataLike, as_dataset, batches, fingerprint
+from qem.data import DataLike, as_dataset, fingerprint
 from qem.errors import DataError, InvalidParameterError, NonFiniteError
+from qem.io import read_state_dict, state_dict_bytes, write_atomically
 from qem.losses import cross_entropy
+from qem.metrics import model_batches
 from qem.subspace.base import LossFn
 
-DEFAULT_CACHE_DIR = ".qem_cache"
+CACHE_DIR_VARIABLE = "QEM_CACHE_DIR"
+"""The environment variable that, when set, names the default cache directory."""
 
 MNIST_CNN_PRETRAIN = {"epochs": 30, "lr": 1e-3, "batch_size": 64, "seed": 0}
 """The recipe (``pretrain`` keyword arguments) with which the demo and the benchmarks pretrain
@@ -59,7 +60,7 @@ def pretrain(
     model.train()
     with tqdm(total=steps, desc="pretrain", disable=not progress, leave=False) as bar:
         for _ in range(epochs):
-            for inputs, targets in _batches(dataset, batch_size, model, generator):
+            for inputs, targets in model_batches(dataset, batch_size, model, generator):
                 loss = loss_fn(model(inputs), targets).mean()
                 if not torch.isfinite(loss):
                     raise NonFiniteError(
@@ -73,77 +74,6 @@ def pretrain(
     return model.eval()
 
 
-@torch.no_grad()
-def predict(
-    model: nn.Module, data: DataLike, batch_size: int = 1000
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model outputs and targets over ``data``, in order, in eval mode (mode restored after)."""
-    was_training = model.training
-    model.eval()
-    outputs, targets = [], []
-    try:
-        for inputs, batch_targets in _batches(as_dataset(data), batch_size, model):
-            outputs.append(model(inputs))
-            targets.append(batch_targets)
-    finally:
-        model.train(was_training)
-    return torch.cat(outputs), torch.cat(targets)
-
-
-def evaluate_accuracy(model: nn.Module, data: DataLike, batch_size: int = 1000) -> float:
-    """Fraction of examples whose arg-max output equals the integer target."""
-    outputs, targets = predict(model, data, batch_size)
-    return (outputs.argmax(dim=1) == targets).double().mean().item()
-
-
-def evaluate_loss(
-    model: nn.Module, loss_fn: LossFn, data: DataLike, batch_size: int = 1000
-) -> float:
-    """Mean per-example loss (1/n) sum_i loss_fn(f(x_i), y_i), accumulated in float64."""
-    outputs, targets = predict(model, data, batch_size)
-    return loss_fn(outputs, targets).double().mean().item()
-
-
-def evaluate_auroc(model: nn.Module, data: DataLike, batch_size: int = 1000) -> float:
-    """AUROC of a two-class model, scoring each example by the logit margin f_1(x) - f_0(x)."""
-    outputs, targets = predict(model, data, batch_size)
-    if outputs.ndim != 2 or outputs.shape[1] != 2:
-        raise DataError(f"AUROC needs two output logits per example, got {tuple(outputs.shape)}.")
-    return auroc(outputs[:, 1] - outputs[:, 0], targets)
-
-
-def evaluate_metric(model: nn.Module, data: DataLike, metric: str) -> float:
-    """``metric`` ("accuracy" or "auroc", as named by a Scenario) of ``model`` on ``data``."""
-    metrics = {"accuracy": evaluate_accuracy, "auroc": evaluate_auroc}
-    if metric not in metrics:
-        raise InvalidParameterError(f"unknown metric {metric!r}; choose one of {sorted(metrics)}.")
-    return metrics[metric](model, data)
-
-
-def auroc(scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> float:
-    """Area under the ROC curve by the rank (Mann-Whitney U) formula:
-
-        AUROC = (sum of ranks of positives - n_pos (n_pos + 1) / 2) / (n_pos n_neg),
-
-    ranks 1..n of the scores with ties given their average rank, which equals
-    P(s_pos > s_neg) + P(s_pos = s_neg) / 2 over all positive-negative pairs.
-    """
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    y = np.asarray(labels).reshape(-1)
-    if s.shape != y.shape:
-        raise DataError(f"auroc: {s.size} scores but {y.size} labels.")
-    if not np.isfinite(s).all():
-        raise NonFiniteError("auroc: scores hold NaN or infinity.")
-    if not np.isin(y, (0, 1)).all():
-        raise DataError("auroc: labels must be 0 or 1.")
-    positive = y == 1
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise DataError(f"auroc needs both classes; got {n_pos} positives and {n_neg} negatives.")
-    ranks = rankdata(s, method="average")
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def cached_pretrain(
     cache_dir: str | Path | None,
     key: str,
@@ -153,12 +83,14 @@ def cached_pretrain(
 ) -> nn.Module:
     """``pretrain(factory(), train_data, **pretrain_kwargs)``, stored on disk and reused.
 
-    The file name is ``<key>-<hash>.pt`` in ``cache_dir`` (default ``.qem_cache/`` in the
-    current directory), where the SHA-256 hash covers ``key``, the model's class and parameter
-    shapes, the hyperparameters and the data (qem.data.fingerprint); so any change
-    retrains. The state dict is written to a temporary file and moved into place with
-    ``os.replace``, so a crash never leaves a partial file. ``factory`` must build the same
-    initial weights every time (seed it) for the cache to mean anything.
+    The file name is ``<key>-<hash>.safetensors`` in ``cache_dir`` (None means
+    :func:`default_cache_dir`), where the SHA-256 hash covers ``key``, the model's class and
+    parameter shapes, the hyperparameters and the data (qem.data.fingerprint); so any change
+    retrains. The file holds the state dict and the full hash (checked on reading; a file that
+    does not match or cannot be read is retrained and replaced), is read without pickle, and is
+    written atomically (:func:`qem.io.write_atomically`), so a crash never leaves a partial
+    file. ``factory`` must build the same initial weights every time (seed it) for the cache to
+    mean anything.
     """
     model = factory()
     config = {
@@ -171,25 +103,29 @@ def cached_pretrain(
     }
     text = json.dumps(config, sort_keys=True, default=_describe)
     digest = hashlib.sha256(text.encode()).hexdigest()
-    directory = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR)
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     safe_key = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
-    path = directory / f"{safe_key}-{digest[:16]}.pt"
+    path = directory / f"{safe_key}-{digest[:16]}.safetensors"
     if path.is_file():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        if stored.get("digest") == digest:
-            model.load_state_dict(stored["state_dict"])
+        try:
+            state_dict, metadata = read_state_dict(path)
+        except DataError:
+            metadata = {}
+        if metadata.get("digest") == digest:
+            model.load_state_dict(state_dict)
             return model.eval()
     pretrain(model, train_data, **pretrain_kwargs)
     directory.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix=f".{safe_key}-", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save({"digest": digest, "state_dict": model.state_dict()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(path, state_dict_bytes(model.state_dict(), {"digest": digest}))
     return model
+
+
+def default_cache_dir() -> Path:
+    """The directory of :func:`cached_pretrain` when none is given: ``$QEM_CACHE_DIR`` when that
+    variable is set, otherwise the user cache directory of "qem" (platformdirs; on Linux
+    ``$XDG_CACHE_HOME/qem``, by default ``~/.cache/qem``)."""
+    configured = os.environ.get(CACHE_DIR_VARIABLE)
+    return Path(configured) if configured else Path(platformdirs.user_cache_dir("qem"))
 
 
 def _describe(value: object) -> str:
@@ -197,16 +133,3 @@ def _describe(value: object) -> str:
     if callable(value) and hasattr(value, "__qualname__"):
         return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
     return repr(value)
-
-
-def _batches(
-    dataset: Any,
-    batch_size: int,
-    model: nn.Module,
-    generator: torch.Generator | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """qem.data.batches (shuffled when ``generator`` is given), floating inputs cast to the
-    model's dtype."""
-    dtype = next(model.parameters()).dtype
-    for inputs, targets in batches(dataset, batch_size, generator=generator):
-        yield (inputs.to(dtype) if inputs.is_floating_point() else inputs), targets

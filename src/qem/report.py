@@ -56,7 +56,7 @@ class RoundRecord:
 
 @dataclass(frozen=True)
 class PrivacyReport:
-    """What a qem run released and the guarantee it carries (DESIGN §4 fields and more).
+    """What a qem run released and the guarantee it carries (docs/theory.md §14).
 
     ``epsilon``/``delta`` are the target; ``accountant`` holds dp-accounting's epsilon of the
     executed rounds, the neighbouring relation and the run's DpEvent as JSON (compose it with

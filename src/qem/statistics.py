@@ -1,4 +1,4 @@
-"""The private pass (DESIGN.md §2 `statistics`): one streaming pass over the private data that
+"""The private pass (docs/theory.md §0-§2: S_D): one streaming pass over the private data that
 returns the sufficient statistic of the mechanism,
 
     sum_i gh_i,   gh_i = g_i min(1, C / ||g_i||),   g_i = P^T grad_theta loss(theta; z_i),

@@ -1,6 +1,6 @@
-"""Baselines that qem is compared with, side by side (DESIGN.md §5): DP-SGD through Opacus
-(``dpsgd``), non-private fine-tuning (``nonprivate``) and no fine-tuning (``none``); the table
-of methods, qem included, is ``qem.baselines.registry``.
+"""Baselines that qem is compared with, side by side (the evaluation protocol: README.md,
+docs/results.md): DP-SGD through Opacus (``dpsgd``), non-private fine-tuning (``nonprivate``) and no
+fine-tuning (``none``); the table of methods, qem included, is ``qem.baselines.registry``.
 
 Every method has fine_tune's core signature,
 ``method(model, loss_fn, public_data, private_data, *, epsilon, delta, adjacency,

@@ -29,7 +29,8 @@ the steps it counted, which accounts add/remove neighbours and is an upper estim
 eps_error = 0.01, is reported beside it as a cross-check.
 
 Models must be Opacus-compatible (no BatchNorm: use GroupNorm). The report holds no statistic
-of the private data.
+of the private data. Opacus comes with the optional extra ``qem[baselines]`` and is imported on
+the first call.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
-from opacus import PrivacyEngine
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -54,6 +55,7 @@ from qem.baselines import (
 from qem.baselines.nonprivate import train_epochs
 from qem.data import DataLike, as_dataset, batches
 from qem.errors import InvalidParameterError, UnsupportedModelError
+from qem.extras import import_extra
 from qem.finetune import FineTuneResult
 from qem.losses import check_per_example_loss
 from qem.parameters import check_finite_parameters
@@ -69,11 +71,20 @@ from qem.privacy.ledger import dp_event_to_json
 from qem.privacy.sensitivity import check_positive
 from qem.subspace.base import LossFn
 
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
+
+
+def _opacus(module: str = "opacus") -> ModuleType:
+    """Opacus (or its submodule ``module``), or MissingExtraError naming ``qem[baselines]``."""
+    return import_extra(module, "baselines", "the DP-SGD baseline")
+
 
 def _check_opacus_compatible(model: nn.Module) -> None:
     """Opacus' validator on a training-mode copy (a pretrained model usually arrives in eval
     mode, which Opacus flags although DP-SGD will train it in training mode)."""
-    errors = ModuleValidator.validate(copy.deepcopy(model).train(), strict=False)
+    validator = _opacus("opacus.validators").ModuleValidator
+    errors = validator.validate(copy.deepcopy(model).train(), strict=False)
     if errors:
         raise UnsupportedModelError(
             f"DP-SGD (Opacus) cannot train this model: {errors}. Replace BatchNorm by GroupNorm "
@@ -84,10 +95,11 @@ def _check_opacus_compatible(model: nn.Module) -> None:
 def _privacy_engine(secure_mode: bool) -> PrivacyEngine:
     """Opacus' PrivacyEngine; its warning that secure_mode is off is expected here (the report
     records the setting) and kept out of the output."""
+    engine = _opacus().PrivacyEngine
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]ecure.*")
         try:
-            return PrivacyEngine(accountant="prv", secure_mode=bool(secure_mode))
+            return engine(accountant="prv", secure_mode=bool(secure_mode))
         except ImportError as error:
             raise InvalidParameterError(
                 f"Opacus' secure_mode needs the torchcsprng package ({error}); install it or "

@@ -31,8 +31,8 @@ from qem.data import DataLike, as_dataset, batches
 from qem.errors import InvalidParameterError
 from qem.finetune import FineTuneResult
 from qem.losses import check_per_example_loss
+from qem.metrics import evaluate_loss
 from qem.parameters import check_finite_parameters
-from qem.pretrain import evaluate_loss
 from qem.privacy.sensitivity import check_positive
 from qem.subspace.base import LossFn
 

@@ -1,4 +1,5 @@
-"""The methods compared side by side (DESIGN.md §5), by name.
+"""The methods compared side by side (the evaluation protocol: README.md, docs/results.md), by
+name.
 
 Every entry has fine_tune's core signature,
 ``method(model, loss_fn, public_data, private_data, *, epsilon, delta, adjacency,

@@ -41,8 +41,9 @@ from qem.errors import InvalidParameterError
 from qem.finetune import fine_tune
 from qem.io import check_output_path
 from qem.losses import cross_entropy
+from qem.metrics import evaluate_metric
 from qem.models import build_model, num_parameters
-from qem.pretrain import MNIST_CNN_PRETRAIN, cached_pretrain, evaluate_metric
+from qem.pretrain import MNIST_CNN_PRETRAIN, cached_pretrain
 from qem.report import PrivacyReport
 
 MIMIC_PRETRAIN = {"epochs": 5, "lr": 1e-3, "batch_size": 64, "seed": 0}

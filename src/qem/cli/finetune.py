@@ -12,7 +12,7 @@ from qem.datasets.files import load_supervised_file
 from qem.finetune import fine_tune
 from qem.io import check_output_path
 from qem.losses import LOSSES
-from qem.pretrain import evaluate_accuracy
+from qem.metrics import evaluate_accuracy
 
 PT2_FILE = "model.pt2"
 """What ``--export-pt2`` writes into ``--out``, beside model.pt and privacy_report.json."""

@@ -27,10 +27,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pandas as pd
-import tables
-import tables.atom
-import tables.attributeset
+from qem.extras import missing_extra
+
+try:
+    import pandas as pd
+    import tables
+    import tables.atom
+    import tables.attributeset
+except ImportError as error:
+    raise missing_extra(error, "mimic", "reading pandas HDF5 files") from error
 
 from qem.datasets.safe_pickle import loads_arrays
 from qem.errors import DataError

@@ -2,7 +2,7 @@
 "MIMIC-Extract"), which the user produces from their own credentialed copy of MIMIC-III; qem
 never ships or downloads it. The tests use :mod:`qem.datasets.synthetic_mimic`.
 
-Cohort (one row per subject), following DESIGN.md §5 and MIMIC-Extract's benchmark notebook:
+Cohort (one row per subject), following MIMIC-Extract's benchmark notebook:
 
 * the subject's FIRST ICU stay (earliest ``intime``; smallest icustay_id if ``intime`` is
   absent); a subject whose first stay fails a criterion below is excluded, later stays are not
@@ -44,20 +44,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-from pandas.api.types import is_numeric_dtype
+
+from qem.extras import missing_extra
+
+try:
+    import pandas as pd
+    from pandas.api.types import is_numeric_dtype
+except ImportError as error:
+    raise missing_extra(error, "mimic", "the MIMIC-Extract loader") from error
 
 from qem.datasets.hdf5 import open_hdf_store
 from qem.datasets.scenarios import Scenario
 from qem.datasets.synthetic_mimic import SYNTHETIC_KEY
 from qem.errors import DataError
-from qem.pretrain import auroc
 
 __all__ = [
     "TASKS",
     "MimicCohort",
-    "auroc",
     "load_mimic_extract",
     "mimic_careunit_scenario",
     "observed_statistics",

@@ -1,5 +1,6 @@
-"""Transfer scenarios of DESIGN.md §5: public data to pretrain on and to choose hyperparameters
-with, private data to fine-tune on, and a test set from the private side's distribution.
+"""Transfer scenarios of the evaluation protocol (README.md, docs/results.md): public data to
+pretrain on and to choose hyperparameters with, private data to fine-tune on, and a test set from
+the private side's distribution.
 
 * MNIST S1 (small public set): public = 1,000 of the 50,000 training images; private = the
   other 49,000; test = the 10,000 test images.

@@ -31,10 +31,15 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import tables
 
 from qem.errors import InvalidParameterError
+from qem.extras import missing_extra
+
+try:
+    import pandas as pd
+    import tables
+except ImportError as error:
+    raise missing_extra(error, "mimic", "the synthetic MIMIC-Extract file") from error
 
 SYNTHETIC_KEY = "qem_synthetic"
 CARE_UNITS = ("MICU", "SICU", "CSRU", "CCU", "TSICU")

@@ -1,6 +1,6 @@
-"""Privacy-utility sweeps (DESIGN.md §5): a JSON config (:mod:`.config`), a resumable runner
-that writes one JSON file per scenario x method x epsilon x seed cell (:mod:`.runner`), and
-markdown tables and plots of the cells (:mod:`.report`)."""
+"""Privacy-utility sweeps (the evaluation protocol of README.md and docs/results.md): a JSON config
+(:mod:`.config`), a resumable runner that writes one JSON file per scenario x method x epsilon x
+seed cell (:mod:`.runner`), and markdown tables and plots of the cells (:mod:`.report`)."""
 
 from qem.experiments.config import ExperimentConfig, load_config, parse_config
 from qem.experiments.report import write_report

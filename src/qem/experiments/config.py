@@ -1,5 +1,6 @@
-"""Configuration of a privacy-utility sweep (DESIGN.md §5), read from JSON and validated up
-front so that a typo fails before hours of computing, not after.
+"""Configuration of a privacy-utility sweep (the evaluation protocol of README.md and
+docs/results.md), read from JSON and validated up front so that a typo fails before hours of
+computing, not after.
 
 Example (``configs/smoke.json``)::
 

@@ -1,4 +1,5 @@
-"""Tables and plots of a finished (or partial) sweep, read from its cell files (DESIGN.md §5).
+"""Tables and plots of a finished (or partial) sweep, read from its cell files (the evaluation
+protocol of README.md and docs/results.md).
 
 ``results.md``: per scenario, the test metric (accuracy or AUROC) as mean ± sample standard
 deviation (ddof = 1) over seeds, rows = methods, columns = epsilon; the fine-tuning seconds
@@ -7,7 +8,8 @@ to mean qem seconds per epsilon. PNG plots (matplotlib, Agg canvas): a privacy-u
 per scenario (metric vs epsilon, log x, mean with a ±1 sd band; budget-free methods as
 horizontal lines) and the mean fine-tuning seconds per method (bar chart, one panel per
 scenario). When the run directory holds the sweep's ``config.json``, ``results.md`` says how
-many of its cells are present and which are missing (:func:`cell_coverage`).
+many of its cells are present and which are missing (:func:`cell_coverage`). matplotlib comes
+with the optional extra ``qem[bench]`` and is imported when the first plot is drawn.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any
 
 from qem.errors import DataError
 from qem.experiments.config import load_config
 from qem.experiments.runner import CELLS_DIR, CONFIG_FILE, plan_cells
+from qem.extras import import_extra
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPORT_FILE = "results.md"
 SECONDS_PLOT = "seconds.png"
@@ -214,7 +218,7 @@ class _Table:
         return "\n".join(lines)
 
     def plot_privacy_utility(self, path: Path) -> None:
-        figure = Figure(figsize=(6.4, 4.4))
+        figure = _figure((6.4, 4.4))
         axes = figure.add_subplot()
         for method in self.methods:
             if method in self.budget_free:
@@ -253,9 +257,16 @@ class _Table:
         figure.savefig(path, dpi=120)
 
 
+def _figure(size: tuple[float, float]) -> Figure:
+    """A matplotlib Figure (Agg canvas, no display) of ``size`` inches; MissingExtraError naming
+    ``qem[bench]`` without matplotlib."""
+    figure_module = import_extra("matplotlib.figure", "bench", "the plots of an experiment report")
+    return figure_module.Figure(figsize=size)
+
+
 def _plot_seconds(tables: list[_Table], path: Path) -> None:
     """Mean fine-tuning seconds per method over all epsilons and seeds, ±1 sd error bars."""
-    figure = Figure(figsize=(4.8 * len(tables), 4.0))
+    figure = _figure((4.8 * len(tables), 4.0))
     for index, table in enumerate(tables, start=1):
         axes = figure.add_subplot(1, len(tables), index)
         values = [table.pooled(method, "seconds.fine_tune") for method in table.methods]

@@ -1,5 +1,6 @@
-"""Run a privacy-utility sweep (DESIGN.md §5): every scenario x method x epsilon x seed is one
-*cell*, written as one JSON file, so an interrupted sweep resumes where it stopped.
+"""Run a privacy-utility sweep (the evaluation protocol of README.md and docs/results.md): every
+scenario x method x epsilon x seed is one *cell*, written as one JSON file, so an interrupted sweep
+resumes where it stopped.
 
 Per scenario the data is built once and the model is pretrained once on the PUBLIC training
 split (cached on disk by :func:`qem.pretrain.cached_pretrain`); every method starts from a copy
@@ -22,13 +23,13 @@ Methods in ``Registry.budget_free`` ("nonprivate" fine-tuning, "none" = the pret
 spend no budget: they run once per seed with ``epsilon=None`` (JSON null).
 
 Layout of ``out_dir``: ``config.json`` (the validated config), ``cells/<key>.json`` (one per
-cell, written atomically: temporary file + ``os.replace``) and ``results.json`` (a list of
+cell, written atomically by :func:`qem.io.write_atomically`) and ``results.json`` (a list of
 ``{scenario, method, epsilon, seed, metric, seconds}``, seconds = the chosen configuration's
 fine-tuning time).
 
 A release is written to disk as soon as its method returns, before it is scored: grid point i
 of a cell goes to ``cells/<key>.partial/point<i>.json`` (hyperparameters, seconds, noise seed)
-and ``cells/<key>.partial/point<i>/`` (``model.pt`` and ``privacy_report.json``, by
+and ``cells/<key>.partial/point<i>/`` (``model.safetensors`` and ``privacy_report.json``, by
 :func:`qem.io.save_run`). If the cell then fails, these stay and the error names them; a rerun
 loads them instead of drawing new noise on the private data. They are deleted once the cell's
 JSON is written.
@@ -44,7 +45,6 @@ import math
 import os
 import resource
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -68,9 +68,9 @@ from qem.experiments.config import (
     parse_config,
 )
 from qem.io import load as load_saved_run
-from qem.io import save_run
+from qem.io import save_run, write_atomically
 from qem.losses import LOSSES
-from qem.pretrain import evaluate_loss, evaluate_metric
+from qem.metrics import evaluate_loss, evaluate_metric
 from qem.privacy.ledger import total_spent
 from qem.report import report_as_dict
 from qem.subspace.base import LossFn
@@ -223,7 +223,8 @@ def run_experiment(
     ``config`` is an ExperimentConfig, its JSON dict, or a path to a JSON file. Finished cells
     are skipped; one computed under a different configuration of its scenario or method, or
     with the other ``reproducible`` setting, raises OutputExistsError. ``cache_dir`` holds
-    pretrained models (default ``.qem_cache``). Returns the rows of ``results.json``. A cell
+    pretrained models (default: :func:`qem.pretrain.default_cache_dir`, the user cache
+    directory). Returns the rows of ``results.json``. A cell
     that fails after a release was saved raises CellFailedError (see the module docstring).
     """
     if not isinstance(config, ExperimentConfig):
@@ -527,21 +528,11 @@ def _high_water_mb() -> float | None:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` so that readers see the old file or the whole new one:
-    serialise first, write a temporary sibling, fsync, ``os.replace``; on failure nothing is
-    left behind."""
-    path = Path(path)
+    """Write ``obj`` as strict JSON (no NaN) to ``path`` with :func:`qem.io.write_atomically`:
+    readers see the old file or the whole new one; serialised first, so an object JSON cannot
+    hold leaves nothing behind."""
     text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text + "\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path, (text + "\n").encode())
 
 
 def _check_registry(config: ExperimentConfig, registry: Registry) -> None:

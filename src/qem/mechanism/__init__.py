@@ -1,5 +1,5 @@
 """The quadratic exponential mechanism: clipping in the metric of A and exact Normal sampling
-(numpy/scipy float64 only; DESIGN.md §1)."""
+(numpy/scipy float64 only; docs/theory.md §1)."""
 
 from qem.mechanism.clipping import (
     PublicQuadratic,

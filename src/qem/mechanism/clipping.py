@@ -1,4 +1,4 @@
-"""The curvature A as a metric, and per-example clipping in it (DESIGN.md §1).
+"""The curvature A as a metric, and per-example clipping in it (docs/theory.md §1, §2).
 
 A = L L^T (lower Cholesky factor, float64) defines the norm ||w||_A = ||L^T w|| on parameters and
 its dual ||g||_{A^-1} = sqrt(g^T A^-1 g) = ||L^-1 g|| on gradients. Clipping

@@ -1,4 +1,4 @@
-"""The quadratic exponential mechanism and its exact sampler (DESIGN.md §1, §1a, §1b).
+"""The quadratic exponential mechanism and its exact sampler (docs/theory.md §1, §3, §6).
 
 With utility u(w; D) = -(sum_i gh_i^T w + (N lam/2) w^T A w), the density proportional to
 exp(beta u(w; D)) is exactly
@@ -103,7 +103,7 @@ class QuadraticExponentialMechanism:
     """Exact sampler of Normal(-(N lam A)^-1 S, (beta N lam A)^-1) for a clipped gradient sum S.
 
     Parameters are public: ``A`` (k x k, positive definite), ``N`` (the public constant of
-    DESIGN.md §1), ``lam``, ``clip_norm`` C, ``adjacency`` ("replace_one" | "add_remove"),
+    docs/theory.md §0, §2), ``lam``, ``clip_norm`` C, ``adjacency`` ("replace_one" | "add_remove"),
     ``clipping`` ("dual" | "euclidean", the norm the gradients were clipped in), ``mode``
     ("gdp" | "pure"); in pure mode ``radius`` R (chosen by ``calibrate`` when None) and
     ``n_max`` (most records the data may hold, default N). ``seed=None`` draws the noise from

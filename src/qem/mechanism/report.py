@@ -1,4 +1,4 @@
-"""What a calibrated mechanism promises before it sees any data (DESIGN.md §1c)."""
+"""What a calibrated mechanism promises before it sees any data (docs/theory.md §7)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 A mu-GDP release is exactly as private as a Gaussian mechanism with sensitivity 1 and noise
 standard deviation 1/mu (Dong, Roth & Su 2022, Theorem 2.7). In dp-accounting that is
 ``GaussianDpEvent(noise_multiplier=1/mu)`` under the ADD_OR_REMOVE_ONE neighbouring relation.
-qem's mu already contains the neighbour multiplier s of its adjacency (DESIGN.md §1a), so the
+qem's mu contains the neighbour multiplier s of its adjacency (docs/theory.md §2), so the
 accountants here always use ADD_OR_REMOVE_ONE: under REPLACE_ONE, dp-accounting's PLD accountant
 doubles the shift of a GaussianDpEvent (its RDP accountant does not). The other events must be
 privacy statements about the same adjacency as the qem release.

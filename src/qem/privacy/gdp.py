@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterable
 
 import numpy as np
-from scipy import optimize, special
+from scipy import special
 
 from qem.errors import InvalidParameterError, PrivacyWarning
 
@@ -136,10 +136,10 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     eps_hi = max(mu * (mu / 2.0 - special.ndtri(delta)), 1e-12)
     while gdp_log_delta(mu, eps_hi) > log_target:  # guards rounding at the bracket's edge
         eps_hi *= 2.0
+    from scipy.optimize import brentq  # imported on first use, to keep ``import qem`` light
+
     return float(
-        optimize.brentq(
-            lambda e: gdp_log_delta(mu, e) - log_target, 0.0, eps_hi, xtol=1e-15, rtol=1e-15
-        )
+        brentq(lambda e: gdp_log_delta(mu, e) - log_target, 0.0, eps_hi, xtol=1e-15, rtol=1e-15)
     )
 
 
@@ -160,7 +160,9 @@ def calibrate_gdp_mu(epsilon: float, delta: float) -> float:
         lo -= 2.0
     while gap(hi) < 0:
         hi += 1.0
-    return math.exp(optimize.brentq(gap, lo, hi, xtol=1e-15, rtol=1e-15))
+    from scipy.optimize import brentq
+
+    return math.exp(brentq(gap, lo, hi, xtol=1e-15, rtol=1e-15))
 
 
 def compose_gdp(mus: Iterable[float]) -> float:

@@ -1,4 +1,4 @@
-"""Pure eps-DP mode (DESIGN.md §1b): the exponential mechanism restricted to the ball
+"""Pure eps-DP mode (docs/theory.md §6): the exponential mechanism restricted to the ball
 W_R = {w : ||w||_A <= R}.
 
 On W_R the utility u(w; D) = -(sum_i gh_i^T w + (N lam/2) w^T A w) changes between neighbours
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import math
 import numbers
-
-from scipy import optimize, stats
 
 from qem.errors import InvalidParameterError, RejectionSamplingError
 from qem.privacy.gdp import check_epsilon
@@ -67,7 +65,9 @@ def worst_case_acceptance(
     n_max = check_positive("n_max", n_max)
     mean_norm_bound = n_max * sensitivity.per_example_dual_bound / (N * lam)
     noncentrality = scale * mean_norm_bound**2
-    return float(stats.ncx2.cdf(scale * radius**2, df=k, nc=noncentrality))
+    from scipy.stats import ncx2  # imported here: scipy.stats takes ~0.4 s to import
+
+    return float(ncx2.cdf(scale * radius**2, df=k, nc=noncentrality))
 
 
 def acceptance_at_radius(
@@ -115,7 +115,9 @@ def choose_radius(
         hi += 2.0
         if hi > 700:
             raise RejectionSamplingError("no radius reaches the target acceptance.")
-    return math.exp(optimize.brentq(gap, lo, hi, xtol=1e-12))
+    from scipy.optimize import brentq
+
+    return math.exp(brentq(gap, lo, hi, xtol=1e-12))
 
 
 def check_acceptance(acceptance: float) -> None:

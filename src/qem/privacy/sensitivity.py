@@ -1,4 +1,4 @@
-"""Sensitivity of the clipped-gradient sum, with the assumptions it rests on (DESIGN.md §1a).
+"""Sensitivity of the clipped-gradient sum, with the assumptions it rests on (docs/theory.md §2).
 
 The mechanism's mean is m_D = -(N lam A)^-1 sum_i gh_i, so two neighbouring datasets move it by
 (N lam A)^-1 (gh_j - gh_j'), whose size in the metric of A is ||gh_j - gh_j'||_{A^-1}. This module
@@ -106,7 +106,7 @@ class Sensitivity:
 
 
 def gdp_mu(beta: float, N: float, lam: float, sensitivity: Sensitivity) -> float:
-    """mu = sqrt(beta / (N lam)) * sup ||gh_j - gh_j'||_{A^-1} (DESIGN.md §1a)."""
+    """mu = sqrt(beta / (N lam)) * sup ||gh_j - gh_j'||_{A^-1} (docs/theory.md §3)."""
     beta = check_positive("beta", beta)
     N = check_positive("N", N, "N is the public (declared) dataset size.")
     lam = check_positive("lam", lam)

@@ -1,0 +1,17 @@
+"""Set-up shared by every test: pretrained-model caches go to a temporary directory, never to
+the user cache directory (qem.pretrain.default_cache_dir reads $QEM_CACHE_DIR first)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from qem.pretrain import CACHE_DIR_VARIABLE
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_DIR_VARIABLE, str(tmp_path_factory.mktemp("qem-cache")))
+        yield
