@@ -73,6 +73,34 @@ class Curvature(ABC):
             "public_data_fingerprint": self.public_data_fingerprint,
         }
 
+    def public_batches(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        reference: torch.Tensor,
+        public_data: DataLike,
+        hasher: DataHasher,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The public data in batches of ``batch_size``, each hashed into ``hasher`` and moved
+        to the reference tensor's device (floating tensors also to its dtype); the loss is
+        checked to be per-example on the first batch. Call it with the model in eval mode."""
+        n_batches = math.ceil(num_examples(public_data) / self.batch_size)
+        stream = batches(public_data, self.batch_size, name="public data")
+        bar = tqdm(
+            stream,
+            total=n_batches,
+            desc=f"curvature ({self.kind})",
+            unit="batch",
+            disable=not self.progress,
+        )
+        for index, (inputs, targets) in enumerate(bar):
+            hasher.update(inputs, targets)
+            inputs, targets = (_like(t, reference) for t in (inputs, targets))
+            if index == 0:
+                with torch.no_grad():
+                    check_per_example_loss(loss_fn, model(inputs[:2]), targets[:2])
+            yield inputs, targets
+
 
 class DataCurvature(Curvature):
     """A curvature estimated by one pass over the public data.
@@ -108,42 +136,40 @@ class DataCurvature(Curvature):
         hasher = DataHasher()
         total = torch.zeros(subspace.k, subspace.k, dtype=torch.float64)
         reference = next(iter(subspace.parameters_of(model).values()))
-        n_batches = math.ceil(num_examples(public_data) / self.batch_size)
-        stream = batches(public_data, self.batch_size, name="public data")
-        bar = tqdm(
-            stream,
-            total=n_batches,
-            desc=f"curvature ({self.kind})",
-            unit="batch",
-            disable=not self.progress,
-        )
         with eval_mode(model):
-            for index, (inputs, targets) in enumerate(bar):
-                hasher.update(inputs, targets)
-                inputs, targets = (_like(t, reference) for t in (inputs, targets))
-                if index == 0:
-                    with torch.no_grad():
-                        check_per_example_loss(loss_fn, model(inputs[:2]), targets[:2])
+            for inputs, targets in self.public_batches(
+                model, loss_fn, reference, public_data, hasher
+            ):
                 batch = self.batch_sum(model, loss_fn, subspace, inputs, targets)
                 total += batch.detach().to("cpu", torch.float64)
-        if not torch.isfinite(total).all():
-            raise NonFiniteError(
-                f"the {self.kind} curvature holds NaN or infinity: check the public data and the "
-                "model's outputs and loss on it."
-            )
+        check_finite(total, self.kind)
         curvature = (total / hasher.n).numpy()
-        curvature = self.postprocess(0.5 * (curvature + curvature.T))
-        A = 0.5 * (curvature + curvature.T) + self.damping * np.eye(subspace.k)
-        smallest = float(np.linalg.eigvalsh(A)[0])
-        if not smallest > 0:
-            raise CurvatureError(
-                f"A = P^T H0 P + gamma I is not positive definite (smallest eigenvalue "
-                f"{smallest:.3g}). Increase the damping; 'ggn' also needs a loss that is convex in "
-                "the model's outputs ('hessian' clamps negative eigenvalues instead)."
-            )
+        A = damped(self.postprocess(0.5 * (curvature + curvature.T)), self.damping)
         self.n_public = hasher.n
         self.public_data_fingerprint = hasher.hexdigest()
         return A
+
+
+def check_finite(curvature: torch.Tensor, kind: str) -> None:
+    """Raise NonFiniteError if a curvature estimate holds NaN or infinity."""
+    if not torch.isfinite(curvature).all():
+        raise NonFiniteError(
+            f"the {kind} curvature holds NaN or infinity: check the public data and the "
+            "model's outputs and loss on it."
+        )
+
+
+def damped(curvature: np.ndarray, damping: float) -> np.ndarray:
+    """A = sym(curvature) + gamma I, float64, after checking it is positive definite."""
+    A = 0.5 * (curvature + curvature.T) + damping * np.eye(len(curvature))
+    smallest = float(np.linalg.eigvalsh(A)[0])
+    if not smallest > 0:
+        raise CurvatureError(
+            f"A = P^T H0 P + gamma I is not positive definite (smallest eigenvalue "
+            f"{smallest:.3g}). Increase the damping; 'ggn' also needs a loss that is convex in "
+            "the model's outputs ('hessian' clamps negative eigenvalues instead)."
+        )
+    return A
 
 
 def _like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

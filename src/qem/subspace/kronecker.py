@@ -343,17 +343,7 @@ def _projected_call(
     p_in, p_out = layer.p_in.to(activation.dtype), layer.p_out.to(activation.dtype)
     p_weight = p_in[:cols]
     if isinstance(module, nn.Conv2d):
-        if activation.dim() != 4:
-            raise UnsupportedModelError(
-                f"Conv2d input of shape {tuple(activation.shape)}: Kronecker needs batched "
-                "(B, C, H, W) inputs."
-            )
-        padded = F.pad(
-            activation,
-            _conv_padding(module),
-            mode="constant" if module.padding_mode == "zeros" else module.padding_mode,
-        )
-        a = F.unfold(padded, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        a = conv_patches(module, activation)
         delta = backprop.reshape(batch, layer.out_dim, -1)
         p_a = (p_weight.T @ a).transpose(1, 2)
         p_delta = (p_out.T @ delta).transpose(1, 2)
@@ -368,6 +358,22 @@ def _projected_call(
     if layer.bias is not None:
         p_a = p_a + p_in[cols]
     return p_delta, p_a
+
+
+def conv_patches(module: nn.Conv2d, activation: torch.Tensor) -> torch.Tensor:
+    """The unfolded patches of a Conv2d's (padded) input, (B, in*kh*kw, L) with L output
+    positions, so that the output at position t is W_flat a[:, :, t] (+ b)."""
+    if activation.dim() != 4:
+        raise UnsupportedModelError(
+            f"Conv2d input of shape {tuple(activation.shape)}: Kronecker needs batched "
+            "(B, C, H, W) inputs."
+        )
+    padded = F.pad(
+        activation,
+        _conv_padding(module),
+        mode="constant" if module.padding_mode == "zeros" else module.padding_mode,
+    )
+    return F.unfold(padded, module.kernel_size, dilation=module.dilation, stride=module.stride)
 
 
 def _probe_inputs(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator):
