@@ -327,3 +327,25 @@ def test_the_check_never_reads_the_batch():
         probes.append((first, second))
     for a, b in zip(*probes, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_a_loss_that_mixes_examples_is_applied_per_example():
+    """A loss scaled by the batch's mean loss would couple the examples through the backprops;
+    the hooked path applies it to each example as a batch of one, like the generic path."""
+
+    def scaled(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses = cross_entropy(outputs, targets)
+        return losses * losses.mean()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(8, 6, dtype=F64), torch.randint(0, 3, (8,))
+    subspace = Kronecker(model, 6, seed=0)
+    got = subspace.per_example_gradients(model, scaled, x, y)
+    expected = Subspace.per_example_gradients(subspace, model, scaled, x, y)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    plain = subspace.per_example_gradients(model, cross_entropy, x, y)
+    loss = cross_entropy(model(x), y).detach()
+    torch.testing.assert_close(got, 2 * loss[:, None] * plain, atol=1e-10, rtol=0)
+    batched = subspace._hooked_gradients(model, lambda out: scaled(out, y), x)
+    assert (batched - got).abs().max() > 1e-3  # what summing the batched loss would give

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import vmap
 
 from qem.errors import InvalidParameterError, ShapeError, UnsupportedModelError
 from qem.subspace.base import LossFn, Subspace, check_examples_independent
@@ -163,10 +164,13 @@ class Kronecker(Subspace):
         self, model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
         """g_i = P^T grad loss_i, (B, k) float64, from hooked activations and backprops, after
-        checking (once per model configuration) that the model does not mix examples."""
+        checking (once per model configuration) that the model does not mix examples; the loss
+        cannot mix them either (``per_example_losses``)."""
         check_examples_independent(model)
         self._check_no_mixing(model, inputs)
-        return self._hooked_gradients(model, lambda outputs: loss_fn(outputs, targets), inputs)
+        return self._hooked_gradients(
+            model, lambda outputs: per_example_losses(loss_fn, outputs, targets), inputs
+        )
 
     def _hooked_gradients(
         self,
@@ -358,6 +362,26 @@ def _projected_call(
     if layer.bias is not None:
         p_a = p_a + p_in[cols]
     return p_delta, p_a
+
+
+def per_example_losses(
+    loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor | None
+) -> torch.Tensor:
+    """(B,) losses, ``loss_fn`` applied to each example as a batch of one (torch.func.vmap, as
+    the generic path does), so that a loss mixing the examples of a batch (a batch mean
+    subtracted, weights normalised over the batch) cannot carry one example into another's
+    gradient."""
+
+    def one(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        value = loss_fn(output.unsqueeze(0), None if target is None else target.unsqueeze(0))
+        if value.shape != (1,):
+            raise ShapeError(
+                f"the loss returned shape {tuple(value.shape)} for a batch of 1; qem needs one "
+                "loss per example."
+            )
+        return value[0]
+
+    return vmap(one, in_dims=(0, None if targets is None else 0))(outputs, targets)
 
 
 def conv_patches(module: nn.Conv2d, activation: torch.Tensor) -> torch.Tensor:
