@@ -68,7 +68,8 @@ class Kronecker(Subspace):
     per-example losses. This is exact only when examples do not interact: BatchNorm with batch
     statistics is refused, and any other mixing (batch-mean centring, attention across the
     batch) is refused by a data-independent check on a synthetic probe batch (see
-    ``_check_no_mixing``), run once per model configuration. Then P_out^T G_i P_in =
+    ``_check_no_mixing``), run once per model configuration; the loss is applied to each
+    example as a batch of one (``per_example_losses``). Then P_out^T G_i P_in =
     sum_L (P_out^T delta_i)(P_in^T a_i)^T: both sides are projected first, the d-dimensional
     gradient is never formed. Memory is that of the unfolded activations, O(B in_dim L) per
     Conv2d.
@@ -400,7 +401,9 @@ def conv_patches(module: nn.Conv2d, activation: torch.Tensor) -> torch.Tensor:
     return F.unfold(padded, module.kernel_size, dilation=module.dilation, stride=module.stride)
 
 
-def _probe_inputs(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator):
+def _probe_inputs(
+    shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator
+) -> torch.Tensor:
     """Synthetic inputs of a public seed: standard normal, or 0/1 for integer and bool inputs
     (valid indices for any embedding with two or more rows)."""
     if dtype.is_floating_point:
