@@ -340,8 +340,8 @@ def test_factory():
     assert type(make_curvature("identity", 1.0)) is IdentityCurvature
     hess = make_curvature("hessian", 2.0, batch_size=8, progress=False, basis_chunk=3)
     assert (hess.damping, hess.batch_size, hess.progress, hess.basis_chunk) == (2.0, 8, False, 3)
-    with pytest.raises(InvalidParameterError, match="unknown curvature kind 'kfac'"):
-        make_curvature("kfac", 1.0)
+    with pytest.raises(InvalidParameterError, match="unknown curvature kind 'kfc'"):
+        make_curvature("kfc", 1.0)
     with pytest.raises(InvalidParameterError, match="basis_chunk"):
         make_curvature("ggn", 1.0, basis_chunk=3)
 

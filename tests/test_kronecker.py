@@ -216,3 +216,136 @@ def test_allocation_rules_and_explicit_shapes():
         Kronecker(model, 5, seed=0, shapes=[(1, 1), (1, 1)])
     with pytest.raises(InvalidParameterError, match="needs k"):
         Kronecker(model, seed=0)
+
+
+class BatchCentre(nn.Module):
+    """x - mean over the batch: example i's output depends on every example of the batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(0, keepdim=True)
+
+
+class Recorder(nn.Module):
+    """Identity that keeps every input it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return x
+
+
+MIXING = {
+    "centre_before_linear": lambda: nn.Sequential(
+        BatchCentre(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)
+    ),
+    # mixing behind the last layer: the activations are per example, only the backprops mix
+    "centre_after_last_linear": lambda: nn.Sequential(nn.Linear(6, 3), BatchCentre()),
+}
+
+
+@pytest.mark.parametrize("case", list(MIXING))
+def test_batch_mixing_is_refused_and_the_generic_path_cannot_mix(case):
+    torch.manual_seed(0)
+    model = MIXING[case]().double()
+    x, y = torch.randn(8, 6, dtype=F64), torch.randint(0, 3, (8,))
+    subspace = Kronecker(model, 6, seed=0)
+    # what the hooked path would release differs from the ground truth (each example run as
+    # its own batch of one by torch.func.vmap), and its g_0 moves when another example moves
+    hooked = subspace._hooked_gradients(model, lambda out: cross_entropy(out, y), x)
+    truth = Subspace.per_example_gradients(subspace, model, cross_entropy, x, y)
+    assert (hooked - truth).abs().max() > 1e-3
+    moved_x = x.clone()
+    moved_x[1:] = torch.randn(7, 6, dtype=F64)
+    moved = subspace._hooked_gradients(model, lambda out: cross_entropy(out, y), moved_x)
+    assert (moved[0] - hooked[0]).abs().max() > 1e-3
+    with pytest.raises(UnsupportedModelError, match="mixes examples"):
+        subspace.per_example_gradients(model, cross_entropy, x, y)
+    moved_truth = Subspace.per_example_gradients(subspace, model, cross_entropy, moved_x, y)
+    torch.testing.assert_close(moved_truth[0], truth[0], atol=0, rtol=0)
+
+
+def ordinary_models() -> dict[str, tuple[nn.Module, torch.Tensor, list[str] | None]]:
+    cnn = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.GroupNorm(2, 4, affine=False),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Conv2d(4, 4, 3),
+        nn.Flatten(),
+        nn.LayerNorm(16, elementwise_affine=False),
+        nn.Linear(16, 3),
+    )
+    embedded = nn.Sequential(nn.Embedding(7, 5), nn.Flatten(), nn.Linear(15, 3))
+    return {
+        "cnn": (cnn, torch.randn(40, 2, 4, 4), None),
+        "token_ids": (embedded, torch.randint(0, 7, (40, 3)), ["2"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["cnn", "token_ids"])
+def test_ordinary_models_pass_the_check_once(case):
+    torch.manual_seed(0)
+    model, x, layers = ordinary_models()[case]
+    model.double()
+    x = x.double() if x.is_floating_point() else x
+    y = torch.randint(0, 3, (len(x),))
+    recorder = Recorder()
+    model.insert(0, recorder)
+    layers = None if layers is None else [str(int(n) + 1) for n in layers]
+    subspace = Kronecker(model, 8, seed=0, layers=layers)
+    model.eval()
+    got = subspace.per_example_gradients(model, cross_entropy, x, y)
+    assert len(recorder.seen) == 3  # two probe passes, then the batch
+    subspace.per_example_gradients(model, cross_entropy, x, y)
+    assert len(recorder.seen) == 4  # verified once per model configuration
+    model.train()  # another configuration is checked again; train-mode dropout still passes
+    subspace.per_example_gradients(model, cross_entropy, x, y)
+    assert len(recorder.seen) == 7
+    model.eval()
+    expected = Subspace.per_example_gradients(subspace, model, cross_entropy, x, y)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+
+
+def test_the_check_never_reads_the_batch():
+    """The probe is a function of the batch's shape and dtype: whether the check raises cannot
+    depend on the data being processed."""
+    probes = []
+    for seed in (1, 2):
+        torch.manual_seed(0)
+        recorder = Recorder()
+        model = nn.Sequential(recorder, nn.Linear(6, 3)).double()
+        x = torch.randn(50, 6, generator=torch.Generator().manual_seed(seed), dtype=F64)
+        Kronecker(model, 4, seed=0).per_example_gradients(
+            model, cross_entropy, x, torch.zeros(50).long()
+        )
+        first, second, batch = recorder.seen
+        assert len(first) == len(second) == 32 and not torch.equal(first, x[:32])
+        torch.testing.assert_close(batch, x, atol=0, rtol=0)
+        probes.append((first, second))
+    for a, b in zip(*probes, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_a_loss_that_mixes_examples_is_applied_per_example():
+    """A loss scaled by the batch's mean loss would couple the examples through the backprops;
+    the hooked path applies it to each example as a batch of one, like the generic path."""
+
+    def scaled(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses = cross_entropy(outputs, targets)
+        return losses * losses.mean()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(8, 6, dtype=F64), torch.randint(0, 3, (8,))
+    subspace = Kronecker(model, 6, seed=0)
+    got = subspace.per_example_gradients(model, scaled, x, y)
+    expected = Subspace.per_example_gradients(subspace, model, scaled, x, y)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    plain = subspace.per_example_gradients(model, cross_entropy, x, y)
+    loss = cross_entropy(model(x), y).detach()
+    torch.testing.assert_close(got, 2 * loss[:, None] * plain, atol=1e-10, rtol=0)
+    batched = subspace._hooked_gradients(model, lambda out: scaled(out, y), x)
+    assert (batched - got).abs().max() > 1e-3  # what summing the batched loss would give

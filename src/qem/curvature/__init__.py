@@ -6,10 +6,12 @@ from qem.curvature.fisher import EmpiricalFisher
 from qem.curvature.ggn import GaussNewton
 from qem.curvature.hessian import Hessian
 from qem.curvature.identity import IdentityCurvature
+from qem.curvature.kfac import KFAC
 from qem.data import fingerprint
 
 __all__ = [
     "CURVATURES",
+    "KFAC",
     "Curvature",
     "DataCurvature",
     "EmpiricalFisher",

@@ -1,4 +1,4 @@
-"""The public quadratic A = P^T H0 P + gamma I_k (DESIGN.md §1).
+"""The public quadratic A = P^T H0 P + gamma I_k (docs/theory.md §1, §13).
 
 H0 is the curvature of the MEAN per-example loss over the public data at theta0, so that
 
@@ -89,6 +89,35 @@ class Curvature(ABC):
             "public_data_fingerprint": self.public_data_fingerprint,
         }
 
+    def public_batches(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        reference: torch.Tensor,
+        public_data: DataLike,
+        hasher: DataHasher,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The public data in batches of ``batch_size``, each hashed into ``hasher`` and moved
+        to the reference tensor's device (floating tensors also to its dtype); the loss is
+        checked to be per-example on the first batch. Call it with the model in eval mode."""
+        n_batches = math.ceil(num_examples(public_data) / self.batch_size)
+        stream = batches(public_data, self.batch_size, name="public data")
+        bar = tqdm(
+            stream,
+            total=n_batches,
+            desc=f"curvature ({self.kind})",
+            unit="batch",
+            disable=not self.progress,
+            leave=False,
+        )
+        for index, (inputs, targets) in enumerate(bar):
+            hasher.update(inputs, targets)
+            inputs, targets = (_like(t, reference) for t in (inputs, targets))
+            if index == 0:
+                with torch.no_grad():
+                    check_per_example_loss(loss_fn, model(inputs[:2]), targets[:2])
+            yield inputs, targets
+
 
 class DataCurvature(Curvature):
     """A curvature estimated by one pass over the public data.
@@ -115,8 +144,7 @@ class DataCurvature(Curvature):
     def matrix(
         self, model: nn.Module, loss_fn: LossFn, subspace: Subspace, public_data: DataLike
     ) -> np.ndarray:
-        """A = P^T H0 P + gamma I_k, float64 (k, k), symmetric (positive definiteness is
-        checked once, by ``quadratic``).
+        """A = P^T H0 P + gamma I_k, float64 (k, k), symmetric.
 
         H0 = (1/n) sum_i H_i over the n public examples. The model is used in eval mode and is
         left exactly as it was passed.
@@ -125,36 +153,33 @@ class DataCurvature(Curvature):
         hasher = DataHasher()
         total = torch.zeros(subspace.k, subspace.k, dtype=torch.float64)
         reference = next(iter(subspace.parameters_of(model).values()))
-        n_batches = math.ceil(num_examples(public_data) / self.batch_size)
-        stream = batches(public_data, self.batch_size, name="public data")
-        bar = tqdm(
-            stream,
-            total=n_batches,
-            desc=f"curvature ({self.kind})",
-            unit="batch",
-            disable=not self.progress,
-            leave=False,
-        )
         with eval_mode(model):
-            for index, (inputs, targets) in enumerate(bar):
-                hasher.update(inputs, targets)
-                inputs, targets = (_like(t, reference) for t in (inputs, targets))
-                if index == 0:
-                    with torch.no_grad():
-                        check_per_example_loss(loss_fn, model(inputs[:2]), targets[:2])
+            for inputs, targets in self.public_batches(
+                model, loss_fn, reference, public_data, hasher
+            ):
                 batch = self.batch_sum(model, loss_fn, subspace, inputs, targets)
                 total += batch.detach().to("cpu", torch.float64)
-        if not torch.isfinite(total).all():
-            raise NonFiniteError(
-                f"the {self.kind} curvature holds NaN or infinity: check the public data and the "
-                "model's outputs and loss on it."
-            )
+        check_finite(total, self.kind)
         curvature = (total / hasher.n).numpy()
-        curvature = self.postprocess(0.5 * (curvature + curvature.T))
-        A = 0.5 * (curvature + curvature.T) + self.damping * np.eye(subspace.k)
+        A = damped(self.postprocess(0.5 * (curvature + curvature.T)), self.damping)
         self.n_public = hasher.n
         self.public_data_fingerprint = hasher.hexdigest()
         return A
+
+
+def check_finite(curvature: torch.Tensor, kind: str) -> None:
+    """Raise NonFiniteError if a curvature estimate holds NaN or infinity."""
+    if not torch.isfinite(curvature).all():
+        raise NonFiniteError(
+            f"the {kind} curvature holds NaN or infinity: check the public data and the "
+            "model's outputs and loss on it."
+        )
+
+
+def damped(curvature: np.ndarray, damping: float) -> np.ndarray:
+    """A = sym(curvature) + gamma I, float64 (positive definiteness is checked once, when
+    ``Curvature.quadratic`` factors it)."""
+    return 0.5 * (curvature + curvature.T) + damping * np.eye(len(curvature))
 
 
 def _like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Curvature by name: make_curvature("ggn" | "fisher" | "hessian" | "identity", damping, ...)."""
+"""Curvature by name: make_curvature("ggn" | "kfac" | "fisher" | "hessian" | "identity", damping,
+...)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from qem.curvature.fisher import EmpiricalFisher
 from qem.curvature.ggn import GaussNewton
 from qem.curvature.hessian import Hessian
 from qem.curvature.identity import IdentityCurvature
+from qem.curvature.kfac import KFAC
 from qem.errors import InvalidParameterError
 
 CURVATURES: dict[str, type[Curvature]] = {
-    cls.kind: cls for cls in (GaussNewton, EmpiricalFisher, Hessian, IdentityCurvature)
+    cls.kind: cls for cls in (GaussNewton, KFAC, EmpiricalFisher, Hessian, IdentityCurvature)
 }
 
 

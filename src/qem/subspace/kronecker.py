@@ -4,17 +4,25 @@ is projected as P_out^T G P_in, and per-example projections cost about one forwa
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import vmap
 
 from qem.errors import InvalidParameterError, ShapeError, UnsupportedModelError
 from qem.subspace.base import LossFn, Subspace, check_examples_independent
 from qem.subspace.dense import orthonormal_gaussian
 
 _SUPPORTED = (nn.Linear, nn.Conv2d)
+PROBE_SIZE = 32
+"""Examples in the synthetic batch that checks a model does not mix examples."""
+PROBE_SEED = 20_240_508
+"""Public seed of the synthetic probe batch (its inputs and loss weights)."""
 
 
 @dataclass
@@ -57,10 +65,14 @@ class Kronecker(Subspace):
     Per-example gradients (``per_example_gradients``): forward hooks record each layer's input
     a_i (Conv2d: unfolded, (in*kh*kw, L) with L output positions), tensor hooks the backprop
     delta_i = d loss_i / d output_i (out, L), obtained from one backward pass of the SUM of the
-    per-example losses. This is exact only when examples do not interact (no BatchNorm with
-    batch statistics: refused). Then P_out^T G_i P_in = sum_L (P_out^T delta_i)(P_in^T a_i)^T:
-    both sides are projected first, the d-dimensional gradient is never formed. Memory is that
-    of the unfolded activations, O(B in_dim L) per Conv2d.
+    per-example losses. This is exact only when examples do not interact: BatchNorm with batch
+    statistics is refused, and any other mixing (batch-mean centring, attention across the
+    batch) is refused by a data-independent check on a synthetic probe batch (see
+    ``_check_no_mixing``), run once per model configuration; the loss is applied to each
+    example as a batch of one (``per_example_losses``). Then P_out^T G_i P_in =
+    sum_L (P_out^T delta_i)(P_in^T a_i)^T: both sides are projected first, the d-dimensional
+    gradient is never formed. Memory is that of the unfolded activations, O(B in_dim L) per
+    Conv2d.
 
     Any trainable parameter outside Linear/Conv2d layers (LayerNorm, embeddings, ...) is refused
     unless ``layers=[module names]`` restricts P to those layers (then others are not spanned).
@@ -107,6 +119,9 @@ class Kronecker(Subspace):
             layer.p_out = orthonormal_gaussian(layer.out_dim, k_out, generator).to(self.device)
             layer.p_in = orthonormal_gaussian(layer.in_dim, k_in, generator).to(self.device)
         self.k = sum(a * b for a, b in shapes)
+        self._verified: weakref.WeakKeyDictionary[nn.Module, set[tuple]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def _matrices(self, x: torch.Tensor, layer: KroneckerLayer) -> torch.Tensor:
         """G_l (..., out, in_dim) from flat vectors x (..., d)."""
@@ -149,8 +164,24 @@ class Kronecker(Subspace):
     def per_example_gradients(
         self, model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
-        """g_i = P^T grad loss_i, (B, k) float64, from hooked activations and backprops."""
+        """g_i = P^T grad loss_i, (B, k) float64, from hooked activations and backprops, after
+        checking (once per model configuration) that the model does not mix examples; the loss
+        cannot mix them either (``per_example_losses``)."""
         check_examples_independent(model)
+        self._check_no_mixing(model, inputs)
+        return self._hooked_gradients(
+            model, lambda outputs: per_example_losses(loss_fn, outputs, targets), inputs
+        )
+
+    def _hooked_gradients(
+        self,
+        model: nn.Module,
+        losses_of: Callable[[torch.Tensor], torch.Tensor],
+        inputs: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B, k) float64: per layer, sum over calls and positions of (P_out^T delta_i)
+        (P_in^T a_i)^T, with a_i recorded by forward hooks and delta_i by tensor hooks during one
+        backward pass of sum_i losses_of(model(inputs))_i."""
         modules = dict(model.named_modules())
         params = dict(model.named_parameters())
         calls: dict[str, list[list[torch.Tensor | None]]] = {m.module: [] for m in self.layers}
@@ -167,7 +198,7 @@ class Kronecker(Subspace):
         handles = [modules[m.module].register_forward_hook(record(m.module)) for m in self.layers]
         try:
             with torch.enable_grad():
-                losses = loss_fn(model(inputs), targets)
+                losses = losses_of(model(inputs))
                 if losses.shape != (inputs.shape[0],):
                     raise ShapeError(
                         f"the loss returned shape {tuple(losses.shape)} for a batch of "
@@ -188,6 +219,77 @@ class Kronecker(Subspace):
             module = modules[layer.module]
             blocks.append(self._layer_projection(module, layer, calls[layer.module], len(inputs)))
         return torch.cat(blocks, dim=-1)
+
+    def _check_no_mixing(self, model: nn.Module, inputs: torch.Tensor) -> None:
+        """Raise UnsupportedModelError if example i's hooked gradient depends on example j.
+
+        The hooked path differentiates the SUM of the batch's losses, so a layer that mixes
+        examples (batch-mean centring, a batch normaliser, attention across the batch) makes
+        "g_i" carry the other examples' data and voids the sensitivity bound. The check runs
+        on a synthetic probe, never on the batch's values, so whether it raises does not
+        depend on the data (only on the model, the batch's trailing shape, dtype and device):
+        ``min(B, PROBE_SIZE)`` inputs drawn from a public seed (standard normal; 0/1 for
+        integer inputs) and the per-example loss <r_i, f(x_i)> with public random r_i. The
+        hooked gradients are computed twice, the second time with a public random half of the
+        examples given new inputs AND new r_i; the other half must not move beyond rounding
+        (sqrt of the dtype's epsilon, relative). A change of x_j catches mixing in the forward
+        pass and in the backward Jacobian, a change of r_j (standing for a change of the label
+        or of the loss value) catches mixing in the backward pass only. Both passes replay
+        the same random state, so dropout masks agree. Cost: two hooked passes over the probe
+        once per (model, modes of its submodules, input shape and dtype) per subspace.
+        """
+        size = min(len(inputs), PROBE_SIZE)
+        if size < 2:  # a batch of one cannot mix
+            return
+        signature = (
+            tuple(m.training for m in model.modules()),
+            tuple(inputs.shape[1:]),
+            inputs.dtype,
+            inputs.device,
+        )
+        verified = self._verified.setdefault(model, set())
+        if signature in verified:
+            return
+        generator = torch.Generator(device="cpu").manual_seed(PROBE_SEED)
+        shape = (size, *inputs.shape[1:])
+        changed = torch.randperm(size, generator=generator)[: size // 2]
+        kept = torch.ones(size, dtype=torch.bool)
+        kept[changed] = False
+        probe, other = (_probe_inputs(shape, inputs.dtype, generator) for _ in range(2))
+        perturbed = probe.clone()
+        perturbed[changed] = other[changed]
+
+        def linear_loss(change: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+            def losses_of(outputs: torch.Tensor) -> torch.Tensor:
+                flat = outputs.reshape(size, -1)
+                weights = torch.Generator(device="cpu").manual_seed(PROBE_SEED + 1)
+                r, r_new = (torch.randn(flat.shape, generator=weights) for _ in range(2))
+                if change:
+                    r[changed] = r_new[changed]
+                return (flat * r.to(flat)).sum(dim=1)
+
+            return losses_of
+
+        results = []
+        for change, batch in ((False, probe), (True, perturbed)):
+            with _replayed_randomness():
+                batch = batch.to(inputs.device)
+                results.append(self._hooked_gradients(model, linear_loss(change), batch)[kept])
+        before, after = results
+        scale = float(before.abs().max())
+        moved = float((after - before).abs().max())
+        dtype = next(iter(self.parameters_of(model).values())).dtype
+        if moved > math.sqrt(torch.finfo(dtype).eps) * scale:
+            raise UnsupportedModelError(
+                "the model mixes examples within a batch: changing half the examples of a "
+                f"synthetic probe batch moved the others' projected gradients by {moved:.3g} "
+                f"(largest entry {scale:.3g}). The Kronecker shortcut takes per-example "
+                "gradients from one backward pass of the summed loss, which is exact only when "
+                "example i's loss depends on example i alone (batch-mean centring, batch "
+                "normalisers and attention across the batch break this). Remove that layer, or "
+                "use 'srht' or 'dense', whose torch.func path runs each example as a batch of one."
+            )
+        verified.add(signature)
 
     def _layer_projection(
         self,
@@ -246,17 +348,7 @@ def _projected_call(
     p_in, p_out = layer.p_in.to(activation.dtype), layer.p_out.to(activation.dtype)
     p_weight = p_in[:cols]
     if isinstance(module, nn.Conv2d):
-        if activation.dim() != 4:
-            raise UnsupportedModelError(
-                f"Conv2d input of shape {tuple(activation.shape)}: Kronecker needs batched "
-                "(B, C, H, W) inputs."
-            )
-        padded = F.pad(
-            activation,
-            _conv_padding(module),
-            mode="constant" if module.padding_mode == "zeros" else module.padding_mode,
-        )
-        a = F.unfold(padded, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        a = conv_patches(module, activation)
         delta = backprop.reshape(batch, layer.out_dim, -1)
         p_a = (p_weight.T @ a).transpose(1, 2)
         p_delta = (p_out.T @ delta).transpose(1, 2)
@@ -271,6 +363,60 @@ def _projected_call(
     if layer.bias is not None:
         p_a = p_a + p_in[cols]
     return p_delta, p_a
+
+
+def per_example_losses(
+    loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor | None
+) -> torch.Tensor:
+    """(B,) losses, ``loss_fn`` applied to each example as a batch of one (torch.func.vmap, as
+    the generic path does), so that a loss mixing the examples of a batch (a batch mean
+    subtracted, weights normalised over the batch) cannot carry one example into another's
+    gradient."""
+
+    def one(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        value = loss_fn(output.unsqueeze(0), None if target is None else target.unsqueeze(0))
+        if value.shape != (1,):
+            raise ShapeError(
+                f"the loss returned shape {tuple(value.shape)} for a batch of 1; qem needs one "
+                "loss per example."
+            )
+        return value[0]
+
+    return vmap(one, in_dims=(0, None if targets is None else 0))(outputs, targets)
+
+
+def conv_patches(module: nn.Conv2d, activation: torch.Tensor) -> torch.Tensor:
+    """The unfolded patches of a Conv2d's (padded) input, (B, in*kh*kw, L) with L output
+    positions, so that the output at position t is W_flat a[:, :, t] (+ b)."""
+    if activation.dim() != 4:
+        raise UnsupportedModelError(
+            f"Conv2d input of shape {tuple(activation.shape)}: Kronecker needs batched "
+            "(B, C, H, W) inputs."
+        )
+    padded = F.pad(
+        activation,
+        _conv_padding(module),
+        mode="constant" if module.padding_mode == "zeros" else module.padding_mode,
+    )
+    return F.unfold(padded, module.kernel_size, dilation=module.dilation, stride=module.stride)
+
+
+def _probe_inputs(
+    shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator
+) -> torch.Tensor:
+    """Synthetic inputs of a public seed: standard normal, or 0/1 for integer and bool inputs
+    (valid indices for any embedding with two or more rows)."""
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator, dtype=dtype)
+    return torch.randint(0, 2, shape, generator=generator).to(dtype)
+
+
+@contextmanager
+def _replayed_randomness() -> Iterator[None]:
+    """Run the block from a fixed random state and restore the caller's state afterwards."""
+    with torch.random.fork_rng():
+        torch.manual_seed(PROBE_SEED)
+        yield
 
 
 def _conv_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
