@@ -213,3 +213,31 @@ def test_refuses_other_subspaces_and_bad_options():
             KFAC(GAMMA, refresh_every=bad)
     with pytest.raises(InvalidParameterError, match="no options"):
         make_curvature("kfac", GAMMA, basis_chunk=3)
+
+
+def test_fine_tune_passes_curvature_every_to_kfac_and_reprojects_each_round(monkeypatch):
+    """By name, 'kfac' refreshes its factors every curvature_every rounds and projects them
+    into each round's new subspace (one public data pass for three rounds here)."""
+    import qem.finetune
+    from qem.finetune import fine_tune
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x = torch.randn(90, 6)
+    y = torch.randint(0, 3, (90,))
+    made = []
+    original = qem.finetune.make_curvature
+
+    def spy(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(qem.finetune, "make_curvature", spy)
+    result = fine_tune(
+        model, cross_entropy, (x[:40], y[:40]), (x[40:], y[40:]), epsilon=2.0,
+        subspace="kronecker", k=12, curvature="kfac", curvature_every=3, rounds=3,
+        resample_subspace=True, clip_norm=0.5, prior_weight=1.0, seed=0,
+    )  # fmt: skip
+    assert made[0].refresh_every == 3
+    assert result.report.curvature["data_passes"] == 1
+    assert [r.subspace_seed for r in result.report.rounds] == [0, 1, 2]

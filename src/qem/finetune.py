@@ -5,8 +5,10 @@ A run is a schedule of rounds (qem.schedules, docs/theory.md §8 and §13). Roun
   1. public side:  the subspace P_t (a public seed), the public quadratic
                    A_t = P_t^T H0 P_t + gamma I on public data, factored once
                    (PublicQuadratic), and the clip bound C_t (given, or a quantile of PUBLIC
-                   per-example gradient norms); rebuilt every ``curvature_every`` rounds and
-                   whenever the subspace changes;
+                   per-example gradient norms); a public curvature pass every
+                   ``curvature_every`` rounds (K-FAC: its factors, projected into every
+                   round's subspace without a data pass; other curvatures: A itself, kept
+                   while the subspace does not change);
   2. private pass: sum_{i in B_t} gh_i over the rows the schedule gives the round;
   3. mechanism:    w ~ Normal(-(N_t lam A)^-1 sum gh, (beta_t N_t lam A)^-1) with
                    beta_t = N_t lam / (z b)^2, z the schedule's noise multiplier;
@@ -34,6 +36,7 @@ from tqdm import tqdm
 
 import qem
 from qem.checks import check_count, parse_option
+from qem.curvature import KFAC
 from qem.curvature.base import Curvature
 from qem.curvature.factory import make_curvature
 from qem.data import DataLike, as_dataset, batches
@@ -146,7 +149,8 @@ def fine_tune(
     power-of-two grid (docs/theory.md §10a; it takes no seed). ``validation_data`` (public)
     picks each step length; without it a public split is held out. ``line_search_size`` limits
     the line search to that many validation examples, ``public_sample_size`` the curvature and
-    clip passes to that many public examples (public: no privacy cost). ``momentum`` m in
+    clip passes to that many public examples (public: no privacy cost). ``curvature_every`` R:
+    one public curvature pass every R rounds (see the module docstring). ``momentum`` m in
     [0, 1) steps along d_t = P_t w_t + m alpha_{t-1} d_{t-1} instead of P_t w_t (heavy ball over
     the releases: post-processing, free). ``invalid_records``
     ('zero' | 'raise') is what the private pass does with a record whose gradient cannot be
@@ -220,8 +224,15 @@ def fine_tune(
     curv = (
         curvature
         if isinstance(curvature, Curvature)
-        else make_curvature(curvature, damping, batch_size=batch_size, progress=progress)
+        else make_curvature(
+            curvature,
+            damping,
+            batch_size=batch_size,
+            progress=progress,
+            **({"refresh_every": curvature_every} if curvature == "kfac" else {}),
+        )
     )
+    reprojects = isinstance(curv, KFAC)  # stored factors, projected into every round's subspace
     basis = subspace if isinstance(subspace, Subspace) else None
     quadratic = C = clip_source = None
     previous_step, velocity = 1.0, None
@@ -240,7 +251,7 @@ def fine_tune(
             )
             quadratic = None
         run.subspace_draw = executed.subspace_draw
-        if quadratic is None or t % curvature_every == 0:
+        if quadratic is None or reprojects or t % curvature_every == 0:
             quadratic = curv.quadratic(current, loss_fn, basis, public)
             clock.lap("curvature")
             if clip_norm is None:
