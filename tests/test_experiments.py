@@ -337,7 +337,7 @@ def test_report_tables_equal_the_fixture_cells_and_plots_are_png(tmp_path):
     written = write_report(FIXTURES, tmp_path)
     assert {p.name for p in written} == {
         "results.md", "privacy_utility_mnist_s1.png", "privacy_utility_mimic_mort_icu.png",
-        "seconds.png",
+        "seconds.png", "metric_vs_seconds.png",
     }  # fmt: skip
     markdown = (tmp_path / "results.md").read_text()
     tables = parse_tables(markdown)

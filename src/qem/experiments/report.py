@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 REPORT_FILE = "results.md"
 SECONDS_PLOT = "seconds.png"
+TRADEOFF_PLOT = "metric_vs_seconds.png"
 QEM_METHODS = ("qem", "qem_identity")
 DPSGD_METHODS = ("dpsgd",)
 NO_BUDGET = "no budget"
@@ -97,10 +98,14 @@ def write_report(
         table.plot_privacy_utility(plot)
     seconds_plot = out / SECONDS_PLOT
     _plot_seconds(tables, seconds_plot)
+    tradeoff_plot = out / TRADEOFF_PLOT
+    _plot_metric_against_seconds(tables, tradeoff_plot)
     sections = [table.markdown(plot.name) for table, plot in zip(tables, plots, strict=True)]
     report = out / REPORT_FILE
-    report.write_text(_preamble(Path(run_dir), seconds_plot.name) + "\n".join(sections))
-    return [report, *plots, seconds_plot]
+    report.write_text(
+        _preamble(Path(run_dir), seconds_plot.name, tradeoff_plot.name) + "\n".join(sections)
+    )
+    return [report, *plots, seconds_plot, tradeoff_plot]
 
 
 def cell_coverage(run_dir: str | os.PathLike) -> str | None:
@@ -282,7 +287,34 @@ def _plot_seconds(tables: list[_Table], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def _preamble(run_dir: Path, seconds_plot: str) -> str:
+def _plot_metric_against_seconds(tables: list[_Table], path: Path) -> None:
+    """Test metric against fine-tuning seconds: one point per method and epsilon (mean over
+    seeds), so that accuracy and cost are read side by side."""
+    figure = _figure((4.8 * len(tables), 4.0))
+    for index, table in enumerate(tables, start=1):
+        axes = figure.add_subplot(1, len(tables), index)
+        for method in table.methods:
+            points = [
+                (
+                    table.summary(method, eps, "seconds.fine_tune"),
+                    table.summary(method, eps, "metric"),
+                )
+                for eps in table.columns()
+            ]
+            points = [(x.mean, y.mean) for x, y in points if x is not None and y is not None]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                axes.scatter(xs, ys, color=table.color(method), label=method)
+        axes.set_xlabel("fine-tuning seconds")
+        axes.set_ylabel(f"test {METRIC_TITLES.get(table.metric_name, table.metric_name)}")
+        axes.set_title(table.scenario + (" [SYNTHETIC]" if table.synthetic else ""))
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def _preamble(run_dir: Path, seconds_plot: str, tradeoff_plot: str) -> str:
     config = run_dir / CONFIG_FILE
     name = json.loads(config.read_text())["name"] if config.is_file() else run_dir.name
     coverage = cell_coverage(run_dir)
@@ -296,6 +328,7 @@ def _preamble(run_dir: Path, seconds_plot: str) -> str:
         f"Methods under '{NO_BUDGET}' spend no budget (non-private fine-tuning, no "
         "fine-tuning). Seconds: one fine-tuning run of the chosen configuration.\n\n"
         f"![fine-tuning seconds per method]({seconds_plot})\n\n"
+        f"![test metric against fine-tuning seconds]({tradeoff_plot})\n\n"
     )
 
 

@@ -151,6 +151,23 @@ def _mimic_factory(**options: Any) -> Any:
     return mimic_careunit_scenario(**options)
 
 
+def _synthetic_mimic_factory(subjects: int = 10_000, data_seed: int = 0, **options: Any) -> Any:
+    """The MIMIC care-unit scenario on a SYNTHETIC file of the MIMIC-Extract schema
+    (``subjects`` subjects, generated from ``data_seed``; written to a temporary directory and
+    deleted once loaded). Its cells and tables say SYNTHETIC."""
+    import tempfile
+    import warnings
+
+    from qem.datasets.mimic import mimic_careunit_scenario
+    from qem.datasets.synthetic_mimic import write_synthetic_mimic
+
+    with tempfile.TemporaryDirectory(prefix="qem-synthetic-mimic-") as directory:
+        path = write_synthetic_mimic(Path(directory) / "all_hourly_data.h5", subjects, data_seed)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*SYNTHETIC stand-in", UserWarning)
+            return mimic_careunit_scenario(path, **options)
+
+
 def cached_pretrainer(
     scenario: Any,
     spec: ScenarioSpec,
@@ -177,7 +194,7 @@ def cached_pretrainer(
 
 
 def default_registry() -> Registry:
-    """The real scenarios ("mnist_s1", "mnist_s2", "mimic_careunit") and
+    """The real scenarios ("mnist_s1", "mnist_s2", "mimic_careunit", "synthetic_mimic") and
     :data:`qem.baselines.registry.METHODS` (qem's hyperparameters are fine_tune's)."""
     from qem.baselines.registry import METHODS
     from qem.finetune import fine_tune
@@ -187,6 +204,7 @@ def default_registry() -> Registry:
             "mnist_s1": _mnist_factory("mnist_s1"),
             "mnist_s2": _mnist_factory("mnist_s2"),
             "mimic_careunit": _mimic_factory,
+            "synthetic_mimic": _synthetic_mimic_factory,
         },
         methods=METHODS,
         pretrainer=cached_pretrainer,
