@@ -119,10 +119,16 @@ FINE_TUNE_OPTIONS: tuple[Option, ...] = (
         "curvature",
         "public curvature H0 of A = P^T H0 P + gamma I",
         METHOD,
-        choices=("ggn", "fisher", "hessian", "identity"),
+        choices=("ggn", "kfac", "fisher", "hessian", "identity"),
     ),
     Option("damping", "gamma > 0", METHOD, float),
-    Option("curvature_every", "rebuild A and C every this many rounds", METHOD, int),
+    Option(
+        "curvature_every",
+        "one public curvature pass every this many rounds (kfac: factors projected into every "
+        "round's subspace; others: A and C kept while the subspace is unchanged)",
+        METHOD,
+        int,
+    ),
     Option(
         "public_sample_size",
         "use only this many public examples for the curvature and clip passes",
