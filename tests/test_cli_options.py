@@ -143,7 +143,7 @@ def test_schedule_options_are_checked(argv, message):
 def test_an_unknown_name_lists_the_choices(capsys):
     with pytest.raises(SystemExit):
         parse([*REQUIRED, "--epsilon", "1", "--curvature", "ggm"])
-    assert "invalid choice: 'ggm' (choose from 'ggn', 'fisher'" in capsys.readouterr().err
+    assert "invalid choice: 'ggm' (choose from 'ggn', 'kfac', 'fisher'" in capsys.readouterr().err
 
 
 def test_demo_offers_the_same_options_with_its_own_defaults():
