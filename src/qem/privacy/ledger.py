@@ -150,7 +150,7 @@ def total_spent(reports: list[dict], delta: float) -> dict:
             return {"epsilon": None, "delta": delta, "method": "a release is not private"}
         events.append(dp_event_from_json(accountant["dp_event"]))
         relations.add(accountant["neighboring_relation"])
-        epsilons.append(float(accountant["epsilon"]))
+        epsilons.append(float(accountant.get("epsilon", report.get("epsilon"))))
     if not events:
         return {"epsilon": 0.0, "delta": delta, "method": "no private data read"}
     if len(relations) > 1:
