@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 import qem
@@ -39,13 +39,14 @@ from qem.checks import check_count, parse_option
 from qem.curvature import KFAC
 from qem.curvature.base import Curvature
 from qem.curvature.factory import make_curvature
-from qem.data import DataLike, as_dataset, batches
+from qem.data import DataLike, as_dataset, batches, known_targets
 from qem.errors import InvalidParameterError, SpentBudgetError
 from qem.io import save_run
 from qem.linesearch import line_search_step
 from qem.losses import check_per_example_loss
 from qem.mechanism import QuadraticExponentialMechanism, SecureNoise
-from qem.parameters import check_finite_parameters
+from qem.model_calls import call_model
+from qem.parameters import Layers, check_finite_parameters
 from qem.privacy.gdp import check_delta, check_epsilon, gdp_epsilon
 from qem.privacy.ledger import PrivacyLedger, spent_epsilon
 from qem.privacy.sensitivity import Adjacency, ClipNorm, check_positive
@@ -113,6 +114,7 @@ def fine_tune(
     subspace: str | Subspace = "srht",
     k: int | None = None,
     subspace_seed: int = 0,
+    layers: Layers | None = None,
     curvature: str | Curvature = "ggn",
     damping: float = 1e-2,
     curvature_every: int = 1,
@@ -143,6 +145,18 @@ def fine_tune(
     JSON form {"kind": "poisson", "sampling_rate": q, "rounds": T}) says which records each
     round reads and how the budget is spent; without it, ``rounds``, ``resample_subspace`` and
     ``partition_rounds`` build a sequential or partitioned one.
+    Data (qem.data): tensors (inputs, targets), inputs possibly a dict of tensors; a dict of
+    tensors with "labels"; a map-style Dataset of pairs or dicts; or a DataLoader over one,
+    read through its collate_fn in dataset order (its sampler and shuffling are not used). The
+    model is called as ``model(x)`` or ``model(**inputs)`` and may return a tensor, a dict
+    with "logits" or a Hugging Face ModelOutput (qem.model_calls). Public and validation data
+    may also be streams (an IterableDataset), read once into memory; private data must be
+    addressable by row.
+    ``layers`` (module names and nn.Module types, e.g. ["classifier", nn.Linear]) restricts
+    the subspace kind to the chosen modules: 'kronecker' spans their Linear/Conv2d layers, the
+    other kinds their trainable parameters; the subspace is rebuilt from the kind and
+    ``layers`` whenever a schedule resamples it. Parameters with requires_grad=False are never
+    changed.
     ``seed`` makes the noise (and Poisson sampling) reproducible and is recorded as such in
     the report; by default both come from operating-system entropy. ``secure_noise`` draws
     every normal from the operating system's CSPRNG by an inverse CDF and snaps the release to a
@@ -180,9 +194,14 @@ def fine_tune(
             "a schedule that resamples the subspace needs it as a name (e.g. 'kronecker'), not "
             "a built Subspace, so that each round can draw a new one."
         )
+    if layers is not None and isinstance(subspace, Subspace):
+        raise InvalidParameterError(
+            "layers= applies to a subspace given by name; a built Subspace has its layers "
+            "already (pass layers to its constructor)."
+        )
     check_finite_parameters(model)
     public = as_dataset(public_data, "public data")
-    private = as_dataset(private_data, "private data")
+    private = as_dataset(private_data, "private data", addressable=True)
     searches = mode == "gdp" and prior_weight is None
     public, validation, validation_source = _validation_split(public, validation_data, searches)
     if line_search_size is not None and validation is not None:
@@ -247,7 +266,7 @@ def fine_tune(
             not isinstance(subspace, Subspace) and run.subspace_draw != executed.subspace_draw
         ):
             basis = make_subspace(
-                subspace, current, k=k, seed=subspace_seed + executed.subspace_draw
+                subspace, current, k=k, seed=subspace_seed + executed.subspace_draw, layers=layers
             )
             quadratic = None
         run.subspace_draw = executed.subspace_draw
@@ -393,13 +412,11 @@ def _probe_public(model: nn.Module, loss_fn: LossFn, public: Dataset, validation
     record is handled by the invalid-record policy, not by an error naming it."""
     probe_x, probe_y = next(iter(batches(public, 2)))
     with torch.no_grad():
-        outputs = model(probe_x)
+        outputs = call_model(model, probe_x)
     for data in (public, validation):
-        if data is None:
-            continue
-        base = data.dataset if isinstance(data, Subset) else data
-        if isinstance(base, TensorDataset):
-            check_targets(outputs, base.tensors[1])
+        targets = None if data is None else known_targets(data)
+        if targets is not None:
+            check_targets(outputs, targets)
     check_per_example_loss(loss_fn, outputs, probe_y)
 
 

@@ -14,8 +14,9 @@ import torch
 from numpy.typing import ArrayLike
 from torch import nn
 
-from qem.data import DataLike, as_dataset, batches
+from qem.data import Batch, DataLike, as_dataset, batches, map_inputs
 from qem.errors import DataError, InvalidParameterError, NonFiniteError
+from qem.model_calls import call_model
 from qem.subspace.base import LossFn
 
 
@@ -24,12 +25,16 @@ def model_batches(
     batch_size: int,
     model: nn.Module,
     generator: torch.Generator | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """qem.data.batches (shuffled when ``generator`` is given), floating inputs cast to the
-    model's dtype."""
+) -> Iterator[Batch]:
+    """qem.data.batches (shuffled when ``generator`` is given), floating inputs (every
+    floating entry of dict inputs) cast to the model's dtype."""
     dtype = next(model.parameters()).dtype
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
     for inputs, targets in batches(data, batch_size, generator=generator):
-        yield (inputs.to(dtype) if inputs.is_floating_point() else inputs), targets
+        yield map_inputs(cast, inputs), targets
 
 
 @torch.no_grad()
@@ -42,7 +47,7 @@ def predict(
     outputs, targets = [], []
     try:
         for inputs, batch_targets in model_batches(as_dataset(data), batch_size, model):
-            outputs.append(model(inputs))
+            outputs.append(call_model(model, inputs))
             targets.append(batch_targets)
     finally:
         model.train(was_training)

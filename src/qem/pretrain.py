@@ -24,6 +24,7 @@ from qem.errors import DataError, InvalidParameterError, NonFiniteError
 from qem.io import read_state_dict, state_dict_bytes, write_atomically
 from qem.losses import cross_entropy
 from qem.metrics import model_batches
+from qem.model_calls import call_model
 from qem.subspace.base import LossFn
 
 CACHE_DIR_VARIABLE = "QEM_CACHE_DIR"
@@ -61,7 +62,7 @@ def pretrain(
     with tqdm(total=steps, desc="pretrain", disable=not progress, leave=False) as bar:
         for _ in range(epochs):
             for inputs, targets in model_batches(dataset, batch_size, model, generator):
-                loss = loss_fn(model(inputs), targets).mean()
+                loss = loss_fn(call_model(model, inputs), targets).mean()
                 if not torch.isfinite(loss):
                     raise NonFiniteError(
                         f"pretraining loss became {loss.item()}; lower lr (now {lr})."

@@ -21,9 +21,10 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from qem.curvature.base import eval_mode
-from qem.data import DataLike, as_dataset, batches
+from qem.data import DataLike, Inputs, as_dataset, batch_size_of, batches, take_rows
 from qem.errors import DataError, InvalidParameterError, NonFiniteError
 from qem.mechanism.clipping import clip_gradients
+from qem.model_calls import call_model
 from qem.privacy.sensitivity import ClipNorm
 from qem.subspace.base import LossFn, Subspace
 
@@ -109,7 +110,7 @@ def public_gradient_batches(
         offset = 0
         for inputs, targets in batches(dataset, batch_size, name):
             with torch.no_grad():
-                check_targets(model(inputs[:1]), targets, offset)
+                check_targets(call_model(model, take_rows(inputs, slice(0, 1))), targets, offset)
             grads = _projected(subspace, model, loss_fn, inputs, targets)
             finite = torch.isfinite(grads).all(dim=1)
             if not finite.all():
@@ -143,7 +144,7 @@ def private_gradient_batches(
             return
         for inputs, targets in batches(data, batch_size, "private data"):
             with torch.no_grad():
-                bad = label_errors(model(inputs[:1]), targets)
+                bad = label_errors(call_model(model, take_rows(inputs, slice(0, 1))), targets)
             safe_targets = torch.where(bad, torch.zeros_like(targets), targets)
             try:
                 grads = _projected(subspace, model, loss_fn, inputs, safe_targets)
@@ -177,7 +178,7 @@ def _projected(
     subspace: Subspace,
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: torch.Tensor,
+    inputs: Inputs,
     targets: torch.Tensor,
 ) -> torch.Tensor:
     grads = subspace.per_example_gradients(model, loss_fn, inputs, targets)
@@ -188,15 +189,16 @@ def _one_by_one(
     subspace: Subspace,
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: torch.Tensor,
+    inputs: Inputs,
     targets: torch.Tensor,
 ) -> torch.Tensor:
     """Per-record fallback after a batch failed: a record that still fails gets a NaN row
     (zeroed by the caller)."""
     rows = []
-    for j in range(len(inputs)):
+    for j in range(batch_size_of(inputs)):
         try:
-            rows.append(_projected(subspace, model, loss_fn, inputs[j : j + 1], targets[j : j + 1]))
+            one = take_rows(inputs, slice(j, j + 1))
+            rows.append(_projected(subspace, model, loss_fn, one, targets[j : j + 1]))
         except Exception:
             rows.append(torch.full((1, subspace.k), math.nan, dtype=torch.float64))
     return torch.cat(rows)
@@ -229,7 +231,11 @@ def private_gradient_sum(
     whiten = whitening(cholesky, clipping)
     whitened_total = np.zeros(subspace.k, dtype=np.float64)
     count = clipped = 0
-    data = private_data if isinstance(private_data, Dataset) else as_dataset(private_data)
+    data = (
+        private_data
+        if isinstance(private_data, Dataset)
+        else as_dataset(private_data, "private data", addressable=True)
+    )
     for grads in private_gradient_batches(
         model, loss_fn, subspace, data, batch_size=batch_size, invalid=invalid, progress=progress
     ):

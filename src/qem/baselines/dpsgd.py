@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from qem.baselines import (
     PhaseTimer,
@@ -53,11 +52,12 @@ from qem.baselines import (
     torch_generators,
 )
 from qem.baselines.nonprivate import train_epochs
-from qem.data import DataLike, as_dataset, batches
+from qem.data import DataLike, as_dataset, batches, training_loader
 from qem.errors import InvalidParameterError, UnsupportedModelError
 from qem.extras import import_extra
 from qem.finetune import FineTuneResult
 from qem.losses import check_per_example_loss
+from qem.model_calls import call_model
 from qem.parameters import check_finite_parameters
 from qem.privacy.calibration import (
     PLD_DISCRETIZATION,
@@ -157,16 +157,17 @@ def dpsgd(
         raise InvalidParameterError(f"momentum must lie in [0, 1), got {momentum!r}.")
     check_finite_parameters(model)
     _check_opacus_compatible(model)
-    private = as_dataset(private_data, "private data")
+    private = as_dataset(private_data, "private data", addressable=True)
     warn_large_delta(delta, len(private))
     probe_x, probe_y = next(iter(batches(as_dataset(public_data, "public data"), 2)))
     with torch.no_grad():  # on PUBLIC examples and an eval copy: the caller's model is untouched
-        check_per_example_loss(loss_fn, copy.deepcopy(model).eval()(probe_x), probe_y)
+        outputs = call_model(copy.deepcopy(model).eval(), probe_x)
+        check_per_example_loss(loss_fn, outputs, probe_y)
 
     timer = PhaseTimer()
     device = next(model.parameters()).device
     sampling, noise = torch_generators(seed, ["cpu", device])
-    loader = DataLoader(private, batch_size=batch_size, generator=sampling)
+    loader = training_loader(private, batch_size, generator=sampling)
     sample_rate = 1.0 / len(loader)
     steps_per_epoch = int(1.0 / sample_rate)  # what Opacus' UniformWithReplacementSampler runs
     steps = epochs * steps_per_epoch
@@ -180,7 +181,9 @@ def dpsgd(
         engine = _privacy_engine(secure_mode)
         module, dp_optimizer, dp_loader = engine.make_private(
             module=trained,
-            optimizer=OPTIMIZERS[optimizer](trained.parameters(), lr, momentum),
+            optimizer=OPTIMIZERS[optimizer](
+                [p for p in trained.parameters() if p.requires_grad], lr, momentum
+            ),
             data_loader=loader,
             noise_multiplier=sigma,
             max_grad_norm=max_grad_norm,

@@ -34,7 +34,7 @@ def none(
     """Return an unchanged copy of ``model``; the budget, checked when given, is unused."""
     requested = check_requested_budget(epsilon, delta)
     adjacency = parse_adjacency(adjacency)
-    n = len(as_dataset(private_data, "private data"))
+    n = len(as_dataset(private_data, "private data", addressable=True))
     timer = PhaseTimer()
     with timer.phase("copy"):
         unchanged = copy.deepcopy(model)

@@ -27,11 +27,12 @@ from qem.baselines import (
     parse_adjacency,
     torch_generators,
 )
-from qem.data import DataLike, as_dataset, batches
+from qem.data import DataLike, as_dataset, batches, map_inputs, training_loader
 from qem.errors import InvalidParameterError
 from qem.finetune import FineTuneResult
 from qem.losses import check_per_example_loss
 from qem.metrics import evaluate_loss
+from qem.model_calls import call_model
 from qem.parameters import check_finite_parameters
 from qem.privacy.sensitivity import check_positive
 from qem.subspace.base import LossFn
@@ -50,6 +51,7 @@ def train_epochs(
     desc: str = "training",
 ) -> list[dict]:
     """Run ``epochs`` passes of: zero_grad, mean per-example loss of the batch, backward, step.
+    ``loader`` yields (inputs, targets) batches (qem.data.training_loader).
 
     With ``validation`` (early stopping) the loss on it is recorded before the first epoch and
     after every epoch, training stops after ``patience`` epochs without improvement, and
@@ -67,9 +69,9 @@ def train_epochs(
         model.train()
         total, count = 0.0, 0
         for inputs, targets in loader:
-            inputs, targets = inputs.to(device), targets.to(device)
+            inputs, targets = map_inputs(lambda t: t.to(device), inputs), targets.to(device)
             optimizer.zero_grad()
-            losses = loss_fn(model(inputs), targets)
+            losses = loss_fn(call_model(model, inputs), targets)
             losses.mean().backward()
             optimizer.step()
             total += float(losses.detach().double().sum())
@@ -127,7 +129,7 @@ def nonprivate(
     if weight_decay < 0:
         raise InvalidParameterError(f"weight_decay must be >= 0, got {weight_decay!r}.")
     check_finite_parameters(model)
-    private = as_dataset(private_data, "private data")
+    private = as_dataset(private_data, "private data", addressable=True)
     validation = None
     if early_stopping:
         validation = as_dataset(
@@ -138,10 +140,11 @@ def nonprivate(
         trained = copy.deepcopy(model)
         probe_x, probe_y = next(iter(batches(private, 2)))
         with torch.no_grad():
-            check_per_example_loss(loss_fn, trained.eval()(probe_x), probe_y)
+            check_per_example_loss(loss_fn, call_model(trained.eval(), probe_x), probe_y)
         (shuffle,) = torch_generators(seed, ["cpu"])
-        loader = DataLoader(private, batch_size=batch_size, shuffle=True, generator=shuffle)
-        optimizer = torch.optim.Adam(trained.parameters(), lr=lr, weight_decay=weight_decay)
+        loader = training_loader(private, batch_size, shuffle=True, generator=shuffle)
+        trainable = [p for p in trained.parameters() if p.requires_grad]  # frozen: left alone
+        optimizer = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
         history = train_epochs(
             trained,
             loss_fn,

@@ -15,8 +15,9 @@ budget arguments from the same table (:func:`add_budget_arguments`).
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,15 +30,17 @@ class Option:
 
     Without ``type`` or ``choices`` it is an on/off switch (``negate``: the switch turns the
     keyword off, as ``--no-progress``). ``choices`` are the accepted names (a test checks them
-    against the library's registries)."""
+    against the library's registries); ``nargs`` is argparse's (``"+"``: one or more values,
+    given as a list)."""
 
     keyword: str
     help: str
     group: str
-    type: type | None = None
+    type: type | Callable[[str], Any] | None = None
     choices: tuple[str, ...] | None = None
     flag: str | None = None
     negate: bool = False
+    nargs: str | None = None
 
     @property
     def is_switch(self) -> bool:
@@ -50,6 +53,25 @@ class Option:
         if self.flag is not None:
             return [self.flag]
         return ["--" + self.keyword.replace("_", "-")]
+
+
+def layer_spec(text: str) -> Any:
+    """One --layers entry: a torch.nn class name (``Linear``) or a dotted path to an nn.Module
+    subclass (``torch.nn.Linear``, ``mypackage.blocks.Adapter``) is that type; anything else
+    is a module name (``classifier``, ``bert.encoder.layer.0``). Imports torch."""
+    from torch import nn
+
+    if "." in text:
+        module, _, name = text.rpartition(".")
+        try:
+            candidate = getattr(importlib.import_module(module), name, None)
+        except (ImportError, ValueError):  # not an importable module path: a module name
+            candidate = None
+    else:
+        candidate = getattr(nn, text, None)
+    if isinstance(candidate, type) and issubclass(candidate, nn.Module):
+        return candidate
+    return text
 
 
 BUDGET = "privacy budget"
@@ -115,6 +137,15 @@ FINE_TUNE_OPTIONS: tuple[Option, ...] = (
         int,
     ),
     Option("subspace_seed", "public seed of P", METHOD, int),
+    Option(
+        "layers",
+        "fine-tune only these modules: module names (classifier, bert.pooler.dense) or module "
+        "types (Linear, torch.nn.Conv2d: every module of that type); kronecker spans their "
+        "Linear/Conv2d layers, the other subspaces their trainable parameters (default: all)",
+        METHOD,
+        layer_spec,
+        nargs="+",
+    ),
     Option(
         "curvature",
         "public curvature H0 of A = P^T H0 P + gamma I",
@@ -217,10 +248,7 @@ NOT_EXPOSED: dict[str, str] = {
 }
 """Keywords of ``fine_tune`` the command line does not offer, and why."""
 
-PENDING: dict[str, str] = {
-    "layers": "names or module types selecting the fine-tuned layers; expose it as --layers "
-    "(Option('layers', ..., nargs)) once fine_tune takes it",
-}
+PENDING: dict[str, str] = {}
 """Options planned for keywords ``fine_tune`` does not take yet (a test fails once it does)."""
 
 BUDGET_DEFAULTS: dict[str, object] = {
@@ -263,6 +291,8 @@ def add_options(
         else:
             settings["type"] = option.type or str
             settings["choices"] = option.choices
+            if option.nargs is not None:
+                settings["nargs"] = option.nargs
         if option.keyword in defaults:
             settings["default"] = defaults[option.keyword]
         else:

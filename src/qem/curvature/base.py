@@ -22,10 +22,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qem.data import DataHasher, DataLike, batches, num_examples
+from qem.data import (
+    Batch,
+    DataHasher,
+    DataLike,
+    Inputs,
+    batches,
+    map_inputs,
+    num_examples,
+    take_rows,
+)
 from qem.errors import CurvatureError, InvalidParameterError, NonFiniteError
 from qem.losses import check_per_example_loss
 from qem.mechanism.clipping import PublicQuadratic
+from qem.model_calls import call_model
 from qem.parameters import check_finite_parameters
 from qem.privacy.sensitivity import check_positive
 from qem.subspace.base import LossFn, Subspace
@@ -96,7 +106,7 @@ class Curvature(ABC):
         reference: torch.Tensor,
         public_data: DataLike,
         hasher: DataHasher,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> Iterator[Batch]:
         """The public data in batches of ``batch_size``, each hashed into ``hasher`` and moved
         to the reference tensor's device (floating tensors also to its dtype); the loss is
         checked to be per-example on the first batch. Call it with the model in eval mode."""
@@ -112,10 +122,12 @@ class Curvature(ABC):
         )
         for index, (inputs, targets) in enumerate(bar):
             hasher.update(inputs, targets)
-            inputs, targets = (_like(t, reference) for t in (inputs, targets))
+            inputs = map_inputs(lambda t: _like(t, reference), inputs)
+            targets = _like(targets, reference)
             if index == 0:
                 with torch.no_grad():
-                    check_per_example_loss(loss_fn, model(inputs[:2]), targets[:2])
+                    outputs = call_model(model, take_rows(inputs, slice(0, 2)))
+                    check_per_example_loss(loss_fn, outputs, targets[:2])
             yield inputs, targets
 
 
@@ -132,7 +144,7 @@ class DataCurvature(Curvature):
         model: nn.Module,
         loss_fn: LossFn,
         subspace: Subspace,
-        inputs: torch.Tensor,
+        inputs: Inputs,
         targets: torch.Tensor,
     ) -> torch.Tensor:
         """sum_{i in batch} P^T H_i P as a (k, k) tensor (float64)."""

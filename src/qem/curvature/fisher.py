@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from qem.curvature.base import DataCurvature
+from qem.data import Inputs
 from qem.subspace.base import LossFn, Subspace
 
 
@@ -24,7 +25,7 @@ class EmpiricalFisher(DataCurvature):
         model: nn.Module,
         loss_fn: LossFn,
         subspace: Subspace,
-        inputs: torch.Tensor,
+        inputs: Inputs,
         targets: torch.Tensor,
     ) -> torch.Tensor:
         """sum_i g_i g_i^T over the batch, (k, k) float64."""

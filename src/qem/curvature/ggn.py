@@ -15,6 +15,8 @@ from torch import nn
 from torch.func import hessian, vmap
 
 from qem.curvature.base import DataCurvature
+from qem.data import Inputs, batch_size_of
+from qem.model_calls import call_model
 from qem.subspace.base import LossFn, Subspace
 
 
@@ -32,13 +34,13 @@ class GaussNewton(DataCurvature):
         model: nn.Module,
         loss_fn: LossFn,
         subspace: Subspace,
-        inputs: torch.Tensor,
+        inputs: Inputs,
         targets: torch.Tensor,
     ) -> torch.Tensor:
         """sum_i (J_i P)^T H_L,i (J_i P) over the batch, (k, k) float64."""
         with torch.no_grad():
-            outputs = model(inputs)
-        size = inputs.shape[0]
+            outputs = call_model(model, inputs)
+        size = batch_size_of(inputs)
         m = outputs[0].numel()
 
         def coordinate(c: int) -> LossFn:

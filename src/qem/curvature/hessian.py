@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import grad, jvp, vmap
 
 from qem.curvature.base import DataCurvature
+from qem.data import Inputs
 from qem.errors import InvalidParameterError
 from qem.parameters import flatten
 from qem.subspace.base import LossFn, Subspace
@@ -45,7 +46,7 @@ class Hessian(DataCurvature):
         model: nn.Module,
         loss_fn: LossFn,
         subspace: Subspace,
-        inputs: torch.Tensor,
+        inputs: Inputs,
         targets: torch.Tensor,
     ) -> torch.Tensor:
         """P^T (Hessian of sum_{i in batch} loss_i) P, (k, k) float64."""

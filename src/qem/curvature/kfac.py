@@ -35,8 +35,9 @@ from torch import nn
 from torch.func import hessian, vmap
 
 from qem.curvature.base import Curvature, check_finite, damped, eval_mode
-from qem.data import DataHasher, DataLike
+from qem.data import DataHasher, DataLike, Inputs, batch_size_of
 from qem.errors import InvalidParameterError, UnsupportedModelError
+from qem.model_calls import call_model
 from qem.parameters import check_finite_parameters
 from qem.subspace.base import LossFn, Subspace
 from qem.subspace.kronecker import Kronecker, KroneckerLayer, conv_patches
@@ -168,7 +169,7 @@ def _accumulate(
     model: nn.Module,
     loss_fn: LossFn,
     layers: list[KroneckerLayer],
-    inputs: torch.Tensor,
+    inputs: Inputs,
     targets: torch.Tensor,
     sums: dict[str, LayerFactors],
     positions: dict[str, int],
@@ -187,11 +188,11 @@ def _accumulate(
     handles = [modules[m.module].register_forward_hook(record(m.module)) for m in layers]
     try:
         with torch.enable_grad():
-            outputs = model(inputs)
+            outputs = call_model(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
-    batch = inputs.shape[0]
+    batch = batch_size_of(inputs)
     tracked = []  # (layer, output tensor) of every call whose output reaches the loss
     for layer in layers:
         if not calls[layer.module]:

@@ -1,25 +1,34 @@
 """The public basis P in R^{d x k} of the fine-tuning subspace: theta(w) = theta0 + P w.
 
-A subspace spans the flattened trainable parameters named in ``parameter_names`` (see
-``qem.parameters``); P has orthonormal columns (P^T P = I_k) and is a function of the model's
-architecture and a public seed only, never of data.
+A subspace spans the flattened trainable parameters named in ``parameter_names``, or those of
+the modules ``layers`` chooses (names or module types; see ``qem.parameters``); P has
+orthonormal columns (P^T P = I_k) and is a function of the model's architecture and a public
+seed only, never of data.
 """
 
 from __future__ import annotations
 
 import secrets
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
+from qem.data import Inputs, batch_size_of, map_inputs, take_rows
 from qem.errors import InvalidParameterError, ShapeError, UnsupportedModelError
-from qem.parameters import flatten, select_parameters, unflatten
+from qem.model_calls import call_functional
+from qem.parameters import Layers, describe_layers, flatten, select_parameters, unflatten
 
-ModelCall = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+ModelCall = Callable[[dict[str, torch.Tensor], Inputs], torch.Tensor]
 """outputs = call(theta, inputs): the model with the spanned parameters replaced by ``theta``."""
+
+_NOT_VMAPPABLE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""Models whose forward pass torch.func.vmap cannot batch (data-dependent control flow, such as
+Hugging Face's check whether an attention mask pads anything): their per-example gradients are
+computed one example at a time. Whether vmap fails depends on the code, not on the values."""
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """A loss returning one value per example: loss_fn(outputs (B, ...), targets (B, ...)) -> (B,)."""
@@ -44,7 +53,8 @@ def check_examples_independent(model: nn.Module) -> None:
 
 
 class Subspace(ABC):
-    """P in R^{d x k} with orthonormal columns over the parameters ``parameter_names``.
+    """P in R^{d x k} with orthonormal columns over the parameters ``parameter_names`` (or those
+    of the modules ``layers`` chooses; all trainable parameters when both are None).
 
     Subclasses implement ``project`` (g -> P^T g) and ``lift`` (w -> P w), both in float64 on
     ``self.device`` (the spanned parameters' device at construction). Everything else
@@ -61,8 +71,10 @@ class Subspace(ABC):
         k: int,
         parameter_names: list[str] | None = None,
         seed: int | None = None,
+        layers: Layers | None = None,
     ) -> None:
-        params = select_parameters(model, parameter_names)
+        params = select_parameters(model, parameter_names, layers)
+        self.layer_selection: list[str] | None = describe_layers(layers)
         self.parameter_names: tuple[str, ...] = tuple(params)
         self.parameter_shapes: dict[str, torch.Size] = {n: p.shape for n, p in params.items()}
         self.d: int = sum(p.numel() for p in params.values())
@@ -124,13 +136,18 @@ class Subspace(ABC):
         return self.lift(eye).T.contiguous()
 
     def describe(self) -> dict:
-        """Public description of P for the privacy report."""
+        """Public description of P for the privacy report (with the ``layers`` selection, as
+        strings, when one was made)."""
+        selection = (
+            {} if self.layer_selection is None else {"layer_selection": self.layer_selection}
+        )
         return {
             "type": self.kind,
             "k": self.k,
             "d": self.d,
             "seed": self.seed,
             "parameters": list(self.parameter_names),
+            **selection,
         }
 
     def parameters_of(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -156,27 +173,43 @@ class Subspace(ABC):
         fixed = {n: p.detach() for n, p in model.named_parameters() if n not in theta}
         fixed.update(dict(model.named_buffers()))
 
-        def call(params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-            return functional_call(model, {**fixed, **params}, (inputs,))
+        def call(params: dict[str, torch.Tensor], inputs: Inputs) -> torch.Tensor:
+            return call_functional(model, {**fixed, **params}, inputs)
 
         return theta, call
 
     def per_example_gradients(
-        self, model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
+        self, model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: torch.Tensor
     ) -> torch.Tensor:
         """g_i = P^T grad_theta loss(theta; z_i) for a batch, shape (B, k), float64.
 
         Generic path: ``torch.func.vmap`` over ``grad`` of the one-example loss (the other
-        parameters and buffers are held fixed), flattened and projected. Subclasses with a
+        parameters and buffers are held fixed; dict inputs are mapped entry by entry),
+        flattened and projected. A model vmap cannot batch (data-dependent control flow) gets
+        ``grad`` one example at a time instead: the same numbers, B calls. Subclasses with a
         cheaper structure (Kronecker) override this.
         """
         check_examples_independent(model)
         spanned, call = self.functional(model)
 
-        def one_loss(theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
-            return loss_fn(call(theta, x.unsqueeze(0)), y.unsqueeze(0)).sum()
+        def one_loss(theta: dict[str, torch.Tensor], x: Inputs, y: torch.Tensor):
+            batch_of_one = map_inputs(lambda t: t.unsqueeze(0), x)
+            return loss_fn(call(theta, batch_of_one), y.unsqueeze(0)).sum()
 
-        grads = vmap(grad(one_loss), in_dims=(None, 0, 0))(spanned, inputs, targets)
+        one_grad = grad(one_loss)
+        if model not in _NOT_VMAPPABLE:
+            try:
+                grads = vmap(one_grad, in_dims=(None, 0, 0))(spanned, inputs, targets)
+                return self.project_parameter_dict(grads, batch_dims=1)
+            except RuntimeError as error:
+                if "data-dependent control flow" not in str(error):
+                    raise
+                _NOT_VMAPPABLE.add(model)
+        rows = [
+            one_grad(spanned, take_rows(inputs, i), targets[i])
+            for i in range(batch_size_of(inputs))
+        ]
+        grads = {name: torch.stack([row[name] for row in rows]) for name in spanned}
         return self.project_parameter_dict(grads, batch_dims=1)
 
 

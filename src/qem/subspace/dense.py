@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from qem.errors import InvalidParameterError
+from qem.parameters import Layers
 from qem.subspace.base import Subspace
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
@@ -37,9 +38,10 @@ class DenseGaussian(Subspace):
         seed: int | None = None,
         parameter_names: list[str] | None = None,
         *,
+        layers: Layers | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
-        super().__init__(model, k, parameter_names=parameter_names, seed=seed)
+        super().__init__(model, k, parameter_names=parameter_names, seed=seed, layers=layers)
         needed = self.d * self.k * 8
         if needed > max_bytes:
             raise InvalidParameterError(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from qem.errors import InvalidParameterError
+from qem.parameters import Layers
 from qem.subspace.base import Subspace
 from qem.subspace.dense import DenseGaussian
 from qem.subspace.identity import Identity
@@ -32,14 +33,23 @@ DEFAULT_K = 512
 
 
 def make_subspace(
-    kind: str, model: nn.Module, k: int | None = None, seed: int | None = None, **options
+    kind: str,
+    model: nn.Module,
+    k: int | None = None,
+    seed: int | None = None,
+    layers: Layers | None = None,
+    **options,
 ) -> Subspace:
     """The subspace ``kind`` over ``model``; ``options`` go to its constructor.
 
     identity, last_layer, biases, subset: P is a coordinate embedding, k is its size (a given k
     must equal it) and the seed is not used. dense, srht, kronecker: k defaults to DEFAULT_K
-    (Kronecker also accepts shapes= instead) and P is drawn from ``seed``.
+    (Kronecker also accepts shapes= instead) and P is drawn from ``seed``. ``layers`` (module
+    names and types, qem.parameters) restricts every kind to the chosen modules: Kronecker
+    spans their Linear/Conv2d layers, the others their trainable parameters.
     """
+    if layers is not None:
+        options["layers"] = layers
     if kind in _FIXED:
         subspace = _FIXED[kind](model, **options)
         if k is not None and k != subspace.k:

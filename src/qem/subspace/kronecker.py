@@ -14,7 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 
+from qem.data import Inputs, batch_size_of, input_entries, inputs_from_entries, signature_of
 from qem.errors import InvalidParameterError, ShapeError, UnsupportedModelError
+from qem.model_calls import call_model
+from qem.parameters import Layers, describe_layers, layer_list, select_modules
 from qem.subspace.base import LossFn, Subspace, check_examples_independent
 from qem.subspace.dense import orthonormal_gaussian
 
@@ -75,8 +78,12 @@ class Kronecker(Subspace):
     Conv2d.
 
     Any trainable parameter outside Linear/Conv2d layers (LayerNorm, embeddings, ...) is refused
-    unless ``layers=[module names]`` restricts P to those layers (then others are not spanned).
-    Conv2d needs groups=1; a module called several times in a forward pass is summed over calls.
+    unless ``layers`` restricts P (then the others are not spanned): module names and module
+    types (``layers=["classifier", nn.Linear]``; nn.Linear means every Linear). P spans the
+    Linear and Conv2d layers among the chosen modules and inside them (a chosen block spans its
+    Linear layers, not its LayerNorm); layers whose weight is frozen (requires_grad=False) are
+    skipped, and so is a frozen bias. Conv2d needs groups=1; a module called several times in a
+    forward pass is summed over calls.
     """
 
     kind = "kronecker"
@@ -87,7 +94,7 @@ class Kronecker(Subspace):
         k: int | None = None,
         seed: int | None = None,
         *,
-        layers: list[str] | None = None,
+        layers: Layers | None = None,
         shapes: list[tuple[int, int]] | None = None,
     ) -> None:
         self.layers = _find_layers(model, layers)
@@ -105,6 +112,7 @@ class Kronecker(Subspace):
             raise InvalidParameterError("Kronecker needs k (total dimension) or shapes=.")
         names = [n for layer in self.layers for n in (layer.weight, layer.bias) if n]
         super().__init__(model, k, parameter_names=names, seed=seed)
+        self.layer_selection = describe_layers(layers)
         self.requested_k = self.k
         if shapes is None:
             shapes = allocate(dims, self.k)
@@ -162,7 +170,7 @@ class Kronecker(Subspace):
         return out
 
     def per_example_gradients(
-        self, model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
+        self, model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: torch.Tensor
     ) -> torch.Tensor:
         """g_i = P^T grad loss_i, (B, k) float64, from hooked activations and backprops, after
         checking (once per model configuration) that the model does not mix examples; the loss
@@ -177,7 +185,7 @@ class Kronecker(Subspace):
         self,
         model: nn.Module,
         losses_of: Callable[[torch.Tensor], torch.Tensor],
-        inputs: torch.Tensor,
+        inputs: Inputs,
     ) -> torch.Tensor:
         """(B, k) float64: per layer, sum over calls and positions of (P_out^T delta_i)
         (P_in^T a_i)^T, with a_i recorded by forward hooks and delta_i by tensor hooks during one
@@ -195,14 +203,15 @@ class Kronecker(Subspace):
 
             return hook
 
+        batch = batch_size_of(inputs)
         handles = [modules[m.module].register_forward_hook(record(m.module)) for m in self.layers]
         try:
             with torch.enable_grad():
-                losses = losses_of(model(inputs))
-                if losses.shape != (inputs.shape[0],):
+                losses = losses_of(call_model(model, inputs))
+                if losses.shape != (batch,):
                     raise ShapeError(
                         f"the loss returned shape {tuple(losses.shape)} for a batch of "
-                        f"{inputs.shape[0]}; qem needs one loss per example."
+                        f"{batch}; qem needs one loss per example."
                     )
                 weights = [params[m.weight] for m in self.layers]
                 torch.autograd.grad(losses.sum(), weights, allow_unused=True)
@@ -217,19 +226,21 @@ class Kronecker(Subspace):
                     "may use its weights directly); restrict with layers= or use 'srht'."
                 )
             module = modules[layer.module]
-            blocks.append(self._layer_projection(module, layer, calls[layer.module], len(inputs)))
+            blocks.append(self._layer_projection(module, layer, calls[layer.module], batch))
         return torch.cat(blocks, dim=-1)
 
-    def _check_no_mixing(self, model: nn.Module, inputs: torch.Tensor) -> None:
+    def _check_no_mixing(self, model: nn.Module, inputs: Inputs) -> None:
         """Raise UnsupportedModelError if example i's hooked gradient depends on example j.
 
         The hooked path differentiates the SUM of the batch's losses, so a layer that mixes
         examples (batch-mean centring, a batch normaliser, attention across the batch) makes
         "g_i" carry the other examples' data and voids the sensitivity bound. The check runs
         on a synthetic probe, never on the batch's values, so whether it raises does not
-        depend on the data (only on the model, the batch's trailing shape, dtype and device):
-        ``min(B, PROBE_SIZE)`` inputs drawn from a public seed (standard normal; 0/1 for
-        integer inputs) and the per-example loss <r_i, f(x_i)> with public random r_i. The
+        depend on the data (only on the model and the form of the inputs: each entry's trailing
+        shape, dtype and device): ``min(B, PROBE_SIZE)`` inputs drawn from a public seed
+        (``_probe_entries``: standard normal, 0/1 for integer inputs, attention masks 0/1 with
+        the first position on) and the per-example loss <r_i, f(x_i)> with public random r_i.
+        A probe whose gradients are not finite verifies nothing and is refused. The
         hooked gradients are computed twice, the second time with a public random half of the
         examples given new inputs AND new r_i; the other half must not move beyond rounding
         (sqrt of the dtype's epsilon, relative). A change of x_j catches mixing in the forward
@@ -238,26 +249,22 @@ class Kronecker(Subspace):
         the same random state, so dropout masks agree. Cost: two hooked passes over the probe
         once per (model, modes of its submodules, input shape and dtype) per subspace.
         """
-        size = min(len(inputs), PROBE_SIZE)
+        size = min(batch_size_of(inputs), PROBE_SIZE)
         if size < 2:  # a batch of one cannot mix
             return
-        signature = (
-            tuple(m.training for m in model.modules()),
-            tuple(inputs.shape[1:]),
-            inputs.dtype,
-            inputs.device,
-        )
+        signature = (tuple(m.training for m in model.modules()), signature_of(inputs))
         verified = self._verified.setdefault(model, set())
         if signature in verified:
             return
         generator = torch.Generator(device="cpu").manual_seed(PROBE_SEED)
-        shape = (size, *inputs.shape[1:])
         changed = torch.randperm(size, generator=generator)[: size // 2]
         kept = torch.ones(size, dtype=torch.bool)
         kept[changed] = False
-        probe, other = (_probe_inputs(shape, inputs.dtype, generator) for _ in range(2))
-        perturbed = probe.clone()
-        perturbed[changed] = other[changed]
+        form = dict(input_entries(inputs))
+        probe, other = (_probe_entries(form, size, generator) for _ in range(2))
+        perturbed = {key: t.clone() for key, t in probe.items()}
+        for key, t in perturbed.items():
+            t[changed] = other[key][changed]
 
         def linear_loss(change: bool) -> Callable[[torch.Tensor], torch.Tensor]:
             def losses_of(outputs: torch.Tensor) -> torch.Tensor:
@@ -273,9 +280,17 @@ class Kronecker(Subspace):
         results = []
         for change, batch in ((False, probe), (True, perturbed)):
             with _replayed_randomness():
-                batch = batch.to(inputs.device)
-                results.append(self._hooked_gradients(model, linear_loss(change), batch)[kept])
+                synthetic = inputs_from_entries(
+                    {key: t.to(form[key].device) for key, t in batch.items()}
+                )
+                results.append(self._hooked_gradients(model, linear_loss(change), synthetic)[kept])
         before, after = results
+        if not (torch.isfinite(before).all() and torch.isfinite(after).all()):
+            raise UnsupportedModelError(
+                "the synthetic probe batch that checks the model does not mix examples gave "
+                "non-finite gradients, so the check cannot pass. Use 'srht' or 'dense', whose "
+                "torch.func path runs each example as a batch of one."
+            )
         scale = float(before.abs().max())
         moved = float((after - before).abs().max())
         dtype = next(iter(self.parameters_of(model).values())).dtype
@@ -401,14 +416,27 @@ def conv_patches(module: nn.Conv2d, activation: torch.Tensor) -> torch.Tensor:
     return F.unfold(padded, module.kernel_size, dilation=module.dilation, stride=module.stride)
 
 
-def _probe_inputs(
-    shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator
-) -> torch.Tensor:
-    """Synthetic inputs of a public seed: standard normal, or 0/1 for integer and bool inputs
-    (valid indices for any embedding with two or more rows)."""
-    if dtype.is_floating_point:
-        return torch.randn(shape, generator=generator, dtype=dtype)
-    return torch.randint(0, 2, shape, generator=generator).to(dtype)
+def _probe_entries(
+    form: dict[str, torch.Tensor], size: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Synthetic inputs of a public seed: ``size`` examples of each entry of ``form`` (key ->
+    tensor, qem.data.input_entries), same trailing shape and dtype, on the CPU. Floating
+    entries are standard normal; integer and bool entries 0/1 (valid indices for any embedding
+    with two or more rows: token ids, token types); an entry whose key contains "mask" is 0/1
+    in its dtype with each example's first position 1, so that an attention mask keeps at least
+    one position of every example."""
+    probe = {}
+    for key, tensor in form.items():
+        shape, dtype = (size, *tensor.shape[1:]), tensor.dtype
+        if "mask" in key:
+            values = torch.randint(0, 2, shape, generator=generator)
+            values.reshape(size, -1)[:, 0] = 1
+            probe[key] = values.to(dtype)
+        elif dtype.is_floating_point:
+            probe[key] = torch.randn(shape, generator=generator, dtype=dtype)
+        else:
+            probe[key] = torch.randint(0, 2, shape, generator=generator).to(dtype)
+    return probe
 
 
 @contextmanager
@@ -435,39 +463,45 @@ def _conv_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
     return (pw, pw, ph, ph)
 
 
-def _find_layers(model: nn.Module, names: list[str] | None) -> list[KroneckerLayer]:
-    """The spanned layers in module order, after checking every trainable parameter is covered
-    (when ``names`` is None) or that every named module is a supported layer."""
+def _chosen_layers(model: nn.Module, layers: Layers | None) -> list[str]:
+    """Names of the Linear/Conv2d modules to span, in module order: every one with a trainable
+    weight (``layers`` None), or those among and inside the modules ``layers`` chooses, frozen
+    ones skipped. A chosen module without a Linear/Conv2d in it, or a layer named explicitly
+    whose weight is frozen, is an error."""
     modules = dict(model.named_modules())
-    param_name = {id(p): n for n, p in model.named_parameters()}
-    if names is None:
-        chosen = [
+    if layers is None:
+        return [
             n for n, m in modules.items() if isinstance(m, _SUPPORTED) and m.weight.requires_grad
         ]
-    else:
-        names = [names] if isinstance(names, str) else list(names)
-        unknown = [n for n in names if n not in modules]
-        if unknown:
-            raise UnsupportedModelError(
-                f"the model has no modules {unknown}; available: {[n for n in modules if n]}"
-            )
-        wanted = set(names)
-        chosen = [n for n in modules if n in wanted]
-    layers, seen = [], set()
-    for name in chosen:
+    named = {spec for spec in layer_list(layers) if isinstance(spec, str)}
+    chosen: set[str] = set()
+    for name in select_modules(model, layers):
         module = modules[name]
-        if not isinstance(module, _SUPPORTED):
+        inside = [n for n, m in module.named_modules(prefix=name) if isinstance(m, _SUPPORTED)]
+        if not inside:
             raise UnsupportedModelError(
                 f"module {name!r} is a {type(module).__name__}; Kronecker spans only nn.Linear "
                 "and nn.Conv2d layers."
             )
+        if name in named and isinstance(module, _SUPPORTED) and not module.weight.requires_grad:
+            raise UnsupportedModelError(f"the weight of {name!r} is frozen; nothing to span.")
+        chosen.update(n for n in inside if modules[n].weight.requires_grad)
+    return [n for n in modules if n in chosen]
+
+
+def _find_layers(model: nn.Module, layers: Layers | None) -> list[KroneckerLayer]:
+    """The spanned layers in module order (``_chosen_layers``), after checking every trainable
+    parameter is covered (when ``layers`` is None) and each layer can be spanned."""
+    modules = dict(model.named_modules())
+    param_name = {id(p): n for n, p in model.named_parameters()}
+    spanned, seen = [], set()
+    for name in _chosen_layers(model, layers):
+        module = modules[name]
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             raise UnsupportedModelError(
                 f"Conv2d {name!r} has groups={module.groups}; Kronecker supports groups=1 only. "
                 "Use 'srht' or 'dense', or exclude it with layers=."
             )
-        if not module.weight.requires_grad:
-            raise UnsupportedModelError(f"the weight of {name!r} is frozen; nothing to span.")
         bias = module.bias if module.bias is not None and module.bias.requires_grad else None
         tensors = [module.weight] if bias is None else [module.weight, bias]
         if any(id(t) in seen for t in tensors):
@@ -483,7 +517,7 @@ def _find_layers(model: nn.Module, names: list[str] | None) -> list[KroneckerLay
                 "Kronecker needs each spanned parameter used by its layer only."
             )
         weight = module.weight
-        layers.append(
+        spanned.append(
             KroneckerLayer(
                 module=name,
                 weight=param_name[id(weight)],
@@ -492,7 +526,7 @@ def _find_layers(model: nn.Module, names: list[str] | None) -> list[KroneckerLay
                 in_dim=weight[0].numel() + (bias is not None),
             )
         )
-    if names is None:
+    if layers is None:
         owner = {id(p): type(m).__name__ for m in modules.values() for p in m.parameters(False)}
         others = [
             f"{n} ({owner[id(p)]})"
@@ -506,9 +540,9 @@ def _find_layers(model: nn.Module, names: list[str] | None) -> list[KroneckerLay
                 "(requires_grad=False), pass layers=[...] to span chosen layers only, or use "
                 "'srht' or 'dense'."
             )
-    if not layers:
+    if not spanned:
         raise UnsupportedModelError("the model has no trainable nn.Linear or nn.Conv2d layer.")
-    return layers
+    return spanned
 
 
 def _check_shapes(

@@ -9,6 +9,7 @@ import math
 import torch
 from torch import nn
 
+from qem.parameters import Layers
 from qem.subspace.base import Subspace
 
 _MAX_FACTOR_BITS = 7
@@ -83,8 +84,10 @@ class SRHT(Subspace):
         k: int,
         seed: int | None = None,
         parameter_names: list[str] | None = None,
+        *,
+        layers: Layers | None = None,
     ) -> None:
-        super().__init__(model, k, parameter_names=parameter_names, seed=seed)
+        super().__init__(model, k, parameter_names=parameter_names, seed=seed, layers=layers)
         d = self.d
         self.n = 1 << (d.bit_length() - 1)
         gen = self._generator()

@@ -1,10 +1,12 @@
-"""Parameter subsets: P = I on chosen parameters (by name or by module), the others frozen."""
+"""Parameter subsets: P = I on chosen parameters (by name, by module or by module type), the
+others held fixed."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from qem.errors import InvalidParameterError, UnsupportedModelError
+from qem.parameters import Layers, describe_layers, layer_parameter_names, modules_within
 from qem.subspace.identity import Identity
 
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -14,8 +16,9 @@ class ParameterSubset(Identity):
     """P = the coordinate embedding of the chosen parameters (k = their total size).
 
     ``names`` selects trainable parameters by their ``named_parameters`` name, ``modules``
-    selects every trainable parameter of the named modules (and their submodules); both may be
-    given (union). Per-example gradients differentiate only the chosen parameters.
+    selects every trainable parameter of the named modules (and their submodules), ``layers``
+    those of module names and types (qem.parameters); any of them may be given (union).
+    Per-example gradients differentiate only the chosen parameters.
     """
 
     kind = "subset"
@@ -25,10 +28,13 @@ class ParameterSubset(Identity):
         model: nn.Module,
         names: list[str] | str | None = None,
         modules: list[str] | str | None = None,
+        *,
+        layers: Layers | None = None,
     ) -> None:
-        if names is None and modules is None:
+        if names is None and modules is None and layers is None:
             raise InvalidParameterError(
-                "ParameterSubset needs names= or modules=; use Identity for all parameters."
+                "ParameterSubset needs names=, modules= or layers=; use Identity for all "
+                "parameters."
             )
         names = [names] if isinstance(names, str) else list(names or [])
         modules = [modules] if isinstance(modules, str) else list(modules or [])
@@ -36,9 +42,12 @@ class ParameterSubset(Identity):
         self.modules: tuple[str, ...] = tuple(modules)
         for module_name in self.modules:
             chosen.update(_module_parameter_names(model, module_name))
+        if layers is not None:
+            chosen.update(layer_parameter_names(model, layers))
         ordered = [n for n, _ in model.named_parameters() if n in chosen]
         ordered += sorted(chosen.difference(ordered))  # unknown names: reported by the base
         super().__init__(model, parameter_names=ordered)
+        self.layer_selection = describe_layers(layers)
 
     def describe(self) -> dict:
         """The base description plus the module names used for the selection, if any."""
@@ -59,24 +68,38 @@ def _module_parameter_names(model: nn.Module, module_name: str) -> list[str]:
     return found
 
 
-def last_layer(model: nn.Module) -> ParameterSubset:
-    """The parameters of the last Linear or Conv module in module order (``named_modules``)."""
-    layers = [
+def last_layer(model: nn.Module, layers: Layers | None = None) -> ParameterSubset:
+    """The parameters of the last Linear or Conv module in module order (``named_modules``),
+    among the modules ``layers`` chooses and inside them when given."""
+    allowed = None if layers is None else set(modules_within(model, layers))
+    candidates = [
         name
         for name, m in model.named_modules()
-        if isinstance(m, _LAYER_TYPES) and any(p.requires_grad for p in m.parameters())
+        if isinstance(m, _LAYER_TYPES)
+        and any(p.requires_grad for p in m.parameters())
+        and (allowed is None or name in allowed)
     ]
-    if not layers:
+    if not candidates:
         raise UnsupportedModelError(
-            "the model has no trainable Linear or Conv module; choose parameters with "
-            "ParameterSubset(names=...) instead."
+            "the model has no trainable Linear or Conv module"
+            + ("" if layers is None else f" among the layers {describe_layers(layers)}")
+            + "; choose parameters with ParameterSubset(names=...) instead."
         )
-    return ParameterSubset(model, modules=[layers[-1]])
+    subspace = ParameterSubset(model, modules=[candidates[-1]])
+    subspace.layer_selection = describe_layers(layers)
+    return subspace
 
 
-def biases(model: nn.Module) -> ParameterSubset:
-    """All trainable parameters whose name ends with 'bias'."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")]
+def biases(model: nn.Module, layers: Layers | None = None) -> ParameterSubset:
+    """All trainable parameters whose name ends with 'bias' (of the modules ``layers`` chooses,
+    when given)."""
+    if layers is None:
+        candidates = [n for n, p in model.named_parameters() if p.requires_grad]
+    else:
+        candidates = layer_parameter_names(model, layers)
+    names = [n for n in candidates if n.endswith("bias")]
     if not names:
         raise UnsupportedModelError("the model has no trainable parameters named '...bias'.")
-    return ParameterSubset(model, names=names)
+    subspace = ParameterSubset(model, names=names)
+    subspace.layer_selection = describe_layers(layers)
+    return subspace
