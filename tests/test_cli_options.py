@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from torch import nn
 
 from qem.cli.main import build_parser
 from qem.cli.options import (
@@ -97,17 +98,27 @@ GIVEN = {
     "seed": 11,
     "invalid_records": "raise",
     "batch_size": 64,
+    "layers": ["classifier", "Linear", "torch.nn.Conv2d", "bert.embeddings.LayerNorm"],
 }
 """A value other than the default for every valued option."""
+PARSED = {"layers": ["classifier", nn.Linear, nn.Conv2d, "bert.embeddings.LayerNorm"]}
+"""What the command line makes of the values that are not passed on as given: names stay
+names, torch.nn class names and dotted paths to nn.Module subclasses become the types."""
+
+
+def words(keyword: str, value: object) -> list[str]:
+    values = value if isinstance(value, list) else [value]
+    return ["--" + keyword.replace("_", "-"), *map(str, values)]
 
 
 def test_every_option_reaches_fine_tune():
-    argv = [word for k, v in GIVEN.items() for word in ("--" + k.replace("_", "-"), str(v))]
+    argv = [word for k, v in GIVEN.items() for word in words(k, v)]
     schedule = ["--schedule", "poisson", "--sampling-rate", "0.05", "--rounds", "40"]
     switches = ["--resample-every", "4", "--secure-noise", "--no-progress"]
     kwargs = fine_tune_kwargs(parse([*REQUIRED, *argv, *schedule, *switches]))
     assert kwargs == {
         **GIVEN,
+        **PARSED,
         "schedule": {"kind": "poisson", "rounds": 40, "sampling_rate": 0.05, "resample_every": 4},
         "resample_subspace": False,
         "partition_rounds": False,
