@@ -247,3 +247,29 @@ def test_text_transfer_config_fits_the_registry() -> None:
     config = load_config(CONFIG)
     _check_registry(config, default_registry())
     assert {spec.name for spec in config.scenarios} == {"text_transfer"}
+
+
+def test_dpsgd_trains_exactly_the_linear_layers_of_a_tiny_bert() -> None:
+    pytest.importorskip("opacus")
+    from qem.baselines.dpsgd import dpsgd
+
+    model = set_trainable(tiny_bert_classifier(), "linear")
+    data = (random_tokens(32, 10), torch.randint(0, 2, (32,)))
+    result = dpsgd(
+        model,
+        cross_entropy,
+        data,
+        data,
+        epsilon=8.0,
+        delta=1e-5,
+        batch_size=8,
+        epochs=1,
+        progress=False,
+    )
+    before = dict(model.named_parameters())
+    moved = {
+        name
+        for name, p in result.model.named_parameters()
+        if not torch.equal(p.detach(), before[name].detach())
+    }
+    assert moved == {name for name, p in model.named_parameters() if p.requires_grad}
