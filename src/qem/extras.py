@@ -4,7 +4,9 @@ without them.
 
 Extras (``pip install 'qem[NAME]'``): ``baselines`` (Opacus, for the DP-SGD baseline),
 ``mimic`` (pandas and PyTables, for the MIMIC-Extract loader and its synthetic file), ``bench``
-(matplotlib, for the plots of an experiment report); ``test`` installs all of them.
+(matplotlib, for the plots of an experiment report), ``text`` (transformers and the packages
+shipping all-MiniLM-L6-v2 and the tweet corpus, for the text scenario); ``test`` installs all of
+them.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""Small reference models for the evaluation scenarios (no BatchNorm, no dropout: per-example
+"""Reference models for the evaluation scenarios (no BatchNorm, no dropout: per-example
 gradients and curvature are well defined, and a model is a plain function of its parameters).
 
-Every model is an ``nn.Sequential`` with named layers, so parameter names are stable
-(``fc2.weight``) and ``model[-1]`` is the output layer.
+The small models are ``nn.Sequential`` with named layers, so parameter names are stable
+(``fc2.weight``) and ``model[-1]`` is the output layer. "minilm_classifier" is a pretrained
+sentence encoder with a linear head (:mod:`qem.text_models`).
 """
 
 from __future__ import annotations
@@ -78,10 +79,18 @@ class LogisticRegression(nn.Sequential):
         )
 
 
+def _minilm_classifier(**kwargs: object) -> nn.Module:
+    """all-MiniLM-L6-v2 + mean pooling + linear head (:mod:`qem.text_models`, extra 'text')."""
+    from qem.text_models import minilm_classifier
+
+    return minilm_classifier(**kwargs)  # type: ignore[arg-type]
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": SmallCNN,
     "mlp": MLP,
     "logreg": LogisticRegression,
+    "minilm_classifier": _minilm_classifier,
 }
 
 

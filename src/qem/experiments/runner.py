@@ -168,6 +168,14 @@ def _synthetic_mimic_factory(subjects: int = 10_000, data_seed: int = 0, **optio
             return mimic_careunit_scenario(path, **options)
 
 
+def _text_transfer_factory(**options: Any) -> Any:
+    """:func:`qem.datasets.text.text_transfer` (tweet sentiment, all-MiniLM-L6-v2 tokens) with
+    the config's options; needs qem's extra 'text'."""
+    from qem.datasets.text import text_transfer
+
+    return text_transfer(**options)
+
+
 def cached_pretrainer(
     scenario: Any,
     spec: ScenarioSpec,
@@ -194,7 +202,8 @@ def cached_pretrainer(
 
 
 def default_registry() -> Registry:
-    """The real scenarios ("mnist_s1", "mnist_s2", "mimic_careunit", "synthetic_mimic") and
+    """The real scenarios ("mnist_s1", "mnist_s2", "mimic_careunit", "synthetic_mimic",
+    "text_transfer") and
     :data:`qem.baselines.registry.METHODS` (qem's hyperparameters are fine_tune's)."""
     from qem.baselines.registry import METHODS
     from qem.finetune import fine_tune
@@ -205,6 +214,7 @@ def default_registry() -> Registry:
             "mnist_s2": _mnist_factory("mnist_s2"),
             "mimic_careunit": _mimic_factory,
             "synthetic_mimic": _synthetic_mimic_factory,
+            "text_transfer": _text_transfer_factory,
         },
         methods=METHODS,
         pretrainer=cached_pretrainer,
