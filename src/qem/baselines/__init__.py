@@ -23,19 +23,7 @@ import qem
 from qem.errors import InvalidParameterError
 from qem.finetune import FineTuneResult
 from qem.privacy.gdp import check_delta, check_epsilon
-from qem.privacy.sensitivity import Adjacency
 from qem.report import BaselineReport, Diagnostics
-
-
-def parse_adjacency(adjacency: str) -> Adjacency:
-    """The Adjacency named ``adjacency``, or InvalidParameterError listing the options."""
-    try:
-        return Adjacency(adjacency)
-    except ValueError:
-        options = ", ".join(repr(a.value) for a in Adjacency)
-        raise InvalidParameterError(
-            f"adjacency must be one of {options}, got {adjacency!r}."
-        ) from None
 
 
 def check_requested_budget(epsilon: float | None, delta: float | None) -> dict:

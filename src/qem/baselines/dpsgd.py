@@ -48,10 +48,10 @@ from qem.baselines import (
     PhaseTimer,
     baseline_result,
     check_count,
-    parse_adjacency,
     torch_generators,
 )
 from qem.baselines.nonprivate import train_epochs
+from qem.checks import parse_option
 from qem.data import DataLike, as_dataset, batches, training_loader
 from qem.errors import InvalidParameterError, UnsupportedModelError
 from qem.extras import import_extra
@@ -68,7 +68,7 @@ from qem.privacy.calibration import (
 )
 from qem.privacy.gdp import check_delta, check_epsilon, warn_large_delta
 from qem.privacy.ledger import dp_event_to_json
-from qem.privacy.sensitivity import check_positive
+from qem.privacy.sensitivity import Adjacency, check_positive
 from qem.subspace.base import LossFn
 
 if TYPE_CHECKING:
@@ -144,7 +144,7 @@ def dpsgd(
     """
     epsilon = check_epsilon(epsilon)
     delta = check_delta(delta)
-    adjacency = parse_adjacency(adjacency)
+    adjacency = parse_option(Adjacency, adjacency, "adjacency")
     check_positive("lr", lr)
     check_positive("max_grad_norm", max_grad_norm, "It is the per-example clip norm C.")
     batch_size = check_count("batch_size", batch_size)

@@ -11,10 +11,11 @@ from qem.baselines import (
     PhaseTimer,
     baseline_result,
     check_requested_budget,
-    parse_adjacency,
 )
+from qem.checks import parse_option
 from qem.data import DataLike, as_dataset
 from qem.finetune import FineTuneResult
+from qem.privacy.sensitivity import Adjacency
 from qem.subspace.base import LossFn
 
 
@@ -33,7 +34,7 @@ def none(
 ) -> FineTuneResult:
     """Return an unchanged copy of ``model``; the budget, checked when given, is unused."""
     requested = check_requested_budget(epsilon, delta)
-    adjacency = parse_adjacency(adjacency)
+    adjacency = parse_option(Adjacency, adjacency, "adjacency")
     n = len(as_dataset(private_data, "private data", addressable=True))
     timer = PhaseTimer()
     with timer.phase("copy"):

@@ -24,9 +24,9 @@ from qem.baselines import (
     baseline_result,
     check_count,
     check_requested_budget,
-    parse_adjacency,
     torch_generators,
 )
+from qem.checks import parse_option
 from qem.data import DataLike, as_dataset, batches, map_inputs, training_loader
 from qem.errors import InvalidParameterError
 from qem.finetune import FineTuneResult
@@ -34,7 +34,7 @@ from qem.losses import check_per_example_loss
 from qem.metrics import evaluate_loss
 from qem.model_calls import call_model
 from qem.parameters import check_finite_parameters
-from qem.privacy.sensitivity import check_positive
+from qem.privacy.sensitivity import Adjacency, check_positive
 from qem.subspace.base import LossFn
 
 
@@ -121,7 +121,7 @@ def nonprivate(
     ``seed`` seeds the minibatch shuffling.
     """
     requested = check_requested_budget(epsilon, delta)
-    adjacency = parse_adjacency(adjacency)
+    adjacency = parse_option(Adjacency, adjacency, "adjacency")
     check_positive("lr", lr)
     batch_size = check_count("batch_size", batch_size)
     epochs = check_count("epochs", epochs)

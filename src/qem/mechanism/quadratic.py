@@ -25,6 +25,7 @@ from enum import StrEnum
 import numpy as np
 from scipy import linalg
 
+from qem.checks import parse_option
 from qem.errors import InvalidParameterError, NonFiniteError, ShapeError
 from qem.mechanism.clipping import PublicQuadratic, dual_norms
 from qem.mechanism.noise import (
@@ -74,15 +75,6 @@ class _Calibration:
     beta: float
     radius: float | None
     acceptance: float | None
-
-
-def _parse(enum: type[StrEnum], value: object, name: str) -> StrEnum:
-    try:
-        return enum(value)
-    except ValueError:
-        raise InvalidParameterError(
-            f"{name} must be one of {[e.value for e in enum]}, got {value!r}."
-        ) from None
 
 
 def _noise_source(seed: int | None, noise: NoiseSource | None) -> NoiseSource:
@@ -135,9 +127,9 @@ class QuadraticExponentialMechanism:
         )
         self.lam = check_positive("lam", lam, "lam weighs the quadratic; try 1.0.")
         clip_norm = check_positive("clip_norm C", clip_norm, "Use a clipping bound such as 1.0.")
-        adjacency = _parse(Adjacency, adjacency, "adjacency")
-        clipping = _parse(ClipNorm, clipping, "clipping")
-        self.mode = _parse(Mode, mode, "mode")
+        adjacency = parse_option(Adjacency, adjacency, "adjacency")
+        clipping = parse_option(ClipNorm, clipping, "clipping")
+        self.mode = parse_option(Mode, mode, "mode")
         if self.mode is Mode.GDP and (radius is not None or n_max is not None):
             raise InvalidParameterError(
                 "radius and n_max apply to mode='pure' only; drop them or set mode='pure'."

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from enum import StrEnum
 
+from qem.checks import parse_option
 from qem.errors import InvalidParameterError
 
 
@@ -48,14 +49,6 @@ def check_positive(name: str, value: float, hint: str = "") -> float:
     return value
 
 
-def _member(enum: type[StrEnum], value: str, name: str) -> StrEnum:
-    try:
-        return enum(value)
-    except ValueError:
-        options = ", ".join(repr(m.value) for m in enum)
-        raise InvalidParameterError(f"{name} must be one of {options}, got {value!r}.") from None
-
-
 @dataclass(frozen=True)
 class Sensitivity:
     """Bound on ||gh_j - gh_j'||_{A^-1} between neighbouring datasets.
@@ -71,8 +64,8 @@ class Sensitivity:
 
     def __post_init__(self) -> None:
         check_positive("clip_norm C", self.clip_norm, "Use a clipping bound such as 1.0.")
-        object.__setattr__(self, "adjacency", _member(Adjacency, self.adjacency, "adjacency"))
-        object.__setattr__(self, "clipping", _member(ClipNorm, self.clipping, "clipping"))
+        object.__setattr__(self, "adjacency", parse_option(Adjacency, self.adjacency, "adjacency"))
+        object.__setattr__(self, "clipping", parse_option(ClipNorm, self.clipping, "clipping"))
         if self.clipping is ClipNorm.EUCLIDEAN and self.lambda_min is None:
             raise InvalidParameterError(
                 "Euclidean clipping needs lambda_min(A) to bound the dual norm; "
