@@ -26,8 +26,10 @@ rank waits forever: the failing rank raises its own error, the others a Distribu
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +55,10 @@ class LocalProcess:
         return compute()
 
     def from_root(self, compute: Callable[[], np.ndarray] | None, size: int) -> np.ndarray:
+        """``compute()``: this process is the root."""
+        return compute()
+
+    def json_from_root(self, compute: Callable[[], Any]) -> Any:
         """``compute()``: this process is the root."""
         return compute()
 
@@ -122,6 +128,20 @@ class ProcessGroup(LocalProcess):
         self._dist.broadcast(payload, src=0)
         self._raise_on_failure(error, float(payload[size]) > 0, "rank 0's public computation")
         return payload[:size].cpu().numpy()
+
+    def json_from_root(self, compute: Callable[[], Any]) -> Any:
+        """Rank 0's ``compute()``, a JSON value (a public description such as the
+        curvature's), on every rank: sent as its UTF-8 JSON text, read back by ``json.loads``
+        on every rank (rank 0 included, so that every rank holds equal values)."""
+        text: list[bytes] = []
+
+        def length() -> np.ndarray:
+            text.append(json.dumps(compute(), sort_keys=True, allow_nan=False).encode())
+            return np.array([len(text[0])])
+
+        size = int(self.from_root(length if self.is_root else None, 1)[0])
+        sent = self.from_root((lambda: np.frombuffer(text[0], np.uint8)) if text else None, size)
+        return json.loads(sent.astype(np.uint8).tobytes())
 
     def check_agreement(self, value: int, what: str) -> None:
         """Raise DistributedError on every rank unless every rank has the same ``value``

@@ -305,6 +305,7 @@ def fine_tune(
                 quantile=clip_quantile, clipping=clipping, batch_size=batch_size,
             )  # fmt: skip
             quadratic, C = _shared_public_side(ranks, public_side, basis.k)
+            run.curvature_description = ranks.json_from_root(curv.describe)
             clock.lap("public_broadcast")
             clip_source = "user" if clip_norm is not None else f"public quantile {clip_quantile}"
 
@@ -391,9 +392,7 @@ def _public_side(
     clock.lap("curvature")
     if clip_norm is not None:
         return quadratic, float(clip_norm)
-    C = public_clip_norm(
-        model, loss_fn, basis, public, cholesky=quadratic.cholesky, **clip_options
-    )
+    C = public_clip_norm(model, loss_fn, basis, public, cholesky=quadratic.cholesky, **clip_options)
     clock.lap("clip_norm")
     return quadratic, C
 
@@ -597,6 +596,7 @@ class _Run:
     validation_source: dict
     momentum: float = 0.0
     world_size: int = 1
+    curvature_description: dict | None = None
     subspace_draw: int = -1
     noise_source: dict | None = None
     epsilons: dict[int, float] = field(default_factory=dict)
@@ -745,7 +745,7 @@ class _Run:
             k=basis.k,
             C=[r.clip_norm for r in records],
             subspace={**basis.describe(), "resample_every": plan.schedule.resample_every},
-            curvature=curvature.describe(),
+            curvature=self.curvature_description or curvature.describe(),
             validation=self.validation_source,
             rounds=records,
             step_lengths=steps,

@@ -250,7 +250,12 @@ def private_gradient_sum(
         whitened_total = np.zeros(subspace.k, dtype=np.float64)
         count = clipped = 0
         for grads in private_gradient_batches(
-            model, loss_fn, subspace, data, batch_size=batch_size, invalid=invalid,
+            model,
+            loss_fn,
+            subspace,
+            data,
+            batch_size=batch_size,
+            invalid=invalid,
             progress=progress,
         ):
             # Clipping u = L^-1 g in the Euclidean norm is clipping g in ||.||_{A^-1}: the
