@@ -250,6 +250,7 @@ def fine_tune(
     ranks = process_group(distributed)
     ranks.check_agreement(len(private), "the number of private records")
     root = ranks.is_root
+    progress = progress and root  # bars, log lines and warnings once, from rank 0
 
     current = copy.deepcopy(model).to(target).eval()
     _probe_public(current, loss_fn, public, validation)
@@ -368,6 +369,8 @@ def fine_tune(
             ) from error
         clock.lap("line_search")
         run.finish_round(alpha, val_loss, clock.seconds)
+        if not root:
+            continue
         _log_round(run.records[-1], total, clock.seconds)
         if alpha == 0.0 and searches:
             warnings.warn(
