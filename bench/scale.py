@@ -20,6 +20,12 @@ activations" = the plain epoch's increment (activations and gradients of one bat
 curvature pass's running sum and one batch's sum while it runs).
 
     .venv/bin/python bench/scale.py [--private-size 2000] [--ks 1024 2048 4096] [--threads 1]
+                                    [--device cpu|cuda|auto] [--tiny]
+
+``--device cuda`` runs the plain epoch and every qem pass on the GPU (bench/gpu.sh); the memory
+columns stay host resident memory, and each row is followed by the GPU's peak allocation.
+``--tiny`` is a seconds-long smoke run (64 private tweets, k = 64) that checks the script, not
+the scale.
 
 Timings are diagnostics of one run on a shared machine (the load average is printed); each
 configuration runs once. Wall-clock ratios move with the machine's other load; the CPU-second
@@ -42,6 +48,7 @@ from qem.datasets.text import text_transfer
 from qem.experiments.runner import PeakMemory
 from qem.finetune import ZeroStepWarning, fine_tune
 from qem.losses import cross_entropy
+from qem.model_calls import on_model_device, resolve_device
 from qem.models import build_model
 from qem.subspace.kronecker import Kronecker
 
@@ -76,6 +83,18 @@ def model_mib(model: nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / MIB
 
 
+TINY = {
+    "private_size": 64,
+    "public_size": 32,
+    "valid_size": 32,
+    "max_length": 16,
+    "ks": [64],
+    "subset_k": 64,
+    "batch_size": 32,
+}
+"""The sizes of ``--tiny``."""
+
+
 def plain_epoch(model: nn.Module, data: tuple, batch_size: int) -> tuple[float, float, float]:
     """Wall seconds, CPU seconds and resident-memory increment (MiB) of one forward/backward
     pass over ``data`` in batches of ``batch_size`` (gradients of the trainable parameters; no
@@ -83,7 +102,8 @@ def plain_epoch(model: nn.Module, data: tuple, batch_size: int) -> tuple[float, 
     base = resident_mib()
     with PeakMemory() as memory:
         start, cpu = time.perf_counter(), time.process_time()
-        for inputs, targets in batches(data, batch_size):
+        for batch in batches(data, batch_size):
+            inputs, targets = on_model_device(model, *batch)
             model.zero_grad(set_to_none=True)
             cross_entropy(model(inputs), targets).mean().backward()
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -101,7 +121,11 @@ def main() -> None:
     parser.add_argument("--subset-k", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    parser.add_argument("--tiny", action="store_true", help="a smoke run: " + str(TINY))
     args = parser.parse_args()
+    if args.tiny:
+        vars(args).update(TINY)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", ZeroStepWarning)  # costs only: the step is not the point
 
@@ -114,6 +138,9 @@ def main() -> None:
         max_length=args.max_length,
     )
     model = build_model("minilm_classifier", seed=0)
+    device = resolve_device(args.device, model)
+    model.to(device)
+    gpu = device.type == "cuda"
     model_size = model_mib(model)
     plain_seconds, plain_cpu, activations = plain_epoch(
         model, scenario.private_train, args.batch_size
@@ -122,7 +149,8 @@ def main() -> None:
         f"# {args.private_size} private tweets x {args.max_length} tokens, batch "
         f"{args.batch_size}, {args.public_size} public + {args.valid_size} validation tweets; "
         f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on "
-        f"{os.cpu_count()} cores"
+        f"{os.cpu_count()} cores; device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if gpu else "")
     )
     print(
         f"# model {model_size:.0f} MiB ({sum(p.numel() for p in model.parameters()):,} "
@@ -154,6 +182,8 @@ def main() -> None:
     for label, blocks, k in runs:
         subspace = Kronecker(model, k, seed=0, layers=linear_layers(model, blocks))
         base = resident_mib()
+        if gpu:
+            torch.cuda.reset_peak_memory_stats(device)
         with PeakMemory() as memory:
             cpu = time.process_time()
             result = fine_tune(
@@ -191,6 +221,9 @@ def main() -> None:
             f"{used / reference:.2f}",
         )
         print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
+        if gpu:
+            peak = torch.cuda.max_memory_allocated(device) / MIB
+            print(f"#   GPU peak allocated {peak:.0f} MiB", flush=True)
         del result
 
 

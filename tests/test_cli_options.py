@@ -98,6 +98,7 @@ GIVEN = {
     "seed": 11,
     "invalid_records": "raise",
     "batch_size": 64,
+    "device": "cuda",
     "layers": ["classifier", "Linear", "torch.nn.Conv2d", "bert.embeddings.LayerNorm"],
 }
 """A value other than the default for every valued option."""
@@ -114,7 +115,7 @@ def words(keyword: str, value: object) -> list[str]:
 def test_every_option_reaches_fine_tune():
     argv = [word for k, v in GIVEN.items() for word in words(k, v)]
     schedule = ["--schedule", "poisson", "--sampling-rate", "0.05", "--rounds", "40"]
-    switches = ["--resample-every", "4", "--secure-noise", "--no-progress"]
+    switches = ["--resample-every", "4", "--secure-noise", "--no-progress", "--distributed"]
     kwargs = fine_tune_kwargs(parse([*REQUIRED, *argv, *schedule, *switches]))
     assert kwargs == {
         **GIVEN,
@@ -124,6 +125,7 @@ def test_every_option_reaches_fine_tune():
         "partition_rounds": False,
         "secure_noise": True,
         "progress": False,
+        "distributed": True,
     }
     valued = {o.keyword for o in FINE_TUNE_OPTIONS if not o.is_switch}
     assert valued - {"schedule", "rounds"} == set(GIVEN)  # every option was given

@@ -125,7 +125,7 @@ def test_poisson_weight_is_the_expected_size_never_the_realised_one(monkeypatch)
     monkeypatch.setattr(
         qem.schedules,
         "inclusion_mask",
-        lambda n, q, rng=None: np.isin(np.arange(n), rows[n]),
+        lambda n, q, rng=None, shard=None: np.isin(np.arange(n), rows[n]),
     )
     results = [
         fine_tune(

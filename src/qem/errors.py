@@ -57,3 +57,8 @@ class SpentBudgetError(QemError, RuntimeError):
     def __init__(self, message: str, result: object) -> None:
         super().__init__(message)
         self.result = result
+
+
+class DistributedError(QemError, RuntimeError):
+    """A data-parallel run cannot proceed: no process group where one is required, ranks that
+    disagree on the data, or another rank's failure (that rank's error says why)."""

@@ -17,16 +17,29 @@ A run is a schedule of rounds (qem.schedules, docs/theory.md §8 and §13). Roun
 Every forward pass runs on a copy of the caller's model in eval mode: the caller's model and
 every buffer of the released model equal the input's. Everything round t uses besides the
 private gradients is public or an earlier release, so the composition of §8/§13 holds.
+
+Devices: every pass moves its batches to the model's device (``device`` moves the copy there
+first); the k x k side (A, its Cholesky factor, the clipped sums, the noise) is float64 on the
+CPU (numpy/scipy): each batch's (B, k) projected gradients come back to the CPU as float64,
+which costs B k 8 bytes per batch and keeps the privacy-critical arithmetic on one exact path.
+
+Several processes (qem.distributed, docs/theory.md §16): under an initialised
+``torch.distributed`` group each rank reads its shard of the private rows (step 2), the sums
+are all-reduced in float64, and rank 0 alone computes the public side of step 1, draws the noise
+of step 3 and takes step 4; what it computes is broadcast, so every rank ends with the same
+model and report. Only rank 0 calls ``on_release``.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -40,12 +53,14 @@ from qem.curvature import KFAC
 from qem.curvature.base import Curvature
 from qem.curvature.factory import make_curvature
 from qem.data import DataLike, as_dataset, batches, known_targets
+from qem.distributed import LocalProcess, process_group
 from qem.errors import InvalidParameterError, SpentBudgetError
 from qem.io import save_run
 from qem.linesearch import line_search_step
 from qem.losses import check_per_example_loss
 from qem.mechanism import QuadraticExponentialMechanism, SecureNoise
-from qem.model_calls import call_model
+from qem.mechanism.clipping import PublicQuadratic
+from qem.model_calls import call_model, on_model_device, resolve_device
 from qem.parameters import Layers, check_finite_parameters
 from qem.privacy.gdp import check_delta, check_epsilon, gdp_epsilon
 from qem.privacy.ledger import PrivacyLedger, spent_epsilon
@@ -136,6 +151,8 @@ def fine_tune(
     batch_size: int = 256,
     progress: bool = False,
     on_release: Callable[[FineTuneResult], None] | None = None,
+    distributed: bool | str = "auto",
+    device: str | torch.device | None = None,
     noise: bool = True,
 ) -> FineTuneResult:
     """Fine-tune ``model`` on ``private_data`` with a differential-privacy guarantee.
@@ -172,7 +189,13 @@ def fine_tune(
     the run so far, so that a caller can save it before anything else can fail; an error after
     a draw raises SpentBudgetError carrying that partial result. ``progress`` shows a bar over the
     rounds ("qem round t/T") above the passes' bars; the ``qem.finetune`` logger records each
-    round's public summary at INFO and its timings at DEBUG. ``noise=False`` exists only
+    round's public summary at INFO and its timings at DEBUG. ``distributed`` ("auto": when
+    an initialised torch.distributed group has more than one rank; True: require a group; False:
+    ignore any) runs one release over the ranks of the group (module docstring): give every
+    rank the same arguments, private data included (each reads only its shard); only rank 0
+    calls ``on_release``, and every rank returns the same model and report. ``device`` ("cpu",
+    "cuda", "auto": the GPU when there is one) runs the passes there; by default the model's
+    own device. ``noise=False`` exists only
     for tests (it releases the exact mean and the report says so); never use it on real data.
     """
     epsilon = check_epsilon(epsilon)
@@ -223,8 +246,13 @@ def fine_tune(
         )
     seeds = SeedTree(seed, schedule.total_rounds)
     plan = schedule.plan(budget, len(private), N, seed=seeds.sampling)
+    target = resolve_device(device, model)
+    ranks = process_group(distributed)
+    ranks.check_agreement(len(private), "the number of private records")
+    root = ranks.is_root
+    progress = progress and root  # bars, log lines and warnings once, from rank 0
 
-    current = copy.deepcopy(model).eval()
+    current = copy.deepcopy(model).to(target).eval()
     _probe_public(current, loss_fn, public, validation)
     ledger = PrivacyLedger(plan)
     run = _Run(
@@ -238,6 +266,7 @@ def fine_tune(
         invalid=invalid,
         validation_source=validation_source,
         momentum=float(momentum),
+        world_size=ranks.world_size,
     )
     run.accountant_epsilon_upfront()  # every public computation that can fail, before the data
     curv = (
@@ -254,10 +283,11 @@ def fine_tune(
     reprojects = isinstance(curv, KFAC)  # stored factors, projected into every round's subspace
     basis = subspace if isinstance(subspace, Subspace) else None
     quadratic = C = clip_source = None
-    previous_step, velocity = 1.0, None
+    stepper = _Stepper(loss_fn, validation if searches else None, float(momentum))
 
     total = plan.schedule.total_rounds
-    round_bar = tqdm(plan.rounds(), total=total, unit="round", disable=not progress)
+    shard = ranks.shard(len(private))
+    round_bar = tqdm(plan.rounds(shard), total=total, unit="round", disable=not progress)
     for executed in round_bar:
         clock = _Clock()
         t = executed.index
@@ -271,23 +301,14 @@ def fine_tune(
             quadratic = None
         run.subspace_draw = executed.subspace_draw
         if quadratic is None or reprojects or t % curvature_every == 0:
-            quadratic = curv.quadratic(current, loss_fn, basis, public)
-            clock.lap("curvature")
-            if clip_norm is None:
-                C = public_clip_norm(
-                    current,
-                    loss_fn,
-                    basis,
-                    public,
-                    quantile=clip_quantile,
-                    clipping=clipping,
-                    cholesky=quadratic.cholesky,
-                    batch_size=batch_size,
-                )
-                clip_source = f"public quantile {clip_quantile}"
-            else:
-                C, clip_source = float(clip_norm), "user"
-            clock.lap("clip_norm")
+            public_side = partial(
+                _public_side, curv, current, loss_fn, basis, public, clock, clip_norm,
+                quantile=clip_quantile, clipping=clipping, batch_size=batch_size,
+            )  # fmt: skip
+            quadratic, C = _shared_public_side(ranks, public_side, basis.k)
+            run.curvature_description = ranks.json_from_root(curv.describe)
+            clock.lap("public_broadcast")
+            clip_source = "user" if clip_norm is not None else f"public quantile {clip_quantile}"
 
         # -- the only step that reads private data -----------------------------------------
         rows = private if executed.rows is None else Subset(private, executed.rows.tolist())
@@ -303,6 +324,7 @@ def fine_tune(
             invalid_records=invalid,
             # a Poisson round's size is private: no bar that would display it
             progress=progress and plan.schedule.kind != "poisson",
+            all_reduce=ranks.all_reduce_sum,
         )
         clock.lap("private_pass")
         lam = 1.0 if (mode == "gdp" and prior_weight is None) else float(prior_weight or 1.0)
@@ -322,27 +344,22 @@ def fine_tune(
             preview = mechanism.set_noise_multiplier(executed.noise_multiplier).to_dict()
         else:
             preview = mechanism.calibrate(executed.epsilon).to_dict()
-        w = mechanism.sample(stats.gradient_sum) if noise else mechanism.mean(stats.gradient_sum)
+        # the noise is drawn once, on rank 0 alone, and the release broadcast
+        draw = partial(mechanism.sample if noise else mechanism.mean, stats.gradient_sum)
+        w = ranks.from_root(draw if root else None, basis.k)
         del stats  # nothing private outlives the draw
         ledger.record(executed)
         clock.lap("mechanism")
         run.add_release(executed, w, basis, preview, mechanism, C, clip_source, lam)
-        if on_release is not None:
+        if on_release is not None and root:
             on_release(run.result(current, curv, basis, done=False))
 
-        # -- post-processing with public data ------------------------------------------------
+        # -- post-processing with public data (rank 0; the step is broadcast) -------------
         try:
-            step = basis.direction(current, torch.as_tensor(w, dtype=torch.float64))
-            if momentum and velocity is not None:
-                step = {name: d + momentum * velocity.get(name, 0.0) for name, d in step.items()}
-            if searches:
-                alpha, val_loss, _ = line_search_step(
-                    current, loss_fn, step, validation, start=previous_step
-                )
-            else:
-                alpha, val_loss = 1.0, None
-            add_to_parameters(current, step, alpha)
-            velocity = {name: alpha * d for name, d in step.items()}
+            take_step = partial(stepper.step, current, basis, w)
+            alpha, val_loss = ranks.from_root(take_step if root else None, 2).tolist()
+            val_loss = None if np.isnan(val_loss) else val_loss
+            ranks.broadcast_parameters(current, basis.parameter_names)
         except Exception as error:
             raise SpentBudgetError(
                 f"round {t + 1} failed after its noise was drawn ({error}); the budget of "
@@ -351,14 +368,86 @@ def fine_tune(
                 run.result(current, curv, basis, done=False),
             ) from error
         clock.lap("line_search")
-        previous_step = alpha if alpha > 0 else previous_step
         run.finish_round(alpha, val_loss, clock.seconds)
+        if not root:
+            continue
         _log_round(run.records[-1], total, clock.seconds)
         if alpha == 0.0 and searches:
             warnings.warn(
                 _zero_step_message(t + 1, validation_source), ZeroStepWarning, stacklevel=2
             )
     return run.result(current, curv, basis, done=True)
+
+
+def _public_side(
+    curvature: Curvature,
+    model: nn.Module,
+    loss_fn: LossFn,
+    basis: Subspace,
+    public: Dataset,
+    clock: _Clock,
+    clip_norm: float | None,
+    **clip_options,
+) -> tuple[PublicQuadratic, float]:
+    """Step 1 of a round: the public quadratic A (factored) and the clip norm C, given or a
+    quantile of public gradient norms (``clip_options``: quantile, clipping, batch_size)."""
+    quadratic = curvature.quadratic(model, loss_fn, basis, public)
+    clock.lap("curvature")
+    if clip_norm is not None:
+        return quadratic, float(clip_norm)
+    C = public_clip_norm(model, loss_fn, basis, public, cholesky=quadratic.cholesky, **clip_options)
+    clock.lap("clip_norm")
+    return quadratic, C
+
+
+@dataclass
+class _Stepper:
+    """Step 4 of a round, post-processing on public data: theta <- theta + alpha d with
+    d = P w (+ m alpha_{t-1} d_{t-1} with momentum m) and alpha from the line search on
+    ``validation`` (from the previous positive step), or alpha = 1 without one."""
+
+    loss_fn: LossFn
+    validation: Dataset | None
+    momentum: float
+    previous_step: float = 1.0
+    velocity: dict[str, torch.Tensor] | None = None
+
+    def step(self, model: nn.Module, basis: Subspace, w: np.ndarray) -> np.ndarray:
+        """Apply the step to ``model``; return [alpha, public validation loss (NaN without a
+        search)]."""
+        step = basis.direction(model, torch.as_tensor(w, dtype=torch.float64))
+        if self.momentum and self.velocity is not None:
+            step = {n: d + self.momentum * self.velocity.get(n, 0.0) for n, d in step.items()}
+        if self.validation is not None:
+            alpha, val_loss, _ = line_search_step(
+                model, self.loss_fn, step, self.validation, start=self.previous_step
+            )
+        else:
+            alpha, val_loss = 1.0, math.nan
+        add_to_parameters(model, step, alpha)
+        self.velocity = {name: alpha * d for name, d in step.items()}
+        self.previous_step = alpha if alpha > 0 else self.previous_step
+        return np.array([alpha, val_loss])
+
+
+def _shared_public_side(
+    ranks: LocalProcess, compute: Callable[[], tuple[PublicQuadratic, float]], k: int
+) -> tuple[PublicQuadratic, float]:
+    """The public quadratic and clip norm, computed by ``compute`` on rank 0 and broadcast
+    (A, its Cholesky factor, lambda_min(A), C: qem.distributed says why rather than computed
+    on every rank)."""
+    if ranks.world_size == 1:
+        return compute()
+
+    def packed() -> np.ndarray:
+        quadratic, C = compute()
+        return np.concatenate(
+            [quadratic.A.ravel(), quadratic.cholesky.ravel(), [quadratic.lambda_min, C]]
+        )
+
+    values = ranks.from_root(packed if ranks.is_root else None, 2 * k * k + 2)
+    A, L = values[: k * k].reshape(k, k), values[k * k : 2 * k * k].reshape(k, k)
+    return PublicQuadratic(A, L, float(values[-2])), float(values[-1])
 
 
 def _resolve_schedule(
@@ -410,7 +499,7 @@ def _validation_split(
 def _probe_public(model: nn.Module, loss_fn: LossFn, public: Dataset, validation: Dataset) -> None:
     """Shape, label and loss checks on PUBLIC examples (never on private ones): a bad private
     record is handled by the invalid-record policy, not by an error naming it."""
-    probe_x, probe_y = next(iter(batches(public, 2)))
+    probe_x, probe_y = on_model_device(model, *next(iter(batches(public, 2))))
     with torch.no_grad():
         outputs = call_model(model, probe_x)
     for data in (public, validation):
@@ -509,6 +598,8 @@ class _Run:
     invalid: InvalidRecords
     validation_source: dict
     momentum: float = 0.0
+    world_size: int = 1
+    curvature_description: dict | None = None
     subspace_draw: int = -1
     noise_source: dict | None = None
     epsilons: dict[int, float] = field(default_factory=dict)
@@ -657,7 +748,7 @@ class _Run:
             k=basis.k,
             C=[r.clip_norm for r in records],
             subspace={**basis.describe(), "resample_every": plan.schedule.resample_every},
-            curvature=curvature.describe(),
+            curvature=self.curvature_description or curvature.describe(),
             validation=self.validation_source,
             rounds=records,
             step_lengths=steps,
@@ -665,4 +756,5 @@ class _Run:
             noise=self._noise_description(),
             invalid_records=self.invalid.value,
             momentum=self.momentum,
+            world_size=self.world_size,
         )

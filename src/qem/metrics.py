@@ -16,7 +16,7 @@ from torch import nn
 
 from qem.data import Batch, DataLike, as_dataset, batches, map_inputs
 from qem.errors import DataError, InvalidParameterError, NonFiniteError
-from qem.model_calls import call_model
+from qem.model_calls import call_model, on_model_device
 from qem.subspace.base import LossFn
 
 
@@ -26,14 +26,15 @@ def model_batches(
     model: nn.Module,
     generator: torch.Generator | None = None,
 ) -> Iterator[Batch]:
-    """qem.data.batches (shuffled when ``generator`` is given), floating inputs (every
-    floating entry of dict inputs) cast to the model's dtype."""
+    """qem.data.batches (shuffled when ``generator`` is given) on the model's device, floating
+    inputs (every floating entry of dict inputs) cast to the model's dtype."""
     dtype = next(model.parameters()).dtype
 
     def cast(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
-    for inputs, targets in batches(data, batch_size, generator=generator):
+    for batch in batches(data, batch_size, generator=generator):
+        inputs, targets = on_model_device(model, *batch)
         yield map_inputs(cast, inputs), targets
 
 
@@ -41,14 +42,15 @@ def model_batches(
 def predict(
     model: nn.Module, data: DataLike, batch_size: int = 1000
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model outputs and targets over ``data``, in order, in eval mode (mode restored after)."""
+    """Model outputs and targets over ``data``, in order, on the CPU, in eval mode (mode
+    restored after)."""
     was_training = model.training
     model.eval()
     outputs, targets = [], []
     try:
         for inputs, batch_targets in model_batches(as_dataset(data), batch_size, model):
-            outputs.append(call_model(model, inputs))
-            targets.append(batch_targets)
+            outputs.append(call_model(model, inputs).cpu())
+            targets.append(batch_targets.cpu())
     finally:
         model.train(was_training)
     return torch.cat(outputs), torch.cat(targets)

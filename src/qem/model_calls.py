@@ -4,7 +4,8 @@ A batch's inputs are a Tensor, passed as ``model(x)``, or a dict of Tensors (Hug
 style: input_ids, attention_mask, ...), passed as keyword arguments ``model(**inputs)``. The
 model may return a Tensor, a dict with a "logits" entry, or an object with a ``logits``
 attribute (a Hugging Face ``ModelOutput`` such as ``SequenceClassifierOutput``); qem uses the
-logits as the outputs f(theta; x) that the loss and the curvature see.
+logits as the outputs f(theta; x) that the loss and the curvature see. Every pass moves a
+batch to the model's device first (``on_model_device``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from qem.data import Inputs
-from qem.errors import UnsupportedModelError
+from qem.data import Inputs, map_inputs
+from qem.errors import InvalidParameterError, UnsupportedModelError
 
 
 def model_outputs(returned: object) -> torch.Tensor:
@@ -54,3 +55,37 @@ def call_functional(
     else:
         returned = functional_call(model, dict(tensors), (inputs,))
     return model_outputs(returned)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without any)."""
+    first = next(model.parameters(), None)
+    return torch.device("cpu") if first is None else first.device
+
+
+def on_model_device(
+    model: nn.Module, inputs: Inputs, targets: torch.Tensor
+) -> tuple[Inputs, torch.Tensor]:
+    """The batch on the model's device (a no-op when it is there already)."""
+    device = model_device(model)
+    return map_inputs(lambda t: t.to(device), inputs), targets.to(device)
+
+
+def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    """The device a run uses: the model's own for None, the GPU for "auto" when torch sees
+    one (else the CPU), or the device named ("cpu", "cuda", "cuda:1")."""
+    if device is None:
+        return model_device(model)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidParameterError(
+            f"device must be None, 'auto', 'cpu', 'cuda' or a torch device, got {device!r}."
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError(
+            "device='cuda' but torch sees no GPU here; use device='cpu' (or 'auto')."
+        )
+    return resolved

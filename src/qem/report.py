@@ -62,6 +62,8 @@ class PrivacyReport:
     executed rounds, the neighbouring relation and the run's DpEvent as JSON (compose it with
     other DP stages with ``qem.privacy.ledger.dp_event_from_json``); ``mu`` is the composed GDP
     parameter when the run is a GDP statement (sequential and partitioned schedules), else None.
+    ``world_size`` is the number of processes whose shards one all-reduced sum covered
+    (docs/theory.md §16; 1 without a process group).
     """
 
     qem_version: str
@@ -88,6 +90,7 @@ class PrivacyReport:
     noise: dict[str, Any]
     invalid_records: str
     momentum: float = 0.0
+    world_size: int = 1
     schema: str = REPORT_SCHEMA
 
     def to_dict(self) -> dict[str, Any]:

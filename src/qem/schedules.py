@@ -150,8 +150,11 @@ class Plan(ABC):
         self.schedule, self.budget, self.n, self.N = schedule, budget, n, N
 
     @abstractmethod
-    def rounds(self) -> Iterator[Round]:
-        """The rounds, in order (Poisson rows are drawn as each round is reached)."""
+    def rounds(self, shard: range | None = None) -> Iterator[Round]:
+        """The rounds, in order (Poisson rows are drawn as each round is reached). With a
+        ``shard`` (one rank's rows, qem.distributed) each round's ``rows`` are those of its rows
+        that lie in the shard, and a Poisson round draws the inclusions of the shard's rows
+        only; N_t and the privacy parameters are the whole round's."""
 
     @abstractmethod
     def dp_event(self, completed: int) -> dp_event.DpEvent:
@@ -274,12 +277,12 @@ class Sequential(Schedule):
 
 
 class _SequentialPlan(_UniformPlan):
-    def rounds(self) -> Iterator[Round]:
+    def rounds(self, shard: range | None = None) -> Iterator[Round]:
         for t in range(self.schedule.rounds):
             yield Round(
                 index=t,
                 epoch=0,
-                rows=None,
+                rows=None if shard is None else np.arange(shard.start, shard.stop),
                 N=self.N,
                 noise_multiplier=self.noise_multiplier,
                 epsilon=self.round_epsilon,
@@ -321,17 +324,18 @@ class Partitioned(Schedule):
 
 
 class _PartitionedPlan(_UniformPlan):
-    def rounds(self) -> Iterator[Round]:
+    def rounds(self, shard: range | None = None) -> Iterator[Round]:
         T, n = self.schedule.rounds, self.n
+        shard = range(n) if shard is None else shard
         for epoch in range(self.schedule.epochs):
             for t in range(T):
-                rows = np.arange(t * n // T, (t + 1) * n // T)
+                start, stop = t * n // T, (t + 1) * n // T
                 index = epoch * T + t
                 yield Round(
                     index=index,
                     epoch=epoch,
-                    rows=rows,
-                    N=float(len(rows)),
+                    rows=np.arange(max(start, shard.start), min(stop, shard.stop)),
+                    N=float(stop - start),
                     noise_multiplier=self.noise_multiplier,
                     epsilon=None,
                     subspace_draw=self.schedule.subspace_draw(index),
@@ -419,13 +423,14 @@ class _PoissonPlan(Plan):
     def relation(self) -> dp_accounting.NeighboringRelation:
         return neighboring_relation(self.budget.adjacency)
 
-    def rounds(self) -> Iterator[Round]:
+    def rounds(self, shard: range | None = None) -> Iterator[Round]:
         q = self.sampling_rate
+        start = 0 if shard is None else shard.start
         for t in range(self.schedule.rounds):
             yield Round(
                 index=t,
                 epoch=0,
-                rows=np.flatnonzero(inclusion_mask(self.n, q, self._rng)),
+                rows=start + np.flatnonzero(inclusion_mask(self.n, q, self._rng, shard)),
                 N=q * self.N,
                 noise_multiplier=self._z,
                 epsilon=None,
@@ -448,15 +453,27 @@ class _PoissonPlan(Plan):
         }
 
 
-def inclusion_mask(n: int, q: float, rng: np.random.Generator | None = None) -> np.ndarray:
-    """n independent Bernoulli(q) inclusions: from 64-bit words of the operating system's
-    CSPRNG (``os.urandom``; P(include) = floor(q 2^64) / 2^64), or from ``rng`` when the user
-    asked for reproducibility."""
+def inclusion_mask(
+    n: int, q: float, rng: np.random.Generator | None = None, rows: range | None = None
+) -> np.ndarray:
+    """Independent Bernoulli(q) inclusions of the n rows, or of ``rows`` only (one rank's
+    shard, qem.distributed): from 64-bit words of the operating system's CSPRNG
+    (``os.urandom``, one word per row drawn; P(include) = floor(q 2^64) / 2^64), or from
+    ``rng`` when the user asked for reproducibility. A shard's seeded draws are the ones a
+    draw over all n rows gives those rows: the generator jumps over the other rows (PCG64
+    ``advance``; one 64-bit output per float64 uniform) and ends where a full draw would."""
+    rows = range(n) if rows is None else rows
     if rng is not None:
-        return rng.random(n) < q
+        if rows == range(n):
+            return rng.random(n) < q
+        jumper = np.random.Generator(type(rng.bit_generator)())
+        jumper.bit_generator.state = rng.bit_generator.state
+        jumper.bit_generator.advance(rows.start)
+        rng.bit_generator.advance(n)
+        return jumper.random(len(rows)) < q
     if q >= 1.0:
-        return np.ones(n, dtype=bool)
-    words = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
+        return np.ones(len(rows), dtype=bool)
+    words = np.frombuffer(os.urandom(8 * len(rows)), dtype=np.uint64)
     return words < np.uint64(math.floor(q * 2.0**64))
 
 

@@ -24,7 +24,7 @@ from qem.curvature.base import eval_mode
 from qem.data import DataLike, Inputs, as_dataset, batch_size_of, batches, take_rows
 from qem.errors import DataError, InvalidParameterError, NonFiniteError
 from qem.mechanism.clipping import clip_gradients
-from qem.model_calls import call_model
+from qem.model_calls import call_model, on_model_device
 from qem.privacy.sensitivity import ClipNorm
 from qem.subspace.base import LossFn, Subspace
 
@@ -40,6 +40,11 @@ class InvalidRecords(StrEnum):
 
     ZERO = "zero"
     RAISE = "raise"
+
+
+Reducer = Callable[[Callable[[], np.ndarray], int], np.ndarray]
+"""``all_reduce(compute, size)``: the sum over a process group's ranks of each rank's
+``compute()`` (``size`` float64 values), e.g. qem.distributed.ProcessGroup.all_reduce_sum."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,8 @@ def public_gradient_batches(
     dataset = as_dataset(data, name)
     with eval_mode(model), _bar(len(dataset), name, progress) as bar:
         offset = 0
-        for inputs, targets in batches(dataset, batch_size, name):
+        for batch in batches(dataset, batch_size, name):
+            inputs, targets = on_model_device(model, *batch)
             with torch.no_grad():
                 check_targets(call_model(model, take_rows(inputs, slice(0, 1))), targets, offset)
             grads = _projected(subspace, model, loss_fn, inputs, targets)
@@ -142,7 +148,8 @@ def private_gradient_batches(
     with eval_mode(model), _bar(len(data), "private data", progress) as bar:
         if len(data) == 0:
             return
-        for inputs, targets in batches(data, batch_size, "private data"):
+        for batch in batches(data, batch_size, "private data"):
+            inputs, targets = on_model_device(model, *batch)
             with torch.no_grad():
                 bad = label_errors(call_model(model, take_rows(inputs, slice(0, 1))), targets)
             safe_targets = torch.where(bad, torch.zeros_like(targets), targets)
@@ -220,31 +227,47 @@ def private_gradient_sum(
     batch_size: int = 256,
     invalid_records: InvalidRecords | str = InvalidRecords.ZERO,
     progress: bool = False,
+    all_reduce: Reducer | None = None,
 ) -> GradientStatistics:
     """Stream over ``private_data`` and return the float64 sum of clipped subspace gradients.
 
     ``cholesky`` is the lower Cholesky factor L of A (A = L L^T), required for dual-norm
     clipping ||g||_{A^-1} = ||L^-1 g||_2. ``private_data`` may be empty (sum zero).
+    ``all_reduce`` (qem.distributed) sums the local statistic, the k + 2 float64 values
+    (sum_i uh_i, count, clipped count) of this process's rows, over the ranks of a process
+    group before gh = L uh is formed, so that every rank multiplies the same sum by L.
     """
     clipping = ClipNorm(clipping)
     invalid = InvalidRecords(invalid_records)
-    whiten = whitening(cholesky, clipping)
-    whitened_total = np.zeros(subspace.k, dtype=np.float64)
-    count = clipped = 0
     data = (
         private_data
         if isinstance(private_data, Dataset)
         else as_dataset(private_data, "private data", addressable=True)
     )
-    for grads in private_gradient_batches(
-        model, loss_fn, subspace, data, batch_size=batch_size, invalid=invalid, progress=progress
-    ):
-        # Clipping u = L^-1 g in the Euclidean norm is clipping g in ||.||_{A^-1}: the factor
-        # min(1, C/||u||) is the same, and gh = L uh.
-        clipped_batch, n_clipped = clip_gradients(whiten(grads).numpy(), clip_norm, "euclidean")
-        whitened_total += clipped_batch.sum(axis=0)
-        count += len(grads)
-        clipped += n_clipped
+
+    def local() -> np.ndarray:
+        whiten = whitening(cholesky, clipping)
+        whitened_total = np.zeros(subspace.k, dtype=np.float64)
+        count = clipped = 0
+        for grads in private_gradient_batches(
+            model,
+            loss_fn,
+            subspace,
+            data,
+            batch_size=batch_size,
+            invalid=invalid,
+            progress=progress,
+        ):
+            # Clipping u = L^-1 g in the Euclidean norm is clipping g in ||.||_{A^-1}: the
+            # factor min(1, C/||u||) is the same, and gh = L uh.
+            clipped_batch, n_clipped = clip_gradients(whiten(grads).numpy(), clip_norm, "euclidean")
+            whitened_total += clipped_batch.sum(axis=0)
+            count += len(grads)
+            clipped += n_clipped
+        return np.concatenate([whitened_total, [count, clipped]])
+
+    totals = local() if all_reduce is None else all_reduce(local, subspace.k + 2)
+    whitened_total, count, clipped = totals[:-2], int(totals[-2]), int(totals[-1])
     total = whitened_total if clipping is ClipNorm.EUCLIDEAN else cholesky @ whitened_total
     return GradientStatistics(gradient_sum=total, count=count, clipped_count=clipped)
 

@@ -212,6 +212,21 @@ FINE_TUNE_OPTIONS: tuple[Option, ...] = (
         choices=("zero", "raise"),
     ),
     Option("batch_size", "examples per batch of every pass", RUN, int),
+    Option(
+        "device",
+        "run every pass on this device: cpu, cuda or auto (the GPU when there is one); "
+        "default: the model's",
+        RUN,
+        choices=("cpu", "cuda", "auto"),
+    ),
+    Option(
+        "distributed",
+        "one release over torchrun's processes (torchrun --nproc-per-node W -m qem.cli.main "
+        "finetune --distributed ...): each reads its shard of the private data, rank 0 draws "
+        "the noise and writes --out; gloo on the CPU, nccl with --device cuda "
+        "(docs/theory.md §16)",
+        RUN,
+    ),
     Option("progress", "hide progress bars", RUN, flag="--no-progress", negate=True),
 )
 
