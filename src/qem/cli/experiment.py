@@ -47,7 +47,9 @@ def add_parser(subparsers) -> None:
     run_parser.add_argument("config", help="JSON config file")
     run_parser.add_argument("--out", help="run directory (default runs/<config name>)")
     run_parser.add_argument(
-        "--cache-dir", help="pretrained-model cache (default .qem_cache in the current directory)"
+        "--cache-dir",
+        help="pretrained-model cache (default $QEM_CACHE_DIR, else the user cache directory, "
+        "~/.cache/qem on Linux)",
     )
     run_parser.add_argument(
         "--reproducible",
