@@ -38,31 +38,20 @@ PHASES = ("curvature", "clip_norm", "public_broadcast", "private_pass", "mechani
 def run_rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     """One process: join the group (if several), fine-tune, write the seconds per round."""
     torch.set_num_threads(1)
-    from qem.datasets.text import text_transfer
     from qem.finetune import ZeroStepWarning, fine_tune
     from qem.losses import cross_entropy
     from qem.models import build_model
     from qem.subspace.kronecker import Kronecker
+    from scale import linear_layers, tweets  # bench/scale.py, beside this script
 
     warnings.simplefilter("ignore", ZeroStepWarning)  # costs only: the step is not the point
     if world > 1:
         torch.distributed.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
         )
-    scenario = text_transfer(
-        0,
-        public_size=args.public_size,
-        private_size=args.private_size,
-        valid_size=args.valid_size,
-        test_size=1,
-        max_length=args.max_length,
-    )
+    scenario = tweets(args)
     model = build_model("minilm_classifier", seed=0)
-    layers = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module.weight.requires_grad
-    ]
+    layers = linear_layers(model, blocks=None)
     start = time.perf_counter()
     result = fine_tune(
         model,

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from qem.data import batches
+from qem.datasets.scenarios import Scenario
 from qem.datasets.text import text_transfer
 from qem.experiments.runner import PeakMemory
 from qem.finetune import ZeroStepWarning, fine_tune
@@ -68,6 +69,18 @@ def linear_layers(model: nn.Module, blocks: list[int] | None) -> list[str]:
         return names
     prefixes = tuple(f"encoder.encoder.layer.{b}." for b in blocks)
     return [name for name in names if name.startswith(prefixes) or name == "head"]
+
+
+def tweets(args: argparse.Namespace) -> Scenario:
+    """The text_transfer scenario at the sizes of ``args`` (public, private, validation, tokens)."""
+    return text_transfer(
+        0,
+        public_size=args.public_size,
+        private_size=args.private_size,
+        valid_size=args.valid_size,
+        test_size=1,
+        max_length=args.max_length,
+    )
 
 
 def resident_mib() -> float:
@@ -129,14 +142,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", ZeroStepWarning)  # costs only: the step is not the point
 
-    scenario = text_transfer(
-        0,
-        public_size=args.public_size,
-        private_size=args.private_size,
-        valid_size=args.valid_size,
-        test_size=1,
-        max_length=args.max_length,
-    )
+    scenario = tweets(args)
     model = build_model("minilm_classifier", seed=0)
     device = resolve_device(args.device, model)
     model.to(device)
