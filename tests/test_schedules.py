@@ -244,3 +244,34 @@ def test_poisson_expected_batch_sets_q_from_the_public_size():
     assert poisson(expected_batch=5000, rounds=3).plan(budget, 1000, 1000).sampling_rate == 1.0
     with pytest.raises(InvalidParameterError, match="exactly one"):
         poisson(0.1, 3, expected_batch=100)
+
+
+@pytest.mark.filterwarnings("ignore:round .* step length is 0")
+@pytest.mark.parametrize("curvature_every", [1, 2])
+def test_each_rounds_quadratic_is_factored_once(monkeypatch, curvature_every):
+    """The public quadratic is one object per curvature computation (docs/theory.md §13): A is
+    factored once and its factor reaches the clip norm, the private pass and the mechanism."""
+    factorisations = []
+    real_cholesky = np.linalg.cholesky
+
+    def counting_cholesky(matrix):
+        factorisations.append(matrix.shape)
+        return real_cholesky(matrix)
+
+    monkeypatch.setattr(np.linalg, "cholesky", counting_cholesky)
+    rounds = 4
+    fine_tune(
+        linear(),
+        cross_entropy,
+        blobs(60, 1),
+        blobs(200, 2),
+        epsilon=2.0,
+        rounds=rounds,
+        curvature_every=curvature_every,
+        validation_data=blobs(40, 3),
+        seed=0,
+        subspace="dense",
+        k=12,
+        damping=0.1,
+    )
+    assert factorisations == [(12, 12)] * (rounds // curvature_every)
