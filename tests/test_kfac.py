@@ -24,15 +24,6 @@ F64 = torch.float64
 GAMMA = 0.3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny float64 models run faster on one thread (no OpenMP barriers on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model() -> nn.Module:
     """A Conv2d with 16 output positions, then a Linear: both factor kinds, biases trained."""
     torch.manual_seed(0)

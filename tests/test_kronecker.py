@@ -19,15 +19,6 @@ from qem.subspace.kronecker import allocate
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny float64 models run faster on one thread (no OpenMP barriers on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Shared(nn.Module):
     """One Linear applied twice (summed over calls), and a layer whose output is unused."""
 

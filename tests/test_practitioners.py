@@ -22,17 +22,6 @@ from qem.subspace.base import Subspace
 from qem.subspace.factory import make_subspace
 from qem.subspace.kronecker import Kronecker
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and two pytest workers each running two
-    threads on two cores made this file about 6 times slower (132 s against 20 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 RUN = {"epsilon": 4.0, "seed": 7, "k": 12, "batch_size": 32}
 """A private run (noise on, reproducible by its seed)."""
 

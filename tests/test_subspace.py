@@ -29,15 +29,6 @@ from qem.subspace.srht import fwht
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny float64 models run faster on one thread (no OpenMP barriers on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mlp() -> nn.Module:
     """d = 5*7 + 7 + 7*3 + 3 = 66 (not a power of two)."""
     torch.manual_seed(0)
