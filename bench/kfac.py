@@ -7,7 +7,7 @@ per-layer factors G (x) F on public data every ``refresh_every`` rounds and proj
 each round's subspace without a data pass in between. The table gives test and public-validation
 accuracy, the curvature's data passes, and the seconds of each phase.
 
-    .venv/bin/python bench/kfac.py [--private-size 10000] [--cache-dir .qem_cache] [--seed 1]
+    .venv/bin/python bench/kfac.py [--private-size 10000] [--cache-dir DIR] [--seed 1]
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from qem.datasets.mnist import load_mnist
 from qem.datasets.scenarios import mnist_s2
 from qem.finetune import fine_tune
 from qem.losses import cross_entropy
-from qem.models import build_model
-from qem.pretrain import MNIST_CNN_PRETRAIN, cached_pretrain, evaluate_accuracy
+from qem.metrics import evaluate_accuracy
+from qem.pretrain import pretrained_mnist_cnn
 
 DAMPING = 1e-2
 BATCH_SIZE = 256
@@ -32,21 +32,13 @@ ROWS = [("ggn", 4, None), ("kfac", 4, 1), ("ggn", 8, None), ("kfac", 8, 4), ("kf
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--private-size", type=int, default=10000)
-    parser.add_argument("--cache-dir", default=".qem_cache")
+    parser.add_argument("--cache-dir", help="pretrained-model cache (default: the user cache)")
     parser.add_argument("--rows", type=int, nargs="+", help="indices into ROWS (default: all)")
     parser.add_argument("--seed", type=int, default=1, help="noise seed (reproducible runs)")
     args = parser.parse_args()
 
     scenario = mnist_s2(load_mnist(), seed=0, private_size=args.private_size)
-    model = cached_pretrain(
-        args.cache_dir,
-        f"{scenario.name}-cnn",
-        lambda: build_model("cnn", seed=0),
-        scenario.public_train,
-        loss_fn=cross_entropy,
-        progress=False,
-        **MNIST_CNN_PRETRAIN,
-    )
+    model = pretrained_mnist_cnn(scenario, args.cache_dir)
     print(f"{scenario.description} epsilon = 1, kronecker k = 1024 resampled.")
     print(f"Noise seed {args.seed}.\n")
     print("| curvature | rounds | refresh_every | data passes | test acc | valid acc | seconds |")

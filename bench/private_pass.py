@@ -23,8 +23,7 @@ from qem.experiments.runner import PeakMemory
 from qem.finetune import fine_tune
 from qem.losses import cross_entropy
 from qem.metrics import evaluate_accuracy
-from qem.models import build_model
-from qem.pretrain import MNIST_CNN_PRETRAIN, cached_pretrain
+from qem.pretrain import pretrained_mnist_cnn
 
 
 def plain_epoch(model: torch.nn.Module, data, batch_size: int) -> tuple[float, float]:
@@ -48,14 +47,7 @@ def main() -> None:
     args = parser.parse_args()
 
     scenario = mnist_s1(load_mnist(), seed=0, private_size=args.private_size)
-    model = cached_pretrain(
-        None,  # the user cache directory (qem.pretrain.default_cache_dir)
-        "s1-cnn",
-        lambda: build_model("cnn", seed=0),
-        scenario.public_train,
-        progress=False,
-        **MNIST_CNN_PRETRAIN,
-    )
+    model = pretrained_mnist_cnn(scenario)  # cached in the user cache directory
     plain_seconds, plain_mb = plain_epoch(model, scenario.private_train, args.batch_size)
     print(f"# S1, {args.private_size} private images, torch threads={torch.get_num_threads()}")
     print(f"# plain forward/backward epoch: {plain_seconds:.1f} s, peak {plain_mb:.0f} MiB")

@@ -21,8 +21,7 @@ from qem.datasets.mnist import load_mnist
 from qem.finetune import fine_tune
 from qem.losses import cross_entropy
 from qem.metrics import evaluate_accuracy
-from qem.models import build_model
-from qem.pretrain import MNIST_CNN_PRETRAIN, cached_pretrain
+from qem.pretrain import pretrained_mnist_cnn
 
 
 def main() -> None:
@@ -37,15 +36,7 @@ def main() -> None:
     scenario = getattr(scenarios, args.scenario)(
         load_mnist(), seed=0, private_size=args.private_size
     )
-    model = cached_pretrain(
-        None,
-        f"{scenario.name}-cnn",
-        lambda: build_model("cnn", seed=0),
-        scenario.public_train,
-        loss_fn=cross_entropy,
-        progress=False,
-        **MNIST_CNN_PRETRAIN,
-    )
+    model = pretrained_mnist_cnn(scenario)  # cached in the user cache directory
     print(f"{scenario.description} epsilon = {args.epsilon:g}, noise seed {args.seed}\n")
     print("| configuration | test acc | valid acc | seconds | step lengths | seconds per phase |")
     print("| --- | --- | --- | --- | --- | --- |")

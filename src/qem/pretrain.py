@@ -121,6 +121,21 @@ def cached_pretrain(
     return model
 
 
+def pretrained_mnist_cnn(scenario: Any, cache_dir: str | Path | None = None) -> nn.Module:
+    """The benchmarks' MNIST CNN (``build_model("cnn", seed=0)``) pretrained on
+    ``scenario.public_train`` with :data:`MNIST_CNN_PRETRAIN`, through :func:`cached_pretrain`."""
+    from qem.models import build_model
+
+    return cached_pretrain(
+        cache_dir,
+        f"{scenario.name}-cnn",
+        lambda: build_model("cnn", seed=0),
+        scenario.public_train,
+        progress=False,
+        **MNIST_CNN_PRETRAIN,
+    )
+
+
 def default_cache_dir() -> Path:
     """The directory of :func:`cached_pretrain` when none is given: ``$QEM_CACHE_DIR`` when that
     variable is set, otherwise the user cache directory of "qem" (platformdirs; on Linux
