@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,6 +77,7 @@ from qem.schedules import (
 from qem.statistics import InvalidRecords, check_targets, private_gradient_sum, public_clip_norm
 from qem.subspace.base import LossFn, Subspace, add_to_parameters
 from qem.subspace.factory import make_subspace
+from qem.timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
 """INFO: each round's public summary; DEBUG: its timings (diagnostics, not for publication)."""
@@ -289,7 +289,7 @@ def fine_tune(
     shard = ranks.shard(len(private))
     round_bar = tqdm(plan.rounds(shard), total=total, unit="round", disable=not progress)
     for executed in round_bar:
-        clock = _Clock()
+        clock = PhaseTimer()
         t = executed.index
         round_bar.set_description(f"qem round {t + 1}/{total}")
         if basis is None or (
@@ -385,7 +385,7 @@ def _public_side(
     loss_fn: LossFn,
     basis: Subspace,
     public: Dataset,
-    clock: _Clock,
+    clock: PhaseTimer,
     clip_norm: float | None,
     **clip_options,
 ) -> tuple[PublicQuadratic, float]:
@@ -569,19 +569,6 @@ class SeedTree:
         children = np.random.SeedSequence(int(seed)).spawn(rounds + 1)
         values = [int(c.generate_state(1)[0]) for c in children]
         self.noise, self.sampling = values[:rounds], values[rounds]
-
-
-class _Clock:
-    """Seconds per phase of one round (diagnostics only)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
-        self._last = now
 
 
 @dataclass

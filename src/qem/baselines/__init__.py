@@ -12,9 +12,7 @@ methods share: the report, input checks, the seed handling and the per-phase tim
 from __future__ import annotations
 
 import secrets
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -62,21 +60,6 @@ def torch_generators(
         children = np.random.SeedSequence(seed).spawn(len(devices))
         seeds = [int(c.generate_state(1)[0]) for c in children]
     return [torch.Generator(device=d).manual_seed(s) for d, s in zip(devices, seeds, strict=True)]
-
-
-class PhaseTimer:
-    """Wall-clock seconds per named phase (the report's ``seconds``)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def baseline_result(

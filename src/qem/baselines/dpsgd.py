@@ -45,7 +45,6 @@ import torch
 from torch import nn
 
 from qem.baselines import (
-    PhaseTimer,
     baseline_result,
     check_count,
     torch_generators,
@@ -70,6 +69,7 @@ from qem.privacy.gdp import check_delta, check_epsilon, warn_large_delta
 from qem.privacy.ledger import dp_event_to_json
 from qem.privacy.sensitivity import Adjacency, check_positive
 from qem.subspace.base import LossFn
+from qem.timing import PhaseTimer
 
 if TYPE_CHECKING:
     from opacus import PrivacyEngine

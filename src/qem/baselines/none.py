@@ -8,7 +8,6 @@ import copy
 from torch import nn
 
 from qem.baselines import (
-    PhaseTimer,
     baseline_result,
     check_requested_budget,
 )
@@ -17,6 +16,7 @@ from qem.data import DataLike, as_dataset
 from qem.finetune import FineTuneResult
 from qem.privacy.sensitivity import Adjacency
 from qem.subspace.base import LossFn
+from qem.timing import PhaseTimer
 
 
 def none(

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from qem.baselines import (
-    PhaseTimer,
     baseline_result,
     check_count,
     check_requested_budget,
@@ -36,6 +35,7 @@ from qem.model_calls import call_model
 from qem.parameters import check_finite_parameters
 from qem.privacy.sensitivity import Adjacency, check_positive
 from qem.subspace.base import LossFn
+from qem.timing import PhaseTimer
 
 
 def train_epochs(
