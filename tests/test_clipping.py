@@ -4,13 +4,8 @@ import numpy as np
 import pytest
 
 from qem.errors import CurvatureError, InvalidParameterError, NonFiniteError, ShapeError
-from qem.mechanism import (
-    clip_gradients,
-    curvature_factor,
-    dual_norms,
-    symmetric_curvature,
-    validate_curvature,
-)
+from qem.mechanism import clip_gradients, dual_norms
+from qem.quadratic import curvature_factor, symmetric_curvature, validate_curvature
 
 
 def spd(rng: np.random.Generator, k: int, eigenvalues: np.ndarray | None = None) -> np.ndarray:

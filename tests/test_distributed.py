@@ -33,7 +33,7 @@ from qem.errors import DistributedError
 from qem.finetune import fine_tune
 from qem.io import load
 from qem.mechanism import noise as noise_module
-from qem.mechanism.clipping import PublicQuadratic
+from qem.quadratic import PublicQuadratic
 from qem.statistics import private_gradient_sum
 from qem.subspace.factory import make_subspace
 

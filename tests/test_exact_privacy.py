@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from qem.mechanism import QuadraticExponentialMechanism, clip_gradients, validate_curvature
+from qem.mechanism import QuadraticExponentialMechanism, clip_gradients
+from qem.quadratic import validate_curvature
 
 EPS, DELTA = 1.0, 1e-5
 EPS_GRID = np.linspace(0.0, 8.0, 81)

@@ -23,10 +23,11 @@ from qem.io import load
 from qem.linesearch import line_search_step
 from qem.losses import cross_entropy
 from qem.mechanism import QuadraticExponentialMechanism
-from qem.mechanism.clipping import clip_gradients, validate_curvature
+from qem.mechanism.clipping import clip_gradients
 from qem.metrics import evaluate_loss
 from qem.privacy.gdp import calibrate_gdp_mu
 from qem.privacy.sensitivity import gdp_beta
+from qem.quadratic import validate_curvature
 from qem.report import PrivacyReport
 from qem.statistics import private_gradient_sum
 from qem.subspace.factory import make_subspace

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 import qem.io
+from qem.checks import MAX_EPSILON
 from qem.cli.main import main
 from qem.errors import InvalidParameterError, OutputExistsError, PrivacyWarning, SpentBudgetError
 from qem.finetune import ZeroStepWarning, fine_tune
 from qem.io import load, save_run
 from qem.losses import cross_entropy
-from qem.privacy.gdp import MAX_EPSILON
 from qem.report import REPORT_SCHEMA, PrivacyReport
 
 

@@ -25,7 +25,6 @@ from qem.mechanism import (
     SecureNoise,
     SeededNoise,
     clip_gradients,
-    validate_curvature,
 )
 from qem.mechanism.noise import (
     NDTRI_RELATIVE_ERROR,
@@ -36,6 +35,7 @@ from qem.mechanism.noise import (
     snap_to_grid,
 )
 from qem.privacy.gdp import gdp_delta
+from qem.quadratic import validate_curvature
 
 U = 2.0**-53  # unit roundoff of float64
 LEVEL = 1e-6

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from qem.mechanism import QuadraticExponentialMechanism, clip_gradients, validate_curvature
+from qem.mechanism import QuadraticExponentialMechanism, clip_gradients
+from qem.quadratic import validate_curvature
 
 EPS = 1.0
 N, LAM, C = 40, 1.0, 1.0

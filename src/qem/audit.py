@@ -51,10 +51,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import qem
+from qem.checks import check_delta, check_epsilon
 from qem.errors import InvalidParameterError
 from qem.losses import cross_entropy
 from qem.models import LogisticRegression
-from qem.privacy.gdp import calibrate_gdp_mu, check_delta, check_epsilon
+from qem.privacy.gdp import calibrate_gdp_mu
 from qem.privacy.sensitivity import Adjacency
 
 DEFAULT_CONFIDENCE = 0.9999

@@ -47,7 +47,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 import qem
-from qem.checks import check_count, parse_option
+from qem.checks import check_count, check_delta, check_epsilon, check_positive, parse_option
 from qem.curvature import KFAC
 from qem.curvature.base import Curvature
 from qem.curvature.factory import make_curvature
@@ -55,15 +55,17 @@ from qem.data import DataLike, as_dataset, batches, known_targets
 from qem.distributed import LocalProcess, process_group
 from qem.errors import InvalidParameterError, SpentBudgetError
 from qem.io import save_run
+from qem.labels import check_targets
 from qem.linesearch import line_search_step
 from qem.losses import check_per_example_loss
 from qem.mechanism import QuadraticExponentialMechanism, SecureNoise
-from qem.mechanism.clipping import PublicQuadratic
 from qem.model_calls import call_model, on_model_device, resolve_device
 from qem.parameters import Layers, check_finite_parameters
-from qem.privacy.gdp import check_delta, check_epsilon, gdp_epsilon
+from qem.privacy.gdp import gdp_epsilon
 from qem.privacy.ledger import PrivacyLedger, spent_epsilon
-from qem.privacy.sensitivity import Adjacency, ClipNorm, check_positive
+from qem.privacy.sensitivity import Adjacency, ClipNorm
+from qem.public.clip_norm import public_clip_norm
+from qem.quadratic import PublicQuadratic
 from qem.report import Diagnostics, PrivacyReport, RoundRecord
 from qem.schedules import (
     Budget,
@@ -74,7 +76,7 @@ from qem.schedules import (
     partitioned,
     sequential,
 )
-from qem.statistics import InvalidRecords, check_targets, private_gradient_sum, public_clip_norm
+from qem.statistics import InvalidRecords, private_gradient_sum
 from qem.subspace.base import LossFn, Subspace, add_to_parameters
 from qem.subspace.factory import make_subspace
 from qem.timing import PhaseTimer

@@ -18,14 +18,15 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from qem.curvature.base import eval_mode
 from qem.data import DataLike, Inputs, as_dataset, batch_size_of, batches, take_rows
-from qem.errors import DataError, InvalidParameterError, NonFiniteError
+from qem.errors import DataError, InvalidParameterError
+from qem.labels import label_errors
 from qem.mechanism.clipping import clip_gradients
 from qem.model_calls import call_model, on_model_device
 from qem.privacy.sensitivity import ClipNorm
+from qem.progress import progress_bar
 from qem.subspace.base import LossFn, Subspace
 
 
@@ -56,29 +57,6 @@ class GradientStatistics:
     clipped_count: int
 
 
-def label_errors(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """For classification outputs (B, C) with integer targets, the mask of targets outside
-    [0, C); all False otherwise."""
-    if outputs.ndim == 2 and not torch.is_floating_point(targets):
-        return (targets < 0) | (targets >= outputs.shape[1])
-    return torch.zeros(targets.shape[:1], dtype=torch.bool, device=targets.device)
-
-
-def check_targets(outputs: torch.Tensor, targets: torch.Tensor, offset: int = 0) -> None:
-    """For classification outputs (B, C) with integer targets, require 0 <= y < C (PUBLIC
-    data: the message names the example).
-
-    ``offset`` is the index of ``targets[0]`` in its dataset, so the message names the example.
-    """
-    bad = label_errors(outputs, targets)
-    if bad.any():
-        position = int(bad.nonzero()[0, 0])
-        raise DataError(
-            f"label {int(targets[position])} of example {offset + position} is outside "
-            f"[0, {outputs.shape[1]}): the model has {outputs.shape[1]} outputs."
-        )
-
-
 def whitening(
     cholesky: np.ndarray | None, clipping: ClipNorm
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -96,40 +74,6 @@ def whitening(
     return lambda g: torch.linalg.solve_triangular(factor, g.T, upper=False).T
 
 
-def public_gradient_batches(
-    model: nn.Module,
-    loss_fn: LossFn,
-    subspace: Subspace,
-    data: DataLike,
-    *,
-    batch_size: int,
-    name: str = "public data",
-    progress: bool = False,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (offset, g) per batch of PUBLIC data: g = P^T grad loss(theta; z_i), a float64
-    (B, k) tensor, with the model in eval mode (restored afterwards). A bad label or a
-    non-finite row raises an error naming the example's index in ``data`` (public, so it may).
-    """
-    dataset = as_dataset(data, name)
-    with eval_mode(model), _bar(len(dataset), name, progress) as bar:
-        offset = 0
-        for batch in batches(dataset, batch_size, name):
-            inputs, targets = on_model_device(model, *batch)
-            with torch.no_grad():
-                check_targets(call_model(model, take_rows(inputs, slice(0, 1))), targets, offset)
-            grads = _projected(subspace, model, loss_fn, inputs, targets)
-            finite = torch.isfinite(grads).all(dim=1)
-            if not finite.all():
-                index = offset + int((~finite).nonzero()[0, 0])
-                raise NonFiniteError(
-                    f"the gradient of {name} example {index} is not finite (NaN or "
-                    "infinity); check that example and the loss."
-                )
-            yield offset, grads
-            offset += len(grads)
-            bar.update(len(grads))
-
-
 def private_gradient_batches(
     model: nn.Module,
     loss_fn: LossFn,
@@ -145,7 +89,10 @@ def private_gradient_batches(
     non-finite gradient, or a gradient that raises when computed gets a zero row; under
     ``raise`` the error names neither the record nor its values. An empty ``data`` yields
     nothing (a Poisson round may sample no record)."""
-    with eval_mode(model), _bar(len(data), "private data", progress) as bar:
+    with (
+        eval_mode(model),
+        progress_bar(total=len(data), desc="private data", unit="ex", enabled=progress) as bar,
+    ):
         if len(data) == 0:
             return
         for batch in batches(data, batch_size, "private data"):
@@ -154,7 +101,7 @@ def private_gradient_batches(
                 bad = label_errors(call_model(model, take_rows(inputs, slice(0, 1))), targets)
             safe_targets = torch.where(bad, torch.zeros_like(targets), targets)
             try:
-                grads = _projected(subspace, model, loss_fn, inputs, safe_targets)
+                grads = projected_gradients(subspace, model, loss_fn, inputs, safe_targets)
             except Exception as error:
                 if invalid is InvalidRecords.RAISE:
                     raise DataError(_STRICT_MESSAGE) from _without_message(error)
@@ -181,13 +128,14 @@ def _without_message(error: Exception) -> Exception:
     return type(error)("(message withheld: it may quote a private record)")
 
 
-def _projected(
+def projected_gradients(
     subspace: Subspace,
     model: nn.Module,
     loss_fn: LossFn,
     inputs: Inputs,
     targets: torch.Tensor,
 ) -> torch.Tensor:
+    """g_i = P^T grad loss(theta; z_i) of one batch as a float64 (B, k) CPU tensor."""
     grads = subspace.per_example_gradients(model, loss_fn, inputs, targets)
     return grads.detach().to("cpu", torch.float64)
 
@@ -205,14 +153,10 @@ def _one_by_one(
     for j in range(batch_size_of(inputs)):
         try:
             one = take_rows(inputs, slice(j, j + 1))
-            rows.append(_projected(subspace, model, loss_fn, one, targets[j : j + 1]))
+            rows.append(projected_gradients(subspace, model, loss_fn, one, targets[j : j + 1]))
         except Exception:
             rows.append(torch.full((1, subspace.k), math.nan, dtype=torch.float64))
     return torch.cat(rows)
-
-
-def _bar(total: int, name: str, progress: bool) -> tqdm:
-    return tqdm(total=total, desc=name, unit="ex", disable=not progress, leave=False)
 
 
 def private_gradient_sum(
@@ -270,31 +214,3 @@ def private_gradient_sum(
     whitened_total, count, clipped = totals[:-2], int(totals[-2]), int(totals[-1])
     total = whitened_total if clipping is ClipNorm.EUCLIDEAN else cholesky @ whitened_total
     return GradientStatistics(gradient_sum=total, count=count, clipped_count=clipped)
-
-
-def public_clip_norm(
-    model: nn.Module,
-    loss_fn: LossFn,
-    subspace: Subspace,
-    public_data: DataLike,
-    *,
-    quantile: float,
-    clipping: ClipNorm | str = ClipNorm.DUAL,
-    cholesky: np.ndarray | None = None,
-    batch_size: int = 256,
-    progress: bool = False,
-) -> float:
-    """A clipping bound chosen without private data: the ``quantile`` of the per-example
-    subspace-gradient norms (dual or Euclidean, as clipping will use) on PUBLIC data."""
-    if not 0.0 < quantile <= 1.0:
-        raise DataError(f"clip quantile must lie in (0, 1], got {quantile!r}.")
-    whiten = whitening(cholesky, ClipNorm(clipping))
-    batches_of_gradients = public_gradient_batches(
-        model, loss_fn, subspace, public_data, batch_size=batch_size, progress=progress
-    )
-    values = torch.cat(
-        [torch.linalg.vector_norm(whiten(grads), dim=1) for _, grads in batches_of_gradients]
-    ).numpy()
-    if not np.any(values > 0):
-        raise DataError("public per-example gradients are all zero: pass clip_norm.")
-    return float(np.quantile(values, quantile))

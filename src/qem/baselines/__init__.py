@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 import qem
+from qem.checks import check_delta, check_epsilon
 from qem.errors import InvalidParameterError
 from qem.finetune import FineTuneResult
-from qem.privacy.gdp import check_delta, check_epsilon
 from qem.report import BaselineReport, Diagnostics
 
 

@@ -50,7 +50,7 @@ from qem.baselines import (
     torch_generators,
 )
 from qem.baselines.nonprivate import train_epochs
-from qem.checks import parse_option
+from qem.checks import check_delta, check_epsilon, check_positive, parse_option
 from qem.data import DataLike, as_dataset, batches, training_loader
 from qem.errors import InvalidParameterError, UnsupportedModelError
 from qem.extras import import_extra
@@ -65,9 +65,9 @@ from qem.privacy.calibration import (
     poisson_gaussian_epsilon,
     poisson_gaussian_event,
 )
-from qem.privacy.gdp import check_delta, check_epsilon, warn_large_delta
+from qem.privacy.gdp import warn_large_delta
 from qem.privacy.ledger import dp_event_to_json
-from qem.privacy.sensitivity import Adjacency, check_positive
+from qem.privacy.sensitivity import Adjacency
 from qem.subspace.base import LossFn
 from qem.timing import PhaseTimer
 

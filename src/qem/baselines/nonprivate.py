@@ -25,7 +25,7 @@ from qem.baselines import (
     check_requested_budget,
     torch_generators,
 )
-from qem.checks import parse_option
+from qem.checks import check_positive, parse_option
 from qem.data import DataLike, as_dataset, batches, map_inputs, training_loader
 from qem.errors import InvalidParameterError
 from qem.finetune import FineTuneResult
@@ -33,7 +33,7 @@ from qem.losses import check_per_example_loss
 from qem.metrics import evaluate_loss
 from qem.model_calls import call_model
 from qem.parameters import check_finite_parameters
-from qem.privacy.sensitivity import Adjacency, check_positive
+from qem.privacy.sensitivity import Adjacency
 from qem.subspace.base import LossFn
 from qem.timing import PhaseTimer
 

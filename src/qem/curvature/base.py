@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qem.checks import check_positive
 from qem.data import (
     Batch,
     DataHasher,
@@ -34,10 +35,9 @@ from qem.data import (
 )
 from qem.errors import CurvatureError, InvalidParameterError, NonFiniteError
 from qem.losses import check_per_example_loss
-from qem.mechanism.clipping import PublicQuadratic
 from qem.model_calls import call_model
 from qem.parameters import check_finite_parameters
-from qem.privacy.sensitivity import check_positive
+from qem.quadratic import PublicQuadratic
 from qem.subspace.base import LossFn, Subspace
 
 

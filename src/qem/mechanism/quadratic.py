@@ -25,9 +25,9 @@ from enum import StrEnum
 import numpy as np
 from scipy import linalg
 
-from qem.checks import parse_option
+from qem.checks import check_delta, check_epsilon, check_positive, parse_option
 from qem.errors import InvalidParameterError, NonFiniteError, ShapeError
-from qem.mechanism.clipping import PublicQuadratic, dual_norms
+from qem.mechanism.clipping import dual_norms
 from qem.mechanism.noise import (
     NoiseSource,
     float_tv_bound,
@@ -36,7 +36,7 @@ from qem.mechanism.noise import (
     snap_to_grid,
 )
 from qem.mechanism.report import Preview
-from qem.privacy.gdp import calibrate_gdp_mu, check_delta, check_epsilon, warn_large_delta
+from qem.privacy.gdp import calibrate_gdp_mu, warn_large_delta
 from qem.privacy.pure import (
     check_acceptance,
     choose_radius,
@@ -44,14 +44,8 @@ from qem.privacy.pure import (
     utility_sensitivity,
     worst_case_acceptance,
 )
-from qem.privacy.sensitivity import (
-    Adjacency,
-    ClipNorm,
-    Sensitivity,
-    check_positive,
-    gdp_beta,
-    gdp_mu,
-)
+from qem.privacy.sensitivity import Adjacency, ClipNorm, Sensitivity, gdp_beta, gdp_mu
+from qem.quadratic import PublicQuadratic
 
 TARGET_ACCEPTANCE = 0.5
 """Worst-case acceptance probability aimed at when the pure mode chooses R itself."""

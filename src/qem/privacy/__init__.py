@@ -7,10 +7,9 @@ first use, because importing dp-accounting takes about two seconds.
 from importlib import import_module
 from typing import Any
 
+from qem.checks import check_delta, check_epsilon
 from qem.privacy.gdp import (
     calibrate_gdp_mu,
-    check_delta,
-    check_epsilon,
     compose_gdp,
     gdp_delta,
     gdp_epsilon,

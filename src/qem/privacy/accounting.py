@@ -20,9 +20,9 @@ import numpy as np
 from dp_accounting.pld import pld_privacy_accountant, privacy_loss_mechanism
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from qem.checks import check_delta, check_positive
 from qem.errors import InvalidParameterError
-from qem.privacy.gdp import _check_mu, check_delta, check_profile_epsilon
-from qem.privacy.sensitivity import check_positive
+from qem.privacy.gdp import _check_mu, check_profile_epsilon
 
 ADD_OR_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 

@@ -24,9 +24,10 @@ import dp_accounting
 from dp_accounting import dp_event, mechanism_calibration
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 
+from qem.checks import check_delta, check_epsilon, check_positive
 from qem.errors import InvalidParameterError
-from qem.privacy.gdp import calibrate_gdp_mu, check_delta, check_epsilon
-from qem.privacy.sensitivity import Adjacency, check_positive
+from qem.privacy.gdp import calibrate_gdp_mu
+from qem.privacy.sensitivity import Adjacency
 
 PLD_DISCRETIZATION = 1e-3
 """value_discretization_interval of the PLD accountant: epsilon is an upper bound at any value;

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import numpy as np
 from scipy import special
 
+from qem.checks import check_delta, check_epsilon
 from qem.errors import InvalidParameterError, PrivacyWarning
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -30,44 +31,6 @@ def _check_mu(mu: float) -> float:
     if not math.isfinite(mu) or mu <= 0:
         raise InvalidParameterError(f"mu must be a finite number > 0, got {mu!r}.")
     return mu
-
-
-MAX_EPSILON = 500.0
-"""Largest target epsilon qem calibrates to. Beyond it e^epsilon overflows the accountants and
-the number means nothing as a privacy statement; for a non-private reference fine-tune without
-qem (method ``nonprivate``)."""
-
-
-def check_epsilon(epsilon: float) -> float:
-    """Return epsilon as a float, or raise unless it is a number in (0, MAX_EPSILON]."""
-    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float | np.integer | np.floating):
-        raise InvalidParameterError(
-            f"epsilon must be a number, got {epsilon!r}; typical private fine-tuning budgets "
-            "are 0.5 to 8."
-        )
-    epsilon = float(epsilon)
-    if not math.isfinite(epsilon) or epsilon <= 0:
-        raise InvalidParameterError(
-            f"epsilon must be a finite number > 0, got {epsilon!r}; "
-            "typical private fine-tuning budgets are 0.5 to 8."
-        )
-    if epsilon > MAX_EPSILON:
-        raise InvalidParameterError(
-            f"epsilon = {epsilon:g} exceeds {MAX_EPSILON:g}: no accountant can represent it and "
-            "it promises no privacy; for a non-private reference use method 'nonprivate'."
-        )
-    return epsilon
-
-
-def check_delta(delta: float) -> float:
-    """Return delta as a float, or raise if it is not in the open interval (0, 1)."""
-    delta = float(delta)
-    if not math.isfinite(delta) or not 0.0 < delta < 1.0:
-        raise InvalidParameterError(
-            f"delta must lie strictly between 0 and 1, got {delta!r}; "
-            "choose delta well below 1/N, for example 1e-5."
-        )
-    return delta
 
 
 def warn_large_delta(delta: float, N: float) -> None:

@@ -16,12 +16,12 @@ import attr
 import dp_accounting
 from dp_accounting import dp_event
 
+from qem.checks import MAX_EPSILON, check_delta
 from qem.errors import InvalidParameterError
 from qem.privacy.calibration import (
     PLD_DISCRETIZATION,
     discretization_for,
 )
-from qem.privacy.gdp import MAX_EPSILON, check_delta
 from qem.schedules import Plan, Round
 
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import math
 import numbers
 
+from qem.checks import check_epsilon, check_positive
 from qem.errors import InvalidParameterError, RejectionSamplingError
-from qem.privacy.gdp import check_epsilon
-from qem.privacy.sensitivity import Sensitivity, check_positive
+from qem.privacy.sensitivity import Sensitivity
 
 MIN_ACCEPTANCE = 1e-3
 """Below this worst-case acceptance probability the sampler refuses to run."""

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from enum import StrEnum
 
-from qem.checks import parse_option
+from qem.checks import check_positive, parse_option
 from qem.errors import InvalidParameterError
 
 
@@ -39,14 +39,6 @@ class ClipNorm(StrEnum):
 
     DUAL = "dual"
     EUCLIDEAN = "euclidean"
-
-
-def check_positive(name: str, value: float, hint: str = "") -> float:
-    """Return value as a float, or raise if it is not a finite number > 0."""
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise InvalidParameterError(f"{name} must be a finite number > 0, got {value!r}. {hint}")
-    return value
 
 
 @dataclass(frozen=True)
