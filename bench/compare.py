@@ -81,7 +81,6 @@ def poisson(batch: int, rounds: int, n: int) -> dict[str, Any]:
         "kind": "poisson",
         "expected_batch": min(batch, n // 2),
         "rounds": rounds,
-        "resample_every": 1,
     }
 
 

@@ -26,13 +26,10 @@ from qem.errors import InvalidParameterError, UnsupportedModelError
 from qem.finetune import FineTuneResult
 from qem.losses import cross_entropy
 from qem.metrics import evaluate_loss
-from qem.privacy.calibration import (
-    PLD_DISCRETIZATION,
-    calibrate_noise_multiplier,
-    poisson_gaussian_event,
-)
+from qem.privacy.calibration import calibrate_noise_multiplier, poisson_gaussian_event
 from qem.privacy.calibration import poisson_gaussian_epsilon as pld_epsilon
 from qem.privacy.ledger import dp_event_from_json
+from qem.privacy.pld import PLD_DISCRETIZATION
 
 N, BATCH, EPOCHS, DELTA = 200, 50, 5, 1e-5
 

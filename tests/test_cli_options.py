@@ -115,20 +115,20 @@ def words(keyword: str, value: object) -> list[str]:
 def test_every_option_reaches_fine_tune():
     argv = [word for k, v in GIVEN.items() for word in words(k, v)]
     schedule = ["--schedule", "poisson", "--sampling-rate", "0.05", "--rounds", "40"]
-    switches = ["--resample-every", "4", "--secure-noise", "--no-progress", "--distributed"]
+    switches = ["--resample-subspace", "4", "--secure-noise", "--no-progress", "--distributed"]
     kwargs = fine_tune_kwargs(parse([*REQUIRED, *argv, *schedule, *switches]))
     assert kwargs == {
         **GIVEN,
         **PARSED,
-        "schedule": {"kind": "poisson", "rounds": 40, "sampling_rate": 0.05, "resample_every": 4},
-        "resample_subspace": False,
+        "schedule": {"kind": "poisson", "rounds": 40, "sampling_rate": 0.05},
+        "resample_subspace": 4,
         "partition_rounds": False,
         "secure_noise": True,
         "progress": False,
         "distributed": True,
     }
     valued = {o.keyword for o in FINE_TUNE_OPTIONS if not o.is_switch}
-    assert valued - {"schedule", "rounds"} == set(GIVEN)  # every option was given
+    assert valued - {"schedule", "rounds", "resample_subspace"} == set(GIVEN)  # all were given
     SIGNATURE.bind(None, None, None, None, **kwargs)  # every keyword is fine_tune's
 
 
@@ -137,7 +137,10 @@ def test_shortcuts_without_a_schedule():
         parse([*REQUIRED, "--epsilon", "1", "--rounds", "3", "--partition-rounds"])
     )
     assert "schedule" not in kwargs
-    assert kwargs["rounds"] == 3 and kwargs["partition_rounds"] and not kwargs["resample_subspace"]
+    assert kwargs["rounds"] == 3 and kwargs["partition_rounds"]
+    assert kwargs["resample_subspace"] is None  # the schedule's kind decides
+    alone = fine_tune_kwargs(parse([*REQUIRED, "--epsilon", "1", "--resample-subspace"]))
+    assert alone["resample_subspace"] is True
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from filelock import FileLock
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
-import qem.schedules
+import qem.schedules.sampling
 from qem.distributed import ProcessGroup, process_group
 from qem.errors import DistributedError
 from qem.finetune import fine_tune
@@ -118,7 +118,7 @@ def _scenarios(rank: int, out: Path) -> None:
     attempt("release", lambda: {**run_summary(release), "draws": draws["count"]})
 
     calls: list[dict] = []
-    original_mask = qem.schedules.inclusion_mask
+    original_mask = qem.schedules.sampling.inclusion_mask
 
     def recorded(n, q, rng=None, rows=None):
         mask = original_mask(n, q, rng, rows)
@@ -126,7 +126,7 @@ def _scenarios(rank: int, out: Path) -> None:
         calls[-1]["drawn"] = len(mask)
         return mask
 
-    qem.schedules.inclusion_mask = recorded
+    qem.schedules.sampling.inclusion_mask = recorded
     poisson = {"kind": "poisson", "sampling_rate": 0.5, "rounds": 2}
     options = {**RUN, "rounds": 1}
     attempt(

@@ -18,7 +18,7 @@ from qem.errors import (
     OutputExistsError,
     ShapeError,
 )
-from qem.finetune import SeedTree, fine_tune
+from qem.finetune import fine_tune
 from qem.io import load
 from qem.linesearch import line_search_step
 from qem.losses import cross_entropy
@@ -29,6 +29,7 @@ from qem.privacy.gdp import calibrate_gdp_mu
 from qem.privacy.sensitivity import gdp_beta
 from qem.quadratic import validate_curvature
 from qem.report import PrivacyReport
+from qem.seeds import SeedTree
 from qem.statistics import private_gradient_sum
 from qem.subspace.factory import make_subspace
 

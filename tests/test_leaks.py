@@ -187,12 +187,12 @@ def test_default_validation_is_a_held_out_public_split():
 def test_a_failure_after_the_draw_keeps_the_release(monkeypatch):
     """An error in the line search (after the noise was drawn) raises SpentBudgetError carrying
     the releases and a report that accounts for the spent round; on_release saw it first."""
-    import qem.finetune
+    import qem.finetune.step
 
     def broken(*args, **kwargs):
         raise RuntimeError("validation file vanished (injected)")
 
-    monkeypatch.setattr(qem.finetune, "line_search_step", broken)
+    monkeypatch.setattr(qem.finetune.step, "line_search_step", broken)
     seen = []
     with pytest.raises(SpentBudgetError, match="spent") as info:
         fine_tune(

@@ -10,16 +10,17 @@ import torch
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from torch import nn
 
-import qem.schedules
+import qem.schedules.sampling
 from qem.errors import InvalidParameterError
 from qem.finetune import fine_tune
 from qem.losses import cross_entropy
 from qem.mechanism import QuadraticExponentialMechanism
-from qem.privacy.calibration import PLD_DISCRETIZATION
+from qem.privacy.budget import Budget
 from qem.privacy.gdp import calibrate_gdp_mu, gdp_delta, gdp_epsilon
 from qem.privacy.ledger import PrivacyLedger, dp_event_from_json, total_spent
+from qem.privacy.pld import PLD_DISCRETIZATION
 from qem.privacy.sensitivity import Adjacency
-from qem.schedules import Budget, partitioned, poisson, sequential
+from qem.schedules import partitioned, poisson, sequential
 
 DELTA = 1e-5
 RELATIONS = {
@@ -49,7 +50,7 @@ def test_each_schedule_event_gives_back_the_target_epsilon(schedule, adjacency):
     """The whole run's DpEvent, serialised to JSON and read by an independent accountant under
     the recorded relation, spends the target epsilon (within the calibration tolerance: the
     Poisson z is the smallest meeting the target to 0.1%)."""
-    plan = schedule.plan(Budget(2.0, DELTA, "gdp", Adjacency(adjacency)), 1000, 1000)
+    plan = schedule.plan(Budget(2.0, DELTA, "gdp", Adjacency(adjacency), N=1000), 1000)
     ledger = PrivacyLedger(plan)
     for executed in plan.rounds():
         ledger.record(executed)
@@ -64,9 +65,9 @@ def test_each_schedule_event_gives_back_the_target_epsilon(schedule, adjacency):
 def test_schedules_refuse_what_they_cannot_account():
     add_remove = Budget(1.0, DELTA, "gdp", Adjacency.ADD_REMOVE)
     with pytest.raises(InvalidParameterError, match="replace_one neighbours only"):
-        partitioned(4).plan(add_remove, 100, 100)
+        partitioned(4).plan(add_remove, 100)
     with pytest.raises(InvalidParameterError, match="supports mode gdp"):
-        poisson(0.1, 5).plan(Budget(1.0, None, "pure", Adjacency.REPLACE_ONE), 100, 100)
+        poisson(0.1, 5).plan(Budget(1.0, None, "pure", Adjacency.REPLACE_ONE), 100)
     with pytest.raises(InvalidParameterError, match="sampling rate"):
         poisson(1.5, 5)
     with pytest.raises(InvalidParameterError, match="rounds"):
@@ -74,7 +75,7 @@ def test_schedules_refuse_what_they_cannot_account():
 
 
 def test_partitioned_epochs_read_each_record_once_per_epoch():
-    plan = partitioned(4, epochs=3).plan(Budget(1.0, DELTA, "gdp", Adjacency.REPLACE_ONE), 10, 10)
+    plan = partitioned(4, epochs=3).plan(Budget(1.0, DELTA, "gdp", Adjacency.REPLACE_ONE), 10)
     rounds = list(plan.rounds())
     assert len(rounds) == 12
     for epoch in range(3):
@@ -123,7 +124,7 @@ def test_poisson_weight_is_the_expected_size_never_the_realised_one(monkeypatch)
     padded = (torch.cat([x, x[:10]]), torch.cat([y, torch.full((10,), 9)]))  # 10 void records
     rows = {40: np.arange(0, 40, 2), 50: np.concatenate([np.arange(0, 40, 2), np.arange(40, 50)])}
     monkeypatch.setattr(
-        qem.schedules,
+        qem.schedules.sampling,
         "inclusion_mask",
         lambda n, q, rng=None, shard=None: np.isin(np.arange(n), rows[n]),
     )
@@ -142,7 +143,7 @@ def test_poisson_inclusions_come_from_the_csprng_unless_the_switch_is_on():
     budget = Budget(1.0, DELTA, "gdp", Adjacency.REPLACE_ONE)
 
     def first_rows(seed):
-        plan = poisson(0.5, 2).plan(budget, 200, 200, seed=seed)
+        plan = poisson(0.5, 2).plan(budget, 200, seed=seed)
         return next(iter(plan.rounds())).rows, plan.describe()["sampling"]
 
     (a, source_a), (b, _) = first_rows(None), first_rows(None)
@@ -158,7 +159,7 @@ def test_one_round_of_each_schedule_is_exactly_its_accounted_gaussian(schedule, 
     the worst-case neighbouring gradient sums by exactly s/z in the metric of its covariance,
     so its exact privacy profile is the Gaussian's the schedule's event accounts for."""
     adjacency = Adjacency(adjacency)
-    plan = schedule.plan(Budget(2.0, DELTA, "gdp", adjacency), 1000, 1000)
+    plan = schedule.plan(Budget(2.0, DELTA, "gdp", adjacency, N=1000), 1000)
     executed = next(iter(plan.rounds()))
     rng = np.random.default_rng(0)
     root = rng.normal(size=(5, 5))
@@ -211,7 +212,7 @@ def test_fine_tune_with_a_poisson_schedule_reports_q_t_z_and_the_accountant():
 
 def grid_point_report(schedule, epsilon: float, adjacency: str = "replace_one") -> dict:
     """The accounting part of a release's report, as fine_tune writes it."""
-    plan = schedule.plan(Budget(epsilon, DELTA, "gdp", Adjacency(adjacency)), 1000, 1000)
+    plan = schedule.plan(Budget(epsilon, DELTA, "gdp", Adjacency(adjacency), N=1000), 1000)
     ledger = PrivacyLedger(plan)
     for executed in plan.rounds():
         ledger.record(executed)
@@ -239,9 +240,9 @@ def test_the_budget_a_tuning_grid_spent_composes_every_release():
 
 def test_poisson_expected_batch_sets_q_from_the_public_size():
     budget = Budget(1.0, DELTA, "gdp", Adjacency.REPLACE_ONE)
-    plan = poisson(expected_batch=250, rounds=3).plan(budget, 1000, 1000)
+    plan = poisson(expected_batch=250, rounds=3).plan(budget, 1000)
     assert plan.sampling_rate == 0.25 and plan.describe()["sampling_rate"] == 0.25
-    assert poisson(expected_batch=5000, rounds=3).plan(budget, 1000, 1000).sampling_rate == 1.0
+    assert poisson(expected_batch=5000, rounds=3).plan(budget, 1000).sampling_rate == 1.0
     with pytest.raises(InvalidParameterError, match="exactly one"):
         poisson(0.1, 3, expected_batch=100)
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from qem.errors import DistributedError, InvalidParameterError
+from qem.quadratic import PublicQuadratic
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 """The environment torchrun sets for every process it launches."""
@@ -60,6 +61,12 @@ class LocalProcess:
 
     def json_from_root(self, compute: Callable[[], Any]) -> Any:
         """``compute()``: this process is the root."""
+        return compute()
+
+    def quadratic_from_root(
+        self, compute: Callable[[], tuple[PublicQuadratic, float]] | None, k: int
+    ) -> tuple[PublicQuadratic, float]:
+        """``compute()``: the public quadratic and clip norm (this process is the root)."""
         return compute()
 
     def check_agreement(self, value: int, what: str) -> None:
@@ -142,6 +149,23 @@ class ProcessGroup(LocalProcess):
         size = int(self.from_root(length if self.is_root else None, 1)[0])
         sent = self.from_root((lambda: np.frombuffer(text[0], np.uint8)) if text else None, size)
         return json.loads(sent.astype(np.uint8).tobytes())
+
+    def quadratic_from_root(
+        self, compute: Callable[[], tuple[PublicQuadratic, float]] | None, k: int
+    ) -> tuple[PublicQuadratic, float]:
+        """Rank 0's public quadratic (A, its Cholesky factor, lambda_min(A)) and clip norm C on
+        every rank: 2 k^2 + 2 float64 values (the module docstring says why they are broadcast
+        rather than computed on every rank)."""
+
+        def packed() -> np.ndarray:
+            quadratic, C = compute()
+            return np.concatenate(
+                [quadratic.A.ravel(), quadratic.cholesky.ravel(), [quadratic.lambda_min, C]]
+            )
+
+        values = self.from_root(packed if self.is_root else None, 2 * k * k + 2)
+        A, L = values[: k * k].reshape(k, k), values[k * k : 2 * k * k].reshape(k, k)
+        return PublicQuadratic(A, L, float(values[-2])), float(values[-1])
 
     def check_agreement(self, value: int, what: str) -> None:
         """Raise DistributedError on every rank unless every rank has the same ``value``

@@ -11,10 +11,8 @@ methods share: the report, input checks, the seed handling and the per-phase tim
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 import qem
@@ -22,6 +20,7 @@ from qem.checks import check_delta, check_epsilon
 from qem.errors import InvalidParameterError
 from qem.finetune import FineTuneResult
 from qem.report import BaselineReport, Diagnostics
+from qem.seeds import child_seeds
 
 
 def check_requested_budget(epsilon: float | None, delta: float | None) -> dict:
@@ -54,11 +53,7 @@ def torch_generators(
     """One independent torch generator per entry of ``devices`` (on that device): children of
     ``seed`` (numpy SeedSequence) when it is given, otherwise each seeded with 63 bits of
     operating-system entropy (``secrets``)."""
-    if seed is None:
-        seeds = [secrets.randbits(63) for _ in devices]
-    else:
-        children = np.random.SeedSequence(seed).spawn(len(devices))
-        seeds = [int(c.generate_state(1)[0]) for c in children]
+    seeds = child_seeds(seed, len(devices))
     return [torch.Generator(device=d).manual_seed(s) for d, s in zip(devices, seeds, strict=True)]
 
 

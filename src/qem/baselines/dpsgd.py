@@ -59,14 +59,13 @@ from qem.losses import check_per_example_loss
 from qem.model_calls import call_model
 from qem.parameters import check_finite_parameters
 from qem.privacy.calibration import (
-    PLD_DISCRETIZATION,
     calibrate_noise_multiplier,
-    neighboring_relation,
     poisson_gaussian_epsilon,
     poisson_gaussian_event,
 )
 from qem.privacy.gdp import warn_large_delta
 from qem.privacy.ledger import dp_event_to_json
+from qem.privacy.pld import PLD_DISCRETIZATION, neighboring_relation
 from qem.privacy.sensitivity import Adjacency
 from qem.subspace.base import LossFn
 from qem.timing import PhaseTimer

@@ -31,7 +31,7 @@ class Option:
     Without ``type`` or ``choices`` it is an on/off switch (``negate``: the switch turns the
     keyword off, as ``--no-progress``). ``choices`` are the accepted names (a test checks them
     against the library's registries); ``nargs`` is argparse's (``"+"``: one or more values,
-    given as a list)."""
+    given as a list; ``"?"``: an optional value, ``const`` when the flag comes alone)."""
 
     keyword: str
     help: str
@@ -41,6 +41,7 @@ class Option:
     flag: str | None = None
     negate: bool = False
     nargs: str | None = None
+    const: object = None
 
     @property
     def is_switch(self) -> bool:
@@ -115,8 +116,13 @@ FINE_TUNE_OPTIONS: tuple[Option, ...] = (
     Option("rounds", "number of re-linearised rounds T", ROUNDS, int),
     Option(
         "resample_subspace",
-        "without --schedule: a new public subspace every round",
+        "a new public subspace every round, or every R rounds with a value (default: every "
+        "round when rounds read different records, as partitioned and poisson do; one subspace "
+        "for sequential rounds)",
         ROUNDS,
+        int,
+        nargs="?",
+        const=True,
     ),
     Option(
         "partition_rounds",
@@ -245,12 +251,6 @@ SCHEDULE_OPTIONS: tuple[Option, ...] = (
         ROUNDS,
         int,
     ),
-    Option(
-        "resample_every",
-        "with --schedule: draw a new public subspace every this many rounds",
-        ROUNDS,
-        int,
-    ),
 )
 """Parameters of the schedules of qem.schedules.SCHEDULES other than ``rounds``."""
 
@@ -308,6 +308,8 @@ def add_options(
             settings["choices"] = option.choices
             if option.nargs is not None:
                 settings["nargs"] = option.nargs
+            if option.nargs == "?":
+                settings["const"] = option.const
         if option.keyword in defaults:
             settings["default"] = defaults[option.keyword]
         else:

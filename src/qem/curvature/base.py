@@ -57,6 +57,9 @@ class Curvature(ABC):
     """A = P^T H0 P + gamma I_k, float64 (k, k); gamma (``damping``) must be > 0."""
 
     kind: str = "abstract"
+    reprojects: bool = False
+    """Whether a stored public estimate can be projected into a new subspace without a data
+    pass (``quadratic(..., refresh=False)``); otherwise every call estimates on the data."""
 
     def __init__(self, damping: float, batch_size: int = 64, progress: bool = True) -> None:
         self.damping = check_positive(
@@ -71,17 +74,30 @@ class Curvature(ABC):
 
     @abstractmethod
     def matrix(
-        self, model: nn.Module, loss_fn: LossFn, subspace: Subspace, public_data: DataLike
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        subspace: Subspace,
+        public_data: DataLike,
+        *,
+        refresh: bool = True,
     ) -> np.ndarray:
         """A = P^T H0 P + gamma I_k as a symmetric float64 (k, k) array (``quadratic`` checks
-        that it is positive definite and factors it)."""
+        that it is positive definite and factors it). ``refresh=False`` (only where
+        ``reprojects``) projects the stored estimate instead of estimating on the data."""
 
     def quadratic(
-        self, model: nn.Module, loss_fn: LossFn, subspace: Subspace, public_data: DataLike
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        subspace: Subspace,
+        public_data: DataLike,
+        *,
+        refresh: bool = True,
     ) -> PublicQuadratic:
         """``matrix`` checked and factored once (PublicQuadratic): the object every later stage
         of a round uses. Raises CurvatureError when A is not positive definite."""
-        A = self.matrix(model, loss_fn, subspace, public_data)
+        A = self.matrix(model, loss_fn, subspace, public_data, refresh=refresh)
         try:
             return PublicQuadratic.from_matrix(A)
         except CurvatureError as error:
@@ -154,9 +170,15 @@ class DataCurvature(Curvature):
         return curvature
 
     def matrix(
-        self, model: nn.Module, loss_fn: LossFn, subspace: Subspace, public_data: DataLike
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        subspace: Subspace,
+        public_data: DataLike,
+        *,
+        refresh: bool = True,
     ) -> np.ndarray:
-        """A = P^T H0 P + gamma I_k, float64 (k, k), symmetric.
+        """A = P^T H0 P + gamma I_k, float64 (k, k), symmetric (every call estimates).
 
         H0 = (1/n) sum_i H_i over the n public examples. The model is used in eval mode and is
         left exactly as it was passed.

@@ -21,6 +21,8 @@ class IdentityCurvature(Curvature):
         loss_fn: LossFn | None,
         subspace: Subspace,
         public_data: DataLike | None = None,
+        *,
+        refresh: bool = True,
     ) -> np.ndarray:
         """gamma I_k without a pass over data; only ``subspace.k`` is used."""
         return self.damping * np.eye(subspace.k)

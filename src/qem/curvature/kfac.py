@@ -59,47 +59,45 @@ class LayerFactors:
 
 
 class KFAC(Curvature):
-    """K-FAC GGN for Kronecker subspaces, re-estimated on every ``refresh_every``-th call.
+    """K-FAC GGN for Kronecker subspaces, kept across rounds (``reprojects``).
 
-    Call 1, R + 1, 2R + 1, ... of ``matrix`` make one pass over the public data at the model's
-    current parameters; the calls in between project the stored factors into the subspace they
-    are given (a new subspace of the same layers is fine: no data pass). A subspace whose
-    layers the stored factors do not cover forces a new estimate. ``describe()`` reports the
-    calls, the data passes and the fingerprint of the public data of the last estimate.
+    A call with ``refresh=True`` makes one pass over the public data at the model's current
+    parameters; a call with ``refresh=False`` projects the stored factors into the subspace it
+    is given (a new subspace of the same layers is fine: no data pass). The public side decides
+    which (qem.public.side: every ``curvature_every`` rounds). A subspace whose layers the
+    stored factors do not cover forces a new estimate. ``describe()`` reports the calls, the
+    data passes and the fingerprint of the public data of the last estimate.
     """
 
     kind = "kfac"
+    reprojects = True
 
-    def __init__(
-        self,
-        damping: float,
-        batch_size: int = 64,
-        progress: bool = True,
-        refresh_every: int = 1,
-    ) -> None:
+    def __init__(self, damping: float, batch_size: int = 64, progress: bool = True) -> None:
         super().__init__(damping, batch_size=batch_size, progress=progress)
-        if isinstance(refresh_every, bool) or int(refresh_every) != refresh_every:
-            raise InvalidParameterError(f"refresh_every must be an integer, got {refresh_every!r}.")
-        if refresh_every < 1:
-            raise InvalidParameterError(f"refresh_every must be >= 1, got {refresh_every}.")
-        self.refresh_every = int(refresh_every)
         self.factors: dict[str, LayerFactors] = {}
         self.calls = 0
         self.data_passes = 0
 
     def matrix(
-        self, model: nn.Module, loss_fn: LossFn, subspace: Subspace, public_data: DataLike
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        subspace: Subspace,
+        public_data: DataLike,
+        *,
+        refresh: bool = True,
     ) -> np.ndarray:
-        """A = blockdiag_l (P_out^T G_l P_out) (x) (P_in^T F_l P_in) + gamma I_k, float64."""
+        """A = blockdiag_l (P_out^T G_l P_out) (x) (P_in^T F_l P_in) + gamma I_k, float64: the
+        factors estimated on ``public_data`` when ``refresh`` (or when the stored ones do not
+        cover the subspace's layers), else the stored ones projected into ``subspace``."""
         if not isinstance(subspace, Kronecker):
             raise InvalidParameterError(
                 f"curvature 'kfac' needs a Kronecker subspace (subspace='kronecker'), got "
                 f"{subspace.kind!r}: its factors G (x) F project only into P_out (x) P_in. "
                 "Use 'ggn' for other subspaces."
             )
-        due = self.calls % self.refresh_every == 0
         self.calls += 1
-        if due or not self._covers(subspace.layers):
+        if refresh or not self._covers(subspace.layers):
             self.factors = self.estimate(model, loss_fn, subspace.layers, public_data)
         return self.project(subspace)
 
@@ -156,10 +154,9 @@ class KFAC(Curvature):
         return sums
 
     def describe(self) -> dict:
-        """The base description plus the refresh schedule, calls made and data passes made."""
+        """The base description plus the calls made and the data passes made."""
         return {
             **super().describe(),
-            "refresh_every": self.refresh_every,
             "calls": self.calls,
             "data_passes": self.data_passes,
         }

@@ -17,12 +17,13 @@ from typing import Literal
 
 import dp_accounting
 import numpy as np
-from dp_accounting.pld import pld_privacy_accountant, privacy_loss_mechanism
+from dp_accounting.pld import privacy_loss_mechanism
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from qem.checks import check_delta, check_positive
 from qem.errors import InvalidParameterError
 from qem.privacy.gdp import _check_mu, check_profile_epsilon
+from qem.privacy.pld import pld_accountant
 
 ADD_OR_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
@@ -58,7 +59,7 @@ def compose_with_dp_events(
         raise InvalidParameterError("compose_with_dp_events needs at least one mu or event.")
     if method == "pld":
         interval = check_positive("value_discretization_interval", value_discretization_interval)
-        accountant = pld_privacy_accountant.PLDAccountant(ADD_OR_REMOVE, interval)
+        accountant = pld_accountant(ADD_OR_REMOVE, interval=interval)
     elif method == "rdp":
         accountant = rdp_privacy_accountant.RdpAccountant(neighboring_relation=ADD_OR_REMOVE)
     else:

@@ -20,33 +20,13 @@ from __future__ import annotations
 
 import math
 
-import dp_accounting
 from dp_accounting import dp_event, mechanism_calibration
-from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 
 from qem.checks import check_delta, check_epsilon, check_positive
 from qem.errors import InvalidParameterError
 from qem.privacy.gdp import calibrate_gdp_mu
+from qem.privacy.pld import PLD_DISCRETIZATION, neighboring_relation, pld_accountant
 from qem.privacy.sensitivity import Adjacency
-
-PLD_DISCRETIZATION = 1e-3
-"""value_discretization_interval of the PLD accountant: epsilon is an upper bound at any value;
-1e-3 is within 0.01 of 1e-4 on MNIST-sized runs and about 5 times faster."""
-
-MAX_PLD_POINTS = 2e6
-"""Largest privacy-loss grid the accountant may build (about 30 MB). A huge epsilon (say 1e9)
-would otherwise ask for terabytes; the interval is widened instead (still an upper bound)."""
-
-RELATIONS = {
-    Adjacency.ADD_REMOVE: dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-    Adjacency.REPLACE_ONE: dp_accounting.NeighboringRelation.REPLACE_ONE,
-}
-"""dp-accounting's neighbouring relation for each of qem's adjacencies."""
-
-
-def neighboring_relation(adjacency: Adjacency | str) -> dp_accounting.NeighboringRelation:
-    """dp-accounting's relation for ``adjacency``."""
-    return RELATIONS[Adjacency(adjacency)]
 
 
 def poisson_gaussian_event(
@@ -59,14 +39,6 @@ def poisson_gaussian_event(
     return dp_event.SelfComposedDpEvent(sampled, steps)
 
 
-def discretization_for(epsilon: float, base: float = PLD_DISCRETIZATION) -> float:
-    """A PLD interval whose grid stays below MAX_PLD_POINTS for losses up to a few epsilon.
-
-    The grid spans privacy losses up to about the epsilon of interest (times a margin), so it
-    has about 10 epsilon / interval points; below epsilon = 200 this is ``base`` itself."""
-    return max(base, 10.0 * check_epsilon(epsilon) / MAX_PLD_POINTS)
-
-
 def accountant_epsilon(
     event: dp_event.DpEvent,
     delta: float,
@@ -74,9 +46,7 @@ def accountant_epsilon(
     discretization: float = PLD_DISCRETIZATION,
 ) -> float:
     """epsilon(delta) of ``event`` by dp-accounting's PLD accountant under ``adjacency``."""
-    accountant = PLDAccountant(
-        neighboring_relation(adjacency), value_discretization_interval=discretization
-    )
+    accountant = pld_accountant(neighboring_relation(adjacency), interval=discretization)
     return float(accountant.compose(event).get_epsilon(check_delta(delta)))
 
 
@@ -131,9 +101,7 @@ def calibrate_noise_multiplier(
             lo, hi = hi, hi * 1.25
     return float(
         mechanism_calibration.calibrate_dp_mechanism(
-            lambda: PLDAccountant(
-                neighboring_relation(adjacency), value_discretization_interval=discretization
-            ),
+            lambda: pld_accountant(neighboring_relation(adjacency), interval=discretization),
             lambda z: poisson_gaussian_event(z, sample_rate, steps),
             epsilon,
             delta,

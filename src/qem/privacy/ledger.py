@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import attr
 import dp_accounting
@@ -18,11 +19,33 @@ from dp_accounting import dp_event
 
 from qem.checks import MAX_EPSILON, check_delta
 from qem.errors import InvalidParameterError
-from qem.privacy.calibration import (
-    PLD_DISCRETIZATION,
-    discretization_for,
-)
-from qem.schedules import Plan, Round
+from qem.privacy.budget import Budget
+from qem.privacy.pld import pld_accountant
+
+
+class AccountedRound(Protocol):
+    """What the ledger reads of an executed round (qem.schedules.Round)."""
+
+    index: int
+    epoch: int
+    N: float
+    noise_multiplier: float | None
+    epsilon: float | None
+
+
+class AccountedPlan(Protocol):
+    """What the ledger reads of a calibrated plan (qem.schedules.Plan): the events of its
+    prefixes, their relation, its budget and, in pure mode, the epsilon of a prefix."""
+
+    @property
+    def budget(self) -> Budget: ...
+
+    @property
+    def relation(self) -> dp_accounting.NeighboringRelation: ...
+
+    def dp_event(self, completed: int) -> dp_event.DpEvent: ...
+
+    def epsilon_after(self, completed: int) -> float | None: ...
 
 
 @dataclass(frozen=True)
@@ -40,11 +63,11 @@ class LedgerEntry:
 class PrivacyLedger:
     """The rounds a plan has executed, their DpEvent and the composed epsilon at delta."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: AccountedPlan) -> None:
         self.plan = plan
         self.entries: list[LedgerEntry] = []
 
-    def record(self, executed: Round) -> None:
+    def record(self, executed: AccountedRound) -> None:
         """Record a round once its noise has been drawn (its budget is then spent)."""
         self.entries.append(
             LedgerEntry(
@@ -79,7 +102,7 @@ class PrivacyLedger:
         }
 
 
-def spent_epsilon(plan: Plan, completed: int, delta: float | None = None) -> float:
+def spent_epsilon(plan: AccountedPlan, completed: int, delta: float | None = None) -> float:
     """epsilon at ``delta`` (default: the budget's) of the first ``completed`` rounds of
     ``plan``. Gaussian rounds: dp-accounting's PLD accountant (an upper bound), its interval
     widened for huge epsilons so that the grid stays bounded (qem.privacy.calibration). Pure
@@ -89,10 +112,7 @@ def spent_epsilon(plan: Plan, completed: int, delta: float | None = None) -> flo
     if completed == 0:
         return 0.0
     delta = check_delta(plan.budget.delta if delta is None else delta)
-    interval = discretization_for(plan.budget.epsilon, PLD_DISCRETIZATION)
-    accountant = dp_accounting.pld.PLDAccountant(
-        plan.relation, value_discretization_interval=interval
-    )
+    accountant = pld_accountant(plan.relation, epsilon=plan.budget.epsilon)
     return float(accountant.compose(plan.dp_event(completed)).get_epsilon(delta))
 
 
@@ -160,8 +180,7 @@ def total_spent(reports: list[dict], delta: float) -> dict:
             "method": "basic composition (releases under different neighbouring relations)",
         }
     relation = dp_accounting.NeighboringRelation[relations.pop()]
-    interval = discretization_for(min(max(epsilons) * len(epsilons), MAX_EPSILON))
-    accountant = dp_accounting.pld.PLDAccountant(relation, value_discretization_interval=interval)
+    accountant = pld_accountant(relation, epsilon=min(max(epsilons) * len(epsilons), MAX_EPSILON))
     total = accountant.compose(dp_event.ComposedDpEvent(events)).get_epsilon(check_delta(delta))
     method = f"dp_accounting PLD, {relation.name}"
     return {"epsilon": float(total), "delta": delta, "method": method}

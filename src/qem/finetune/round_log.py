@@ -1,0 +1,56 @@
+"""What a round tells the person running qem: its public summary on the ``qem.finetune`` logger
+(INFO; its timings at DEBUG, as diagnostics) and the warning when its release was not applied."""
+
+from __future__ import annotations
+
+import logging
+
+from qem.report import RoundRecord
+
+logger = logging.getLogger("qem.finetune")
+"""INFO: each round's public summary; DEBUG: its timings (diagnostics, not for publication)."""
+
+
+def log_round(record: RoundRecord, total: int, seconds: dict[str, float]) -> None:
+    """Round summary at INFO, from public values only (N_t is the schedule's public weight,
+    never a Poisson round's realised size); its timings at DEBUG, as diagnostics."""
+    privacy = (
+        f"z = {record.noise_multiplier:.4g}"
+        if record.noise_multiplier is not None
+        else f"epsilon_t = {record.epsilon:.4g}"
+    )
+    logger.info(
+        "round %d/%d: N_t = %.6g, %s, clip norm C = %.4g, step length %.4g",
+        record.round,
+        total,
+        record.N,
+        privacy,
+        record.clip_norm,
+        record.step_length,
+    )
+    logger.debug(
+        "round %d seconds per phase (diagnostics, not for publication: timings of the private "
+        "pass depend on the private data): %s",
+        record.round,
+        ", ".join(f"{phase} {value:.3g}" for phase, value in seconds.items()),
+    )
+
+
+def zero_step_message(round_number: int, validation_source: dict) -> str:
+    causes = [
+        "the budget is too small for the number of private records (the release is mostly "
+        "noise: try a larger epsilon, fewer rounds, or a schedule with fewer, larger rounds)",
+        "the clip norm (a public quantile may clip nearly every private gradient, or too few)",
+        "validation data unlike the private data (the step is scored on public validation data)",
+    ]
+    if validation_source["source"] != "user":
+        causes.append(
+            "the validation split is held out from the public data the model was pretrained "
+            "on, where theta0 is already near the minimum: pass validation_data resembling the "
+            "private data"
+        )
+    return (
+        f"round {round_number}: the release did not lower the public validation loss, so its "
+        "step length is 0 and the model is unchanged by it (its budget is spent all the same). "
+        "Likely causes: " + "; ".join(causes) + "."
+    )
