@@ -64,7 +64,7 @@ from qem.privacy.calibration import (
     poisson_gaussian_event,
 )
 from qem.privacy.gdp import warn_large_delta
-from qem.privacy.ledger import dp_event_to_json
+from qem.privacy.ledger import accountant_block
 from qem.privacy.pld import PLD_DISCRETIZATION, neighboring_relation
 from qem.privacy.sensitivity import Adjacency
 from qem.subspace.base import LossFn
@@ -211,18 +211,20 @@ def dpsgd(
     if opacus_steps != steps:
         raise RuntimeError(f"DP-SGD ran {opacus_steps} steps but {steps} were accounted.")
 
-    accountant = {
-        "name": "dp_accounting PLD",
-        "neighboring_relation": neighboring_relation(adjacency).name,
-        "value_discretization_interval": PLD_DISCRETIZATION,
-        "noise_multiplier": sigma,
-        "sample_rate": sample_rate,
-        "steps": steps,
-        "expected_batch_size": len(private) * sample_rate,
-        "max_grad_norm": max_grad_norm,
-        "opacus_prv_epsilon_add_remove": opacus_epsilon,
-        "dp_event": dp_event_to_json(poisson_gaussian_event(sigma, sample_rate, steps)),
-    }
+    accountant = accountant_block(
+        poisson_gaussian_event(sigma, sample_rate, steps),
+        neighboring_relation(adjacency),
+        name="dp_accounting PLD",
+        epsilon=certified,
+        delta=delta,
+        value_discretization_interval=PLD_DISCRETIZATION,
+        noise_multiplier=sigma,
+        sample_rate=sample_rate,
+        steps=steps,
+        expected_batch_size=len(private) * sample_rate,
+        max_grad_norm=max_grad_norm,
+        opacus_prv_epsilon_add_remove=opacus_epsilon,
+    )
     hyperparameters = {
         "optimizer": optimizer,
         "lr": lr,

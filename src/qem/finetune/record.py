@@ -170,12 +170,11 @@ class RunRecord:
             epsilon=budget.epsilon,
             delta=budget.delta if mode == "gdp" else 0.0,
             mu=mu,
-            accountant={
-                "name": "dp_accounting PLD" if mode == "gdp" else "basic composition",
-                "epsilon": self.spent(len(records)),
-                "delta": budget.delta if mode == "gdp" else 0.0,
-                **self.ledger.to_dict(),
-            },
+            accountant=self.ledger.report_block(
+                "dp_accounting PLD" if mode == "gdp" else "basic composition",
+                epsilon=self.spent(len(records)),
+                delta=budget.delta if mode == "gdp" else 0.0,
+            ),
             schedule=plan.describe(),
             N=plan.N,
             lam=records[0].lam,

@@ -101,6 +101,35 @@ class PrivacyLedger:
             "rounds": [entry.__dict__ for entry in self.entries],
         }
 
+    def report_block(self, name: str, epsilon: float, delta: float) -> dict:
+        """The report's accountant block (``accountant_block``) of the recorded rounds."""
+        return accountant_block(
+            self.dp_event(), self.plan.relation, name=name, epsilon=epsilon, delta=delta,
+            rounds=[entry.__dict__ for entry in self.entries],
+        )  # fmt: skip
+
+
+def accountant_block(
+    event: dp_event.DpEvent,
+    relation: dp_accounting.NeighboringRelation,
+    *,
+    name: str,
+    epsilon: float,
+    delta: float,
+    **details: object,
+) -> dict:
+    """What a release spent, as every report (qem's and the DP-SGD baseline's) states it: the
+    accountant's name and its epsilon at delta, the neighbouring relation, the DpEvent as JSON
+    (compose it with other DP stages: ``dp_event_from_json``) and the mechanism's details."""
+    return {
+        "name": name,
+        "epsilon": epsilon,
+        "delta": delta,
+        "neighboring_relation": relation.name,
+        "dp_event": dp_event_to_json(event),
+        **details,
+    }
+
 
 def spent_epsilon(plan: AccountedPlan, completed: int, delta: float | None = None) -> float:
     """epsilon at ``delta`` (default: the budget's) of the first ``completed`` rounds of
