@@ -1,5 +1,8 @@
 """Golden releases: seeded runs of fine_tune over every release path, compared with the values
-recorded in tests/fixtures/golden_releases.json before the round engine was refactored.
+recorded in tests/fixtures/golden_releases.json (recorded with the engine that reproduced, bit for
+bit, the releases recorded before the round engine was refactored; re-recorded once when the
+tasks of tests/cases.py moved to numpy-drawn float64 inputs and weights, which are the same on
+every CPU, unlike torch's float32 samplers).
 
 A refactor that should not change any release must keep this file green: every round's w, the
 step lengths, the final parameters and the privacy report's public fields. The runs are seeded
@@ -9,8 +12,9 @@ same on any CPU up to the association of float64 sums inside BLAS kernels, which
 CPUs (AVX2 and AVX-512 block their reductions differently): numbers are compared to 1e-9
 relative (a float64 sum of a few hundred terms moves by ~1e-13 relative when reassociated; the
 Cholesky solves and the line search's losses amplify that by the conditioning of A, well under
-1e-9 here), strings and integers exactly. On the machine that recorded the file the refactor
-reproduced them bit for bit.
+1e-9 here), strings and integers exactly. Checked with ATEN_CPU_CAPABILITY=default, =avx2 and
+AVX-512, on one and two torch threads; on the machine that recorded the file they are the same
+bits (QEM_GOLDEN_EXACT=1).
 
 Regenerate (only for a change that is MEANT to alter releases, and say so in its commit):
 ``QEM_WRITE_GOLDEN=1 pytest tests/test_golden.py``; ``QEM_GOLDEN_EXACT=1`` compares bits.

@@ -135,7 +135,11 @@ def test_poisson_weight_is_the_expected_size_never_the_realised_one(monkeypatch)
         )
         for data in ((x, y), padded)
     ]  # fmt: skip
-    np.testing.assert_array_equal(results[0].releases[0], results[1].releases[0])
+    # One batch of 20 rows against one of 30 (10 zeroed): other batch shapes, so float64
+    # per-example gradients may round differently on another CPU (a few ulps); weighing by the
+    # realised size would change the mean by a factor 20 / 30.
+    np.testing.assert_allclose(results[0].releases[0], results[1].releases[0], rtol=1e-12)
+    assert np.abs(results[0].releases[0]).max() > 1e-3
     assert pytest.approx(0.4 * 50) == results[0].report.rounds[0].N
 
 
