@@ -1,149 +1,229 @@
-"""``qem audit``: empirical privacy audit of the mechanism on a synthetic worst-case pair
-(qem.audit)."""
+"""``qem audit``: empirical privacy audits of qem's release paths on worst-case pairs, and the
+one-run canary audit of a real fine-tuning (qem.audit)."""
 
 from __future__ import annotations
 
 import argparse
 
-from qem.audit import AUDIT_DEFAULTS, DEFAULT_CONFIDENCE, AuditResult, run_audit
 from qem.cli.commands import summary
 from qem.cli.common import print_json, print_table
-from qem.cli.options import add_budget_arguments
-from qem.curvature.factory import CURVATURES
 
 DESCRIPTION = """\
-Black-box membership-inference audit of qem's releases. On a tiny logistic-regression model
-with fixed public data, curvature and clip norm, qem builds two neighbouring private datasets
-whose differing record is as influential as clipping allows (replace-one: the same far-out
-record with label 0 in one and 1 in the other; add/remove: the record added, N declared),
-draws --n releases on each through qem.fine_tune with noise from operating-system entropy, and
-tests how well the released parameters tell the two apart:
+Empirical privacy audits of qem's releases (docs/theory.md §17).
 
-  empirical mu    the standardised shift of the released parameters along the direction that
-                  separates the datasets (the most powerful statistic for a Gaussian release),
-                  with a normal-approximation confidence interval (Hedges & Olkin 1985);
-  eps lower bound a threshold test on that statistic, threshold chosen on half of the
-                  releases, error rates bounded on the other half by exact Clopper-Pearson
-                  bounds (Jagielski et al. 2020, Nasr et al. 2021).
+Pair audit (default): on a tiny linear model with fixed public data, qem builds two neighbouring
+private datasets whose differing record is as influential as clipping allows in every subspace,
+curvature and clip norm (a far-out record whose two labels give opposite gradients), runs
+qem.fine_tune once on each with every round's mechanism recorded, and draws --n releases per
+dataset and round from those mechanisms, noise from operating-system entropy. It tests how well
+the releases (every round's) tell the two datasets apart, with the log-likelihood ratio of the
+claimed Gaussians as statistic:
 
-Verdict FAIL (exit status 1) when the interval of mu lies entirely above the claimed mu for
-(epsilon, delta) (Gaussian-DP mode), or when the eps lower bound exceeds epsilon; PASS (exit
-status 0) otherwise. The claim is computed from the options, not read from fine_tune's report.
+  empirical mu     its standardised shift (Gaussian-DP paths), with a normal-approximation
+                   interval (Hedges & Olkin 1985), against the mu of (epsilon, delta);
+  eps lower bound  a threshold test, threshold chosen on half of the releases, error rates
+                   bounded on the other half by exact Clopper-Pearson bounds;
+  trade-off        the empirical ROC widened by a simultaneous DKW band against the claimed
+                   trade-off curve (Gaussian; dp-accounting's PLD profile for Poisson).
 
-What it covers: the mechanism end to end through the public API (clipping, sensitivity,
-calibration, composition of rounds, sampling), on this synthetic pair. What it does not: it
-cannot prove privacy, only catch violations large enough to show in --n releases; it does not
-look at your model, your data, or privacy leaks outside the released parameters (timing of the
-pure mode's rejection sampler, for one). Only the final model is observed, so with
---partition-rounds the rounds that do not read the differing record hide part of the shift
-(visible mu = mu / sqrt(rounds)), and with --line-search the random step length lowers the
-visible mu: a PASS there is weaker evidence. In the pure mode only the eps bound is checked,
-and the exponential mechanism's bound is loose there, so only gross violations show.
+FAIL (exit status 1) when the mu interval lies above the claim, the eps bound exceeds epsilon,
+the ROC lies below the claimed curve, or (Poisson) the run's (z, q, T) spend more than epsilon
+by an independent PLD computation. --path picks a release path (--all: every one); --end-to-end
+runs fine_tune n times per dataset and reads only the final model (the engine as a whole,
+slower). A PASS does not prove privacy: the audit catches violations large enough to show in
+--n releases (docs/theory.md §17 gives the smallest it flags), on this synthetic pair, and
+nothing outside the released parameters (timing, for one).
+
+One-run audit (--one-run): m canaries (images of pixel noise with random labels), each included
+with probability 1/2 by an OS coin, in ONE fine-tuning of the MNIST S1 demo (add/remove, N
+declared); each canary is scored by its log-likelihood ratio from the releases, and the number
+of correct guesses gives an eps lower bound at delta (Steinke, Nasr & Jagielski 2023).
+
+--noise-scale and --seeded-bug plant audit-only faults, to see an audit flag them.
 """
 
 
 def add_parser(subparsers) -> None:
     """Register ``qem audit``."""
+    from qem.audit.release_paths import SEEDED_BUGS
+    from qem.audit.run import DEFAULT_CONFIDENCE, DEFAULT_N, PATHS
+
     parser = subparsers.add_parser(
         "audit",
         help=summary("audit"),
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_budget_arguments(parser, epsilon=AUDIT_DEFAULTS["epsilon"])
-    schedule = parser.add_argument_group("mechanism")
-    schedule.add_argument("--rounds", type=int, default=1, help="rounds T (default 1)")
-    schedule.add_argument(
-        "--partition-rounds",
+    parser.add_argument("--epsilon", type=float, help="target epsilon (default: the path's, 1)")
+    parser.add_argument("--delta", type=float, help="target delta (default: the path's, 1e-5)")
+    pairs = parser.add_argument_group("pair audit")
+    pairs.add_argument(
+        "--path",
+        choices=sorted(PATHS),
+        default="sequential",
+        help="release path (default sequential)",
+    )
+    pairs.add_argument("--all", action="store_true", help="audit every release path")
+    pairs.add_argument(
+        "--end-to-end",
         action="store_true",
-        help="round t reads only the t-th of T disjoint chunks (replace_one, gdp)",
+        help="n full fine_tune runs per dataset, final model only (slower; "
+        f"default n {DEFAULT_N['end_to_end']})",
     )
-    schedule.add_argument(
-        "--curvature",
-        choices=sorted(CURVATURES),
-        default=AUDIT_DEFAULTS["curvature"],
-        help=f"public curvature (default {AUDIT_DEFAULTS['curvature']}: A = gamma I)",
+    pairs.add_argument(
+        "--n", type=int, help=f"releases per dataset (default {DEFAULT_N['batched']}; >= 20)"
     )
-    schedule.add_argument(
-        "--line-search",
-        action="store_true",
-        help="choose the step length by the public line search instead of lam = "
-        f"{AUDIT_DEFAULTS['prior_weight']} (weaker audit, see above)",
-    )
-    audit = parser.add_argument_group("audit")
-    audit.add_argument(
-        "--n", type=int, default=2000, help="releases per dataset (default 2000; >= 20)"
-    )
-    audit.add_argument(
+    pairs.add_argument(
         "--confidence",
         type=float,
-        default=DEFAULT_CONFIDENCE,
-        help=f"confidence of the interval and of the eps bound (default {DEFAULT_CONFIDENCE})",
+        help=f"confidence of the intervals and bounds (default {DEFAULT_CONFIDENCE}; one-run 0.95)",
     )
-    audit.add_argument(
+    pairs.add_argument(
         "--split-seed", type=int, default=0, help="seed of the held-out split (not of the noise)"
     )
-    audit.add_argument("--json", action="store_true", help="print one JSON object")
-    audit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    one_run = parser.add_argument_group("one-run audit")
+    one_run.add_argument("--one-run", action="store_true", help="one-run canary audit of MNIST S1")
+    one_run.add_argument("--canaries", type=int, help="canaries m (default 1000)")
+    one_run.add_argument(
+        "--private-size", type=int, help="use only this many private MNIST images (default 49000)"
+    )
+    one_run.add_argument("--cache-dir", help="pretrained-model cache (default qem.pretrain's)")
+    faults = parser.add_argument_group("seeded faults (audit-only)")
+    faults.add_argument(
+        "--noise-scale", type=float, help="multiply the mechanism's noise std (0.25: z / 4)"
+    )
+    faults.add_argument("--seeded-bug", choices=sorted(SEEDED_BUGS), help="plant a fault")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(handler=run)
 
 
-def configuration(args: argparse.Namespace) -> dict:
-    """The fine_tune keywords the options ask for (over qem.audit.AUDIT_DEFAULTS)."""
-    config = {
-        "epsilon": args.epsilon,
-        "delta": args.delta,
-        "mode": args.mode,
-        "adjacency": args.adjacency,
-        "clipping": args.clipping,
-        "rounds": args.rounds,
-        "curvature": args.curvature,
-    }
-    if args.partition_rounds:
-        config["partition_rounds"] = True
-    if args.line_search:
-        config["prior_weight"] = None
-    return config
+def _budget(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in (("epsilon", args.epsilon), ("delta", args.delta)) if v is not None}
 
 
-def _table(result: AuditResult) -> list[tuple[str, object]]:
-    config, bound = result.configuration, result.epsilon_bound
-    lo, hi = result.mu_interval
-    schedule = f"{config.get('rounds', 1)} round(s)" + (
-        ", partitioned" if config.get("partition_rounds") else ""
+def run(args: argparse.Namespace) -> int:
+    """Run the audit(s); exit status 0 on PASS, 1 on any FAIL."""
+    if args.one_run:
+        return _one_run(args)
+    from qem.audit.run import PATHS, run_audit
+
+    names = list(PATHS) if args.all else [args.path]
+    options = {"end_to_end": args.end_to_end, "n": args.n, "split_seed": args.split_seed}
+    if args.confidence is not None:
+        options["confidence"] = args.confidence
+    results = [
+        run_audit(
+            name,
+            _budget(args),
+            noise_scale=args.noise_scale,
+            seeded_bug=args.seeded_bug,
+            progress=not (args.json or args.no_progress or args.all),
+            **options,
+        )
+        for name in names
+    ]
+    if args.json:
+        documents = [result.to_dict() for result in results]
+        print_json(documents if args.all else documents[0])
+    elif args.all:
+        print_table([(result.path, _line(result)) for result in results], "qem audit: every path")
+    else:
+        print_table(_table(results[0]), "qem audit")
+    return 0 if all(result.passed for result in results) else 1
+
+
+def _line(result) -> str:
+    """One path's verdict, empirical value, interval and seconds."""
+    if result.mu is not None:
+        lo, hi = result.mu_interval
+        value = f"mu {result.mu:.3f} [{lo:.3f}, {hi:.3f}] vs {result.claimed_mu:.3f}"
+    else:
+        value = f"eps_lb {result.epsilon_bound.epsilon:.3f} vs {result.claimed_epsilon:g}"
+    return (
+        f"{result.verdict}  {value}  eps_lb {result.epsilon_bound.epsilon:.3f}  trade-off "
+        f"{result.tradeoff_excess:+.3f}  {result.seconds:.1f} s"
     )
-    return [
+
+
+def _table(result) -> list[tuple[str, object]]:
+    config, bound = result.configuration, result.epsilon_bound
+    rows: list[tuple[str, object]] = [
+        ("path", f"{result.path} ({result.method.replace('_', ' ')})"),
         (
             "configuration",
-            f"{config.get('mode', 'gdp')}, {config.get('adjacency', 'replace_one')}, "
-            f"{config.get('clipping', 'dual')} clipping, {schedule}, "
-            f"curvature {config['curvature']}, lam {config['prior_weight'] or 'line search'}",
+            ", ".join(
+                f"{key}={value}" for key, value in config.items() if key not in ("epsilon", "delta")
+            ),
         ),
         ("releases per dataset", result.n),
-        ("claimed epsilon", result.claimed_epsilon),
-        ("delta", result.delta),
-        ("claimed mu", "n/a (pure mode)" if result.claimed_mu is None else result.claimed_mu),
-        ("empirical mu", result.mu),
-        (f"mu interval ({result.confidence:g})", f"[{lo:.4f}, {hi:.4f}] normal approximation"),
+        ("claimed epsilon, delta", f"{result.claimed_epsilon:g}, {result.delta:g}"),
+    ]
+    if result.seeded_bug or result.noise_scale:
+        rows.append(("seeded fault", result.seeded_bug or f"noise std x {result.noise_scale:g}"))
+    if result.claimed_mu is not None:
+        lo, hi = result.mu_interval
+        rows += [
+            ("claimed mu", result.claimed_mu),
+            ("empirical mu", result.mu),
+            (f"mu interval ({result.confidence:g})", f"[{lo:.4f}, {hi:.4f}] normal approximation"),
+        ]
+    if result.pair_mu is not None:
+        rows.append(("pair mu (mechanism's own)", result.pair_mu))
+    if result.accountant_epsilon is not None:
+        rows.append(("accountant epsilon (PLD)", result.accountant_epsilon))
+    if result.attained:
+        rows.append(("sensitivity attained", ", ".join(f"{a:.3f}" for a in result.attained)))
+    rows += [
         ("eps lower bound", bound.epsilon),
         ("  FPR, FNR upper", f"{bound.fpr_upper:.4f}, {bound.fnr_upper:.4f} (Clopper-Pearson)"),
+        ("trade-off excess", f"{result.tradeoff_excess:+.4f} (> 0: below the claimed curve)"),
         ("verdict", result.verdict),
         *[("  reason", reason) for reason in result.reasons],
         ("seconds", result.seconds),
     ]
+    return rows
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the audit; exit status 0 on PASS, 1 on FAIL."""
-    result = run_audit(
-        configuration(args),
-        n=args.n,
-        confidence=args.confidence,
-        split_seed=args.split_seed,
-        progress=not (args.json or args.no_progress),
+def _one_run(args: argparse.Namespace) -> int:
+    from qem.audit.one_run import MNIST_CANARIES, ONE_RUN_CONFIDENCE, mnist_task, one_run_audit
+
+    task = mnist_task(
+        args.canaries or MNIST_CANARIES,
+        private_size=args.private_size,
+        cache_dir=args.cache_dir,
+        configuration=_budget(args),
+    )
+    result = one_run_audit(
+        task,
+        confidence=args.confidence or ONE_RUN_CONFIDENCE,
+        noise_scale=args.noise_scale,
+        seeded_bug=args.seeded_bug,
     )
     if args.json:
         print_json(result.to_dict())
     else:
-        print_table(_table(result), "qem audit")
+        bound = result.bound
+        rows = [
+            ("task", result.task),
+            ("canaries included", f"{result.included_count} of {result.canaries} (OS coins)"),
+            (
+                "claimed epsilon, delta",
+                f"{result.claimed_epsilon:g}, {result.delta:g} (add/remove, N declared)",
+            ),
+            ("accountant epsilon", result.accountant_epsilon),
+            (f"eps lower bound ({result.confidence:g})", bound.epsilon),
+            (
+                "  guesses",
+                f"{bound.correct} correct of {2 * bound.positive_guesses} (top and bottom "
+                f"{bound.positive_guesses}; best of {bound.candidates}, Bonferroni)",
+            ),
+            ("verdict", result.verdict),
+            ("seconds", result.seconds),
+        ]
+        if result.noise_scale or result.seeded_bug:
+            rows.insert(
+                1, ("seeded fault", result.seeded_bug or f"noise std x {result.noise_scale:g}")
+            )
+        print_table(rows, "qem audit --one-run")
     return 0 if result.passed else 1

@@ -1,0 +1,304 @@
+"""One-run audits of a real fine-tuning (docs/theory.md §17), after Steinke, Nasr & Jagielski
+(2023, "Privacy Auditing with One (1) Training Run", arXiv:2305.08846).
+
+m canaries, each included in the private data independently with probability 1/2 by a coin
+from the operating system's CSPRNG (``secrets``), go into ONE run of ``qem.fine_tune``. From the
+run's public releases the audit scores every canary, guesses "included" for the highest scores
+and "excluded" for the lowest, and turns the number of correct guesses into an eps lower bound
+at delta with its confidence (qem.audit.statistics.one_run_bound: a binomial tail, their
+Theorem 3.1), set beside the claimed epsilon. Verdict FAIL when the bound exceeds the claim.
+
+Adjacency: a canary is added or removed, so the claim the theorem tests is add/remove; the run
+therefore uses ``adjacency="add_remove"`` with the declared, public N = (records without
+canaries) + m/2, fixed before the coins are drawn (under replace-one qem's N would be the
+realised size, a function of the coins).
+
+Canaries and score (both chosen to make each canary's influence maximal and the canaries'
+interference minimal, Steinke et al. §6):
+
+* canaries are out-of-distribution records (MNIST: images of uniform pixel noise with random
+  labels; the synthetic task: records on their own input feature), whose loss gradients are far
+  above the public clip norm, so that clipping binds and each included canary moves the release
+  by the largest amount any record can, C in the whitened metric;
+* the score of canary i is its log-likelihood ratio "included against excluded" under the
+  claimed Gaussian of every round, summed over the rounds:
+
+      s_i = sum_t -beta_t gh_{i,t}^T (w_t - m_t(S_data,t + sum_j gh_{j,t} / 2)),
+
+  with gh_{i,t} the canary's clipped gradient in round t's public context (theta_t, P_t, A_t,
+  C_t: all public), S_data,t the clipped sum of the records without canaries (known to the
+  auditor, who owns them, and independent of the coins, so the theorem allows it) and the other
+  canaries at their expected inclusion 1/2. Subtracting S_data removes the data's interference,
+  the largest term by far (its sum is of order N C, against C for one canary); what is left is
+  the noise and the other canaries' centred inclusions.
+
+The theorem holds for any guesses that are a function of the output and of what does not
+depend on the coins; the grid of guess counts is fixed in advance and paid for by Bonferroni.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qem.audit import release_paths
+from qem.audit.statistics import OneRunBound, one_run_bound
+from qem.errors import InvalidParameterError
+from qem.losses import cross_entropy
+
+ONE_RUN_CONFIDENCE = 0.95
+"""Confidence of the one-run bound, as in Steinke et al. The delta term of the theorem, at least
+2 m delta / v, keeps the p-value above it at far higher confidences (m = 1,000, delta = 1e-5:
+about 2e-4 for v = 100 correct guesses)."""
+
+GUESS_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2)
+"""k+ = k- = fraction x m guesses on each side, the grid fixed before any score is seen."""
+
+MNIST_CANARIES = 1000
+"""Canaries of the MNIST audit (k = 2048 subspace coordinates: their clipped gradients stay far
+from collinear)."""
+
+MNIST_CONFIGURATION: dict[str, Any] = {
+    "epsilon": 1.0,
+    "delta": 1e-5,
+    "subspace": "kronecker",
+    "k": 2048,
+    "rounds": 2,
+}
+"""``qem demo mnist``'s fine_tune options (the rest are fine_tune's defaults: GGN curvature,
+damping 1e-2, the public-quantile clip norm, the line search on the public validation split)."""
+
+SYNTHETIC_CONFIGURATION: dict[str, Any] = {
+    "epsilon": 1.0,
+    "delta": 1e-5,
+    "subspace": "identity",
+    "curvature": "identity",
+    "damping": 1.0,
+    "clip_norm": 1.0,
+    "prior_weight": 1.0,
+}
+
+
+@dataclass(frozen=True)
+class OneRunTask:
+    """What one run fine-tunes: the model, its per-example loss, public and validation data, the
+    private records without canaries, the m canaries, and fine_tune's options."""
+
+    name: str
+    model: nn.Module
+    public: tuple[torch.Tensor, torch.Tensor]
+    validation: tuple[torch.Tensor, torch.Tensor] | None
+    private: tuple[torch.Tensor, torch.Tensor]
+    canaries: tuple[torch.Tensor, torch.Tensor]
+    configuration: dict[str, Any]
+    loss_fn: Callable = cross_entropy
+
+    @property
+    def m(self) -> int:
+        return len(self.canaries[1])
+
+
+@dataclass(frozen=True)
+class OneRunResult:
+    """Outcome of a one-run audit (``scores`` and ``included`` are left out of ``to_dict``)."""
+
+    task: str
+    canaries: int
+    included_count: int
+    claimed_epsilon: float
+    accountant_epsilon: float
+    delta: float
+    confidence: float
+    bound: OneRunBound
+    verdict: str
+    seconds: float
+    noise_scale: float | None = None
+    seeded_bug: str | None = None
+    scores: np.ndarray = field(default=None, repr=False)
+    included: np.ndarray = field(default=None, repr=False)
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "PASS"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary."""
+        return {
+            "task": self.task,
+            "canaries": self.canaries,
+            "included": self.included_count,
+            "claimed_epsilon": self.claimed_epsilon,
+            "accountant_epsilon": self.accountant_epsilon,
+            "delta": self.delta,
+            "confidence": self.confidence,
+            "epsilon_lower_bound": self.bound.epsilon,
+            "guesses_per_side": self.bound.positive_guesses,
+            "correct_guesses": self.bound.correct,
+            "guess_grid": self.bound.candidates,
+            "verdict": self.verdict,
+            "seconds": self.seconds,
+            "noise_scale": self.noise_scale,
+            "seeded_bug": self.seeded_bug,
+        }
+
+
+def inclusion_coins(m: int) -> np.ndarray:
+    """m independent fair coins from the operating system's CSPRNG (``secrets``)."""
+    bits = secrets.randbits(m) if m > 0 else 0
+    return np.array([(bits >> i) & 1 for i in range(m)], dtype=bool)
+
+
+def one_run_audit(
+    task: OneRunTask,
+    *,
+    confidence: float = ONE_RUN_CONFIDENCE,
+    guess_fractions: tuple[float, ...] = GUESS_FRACTIONS,
+    noise_scale: float | None = None,
+    seeded_bug: str | None = None,
+    included: np.ndarray | None = None,
+) -> OneRunResult:
+    """One run of ``task`` with its canaries included by fresh OS coins (``included`` replaces
+    them: tests only), the canaries scored from the releases (module docstring) and the
+    Steinke-Nasr-Jagielski eps lower bound at the task's delta. ``noise_scale`` (audit-only)
+    multiplies the mechanism's noise std, ``seeded_bug`` plants a fault of
+    release_paths.SEEDED_BUGS, so that one can see the audit flag them."""
+    if not 0.5 < confidence < 1.0:
+        raise InvalidParameterError(f"confidence must lie in (0.5, 1), got {confidence!r}.")
+    if task.m < 2:
+        raise InvalidParameterError(f"a one-run audit needs at least 2 canaries, got {task.m}.")
+    config = {**task.configuration, "adjacency": "add_remove"}
+    if config.get("mode", "gdp") != "gdp" or "schedule" in config:
+        raise InvalidParameterError("the one-run audit scores sequential Gaussian-DP rounds.")
+    config.setdefault("N", len(task.private[1]) + task.m // 2)
+    start = time.perf_counter()
+    coins = inclusion_coins(task.m) if included is None else np.asarray(included, dtype=bool)
+    chosen = torch.from_numpy(np.flatnonzero(coins))
+    x, y = task.canaries
+    private = (torch.cat([task.private[0], x[chosen]]), torch.cat([task.private[1], y[chosen]]))
+    validation = {} if task.validation is None else {"validation_data": task.validation}
+    with (
+        release_paths.seeded_bug(seeded_bug),
+        release_paths.scaled_noise(noise_scale) if noise_scale is not None else nullcontext(),
+    ):
+        capture = release_paths.capture_run(
+            task.model, task.loss_fn, task.public, private, {**config, **validation}
+        )
+    scores = canary_scores(capture, task)
+    bound = one_run_bound(scores, coins, config["delta"], confidence, guess_fractions)
+    report = capture.result.report
+    return OneRunResult(
+        task=task.name,
+        canaries=task.m,
+        included_count=int(coins.sum()),
+        claimed_epsilon=float(config["epsilon"]),
+        accountant_epsilon=float(report.accountant["epsilon"]),
+        delta=float(config["delta"]),
+        confidence=confidence,
+        bound=bound,
+        verdict="FAIL" if bound.epsilon > config["epsilon"] else "PASS",
+        seconds=time.perf_counter() - start,
+        noise_scale=noise_scale,
+        seeded_bug=seeded_bug,
+        scores=scores,
+        included=coins,
+    )
+
+
+def canary_scores(capture: release_paths.Capture, task: OneRunTask) -> np.ndarray:
+    """s_i of the module docstring, summed over the captured rounds."""
+    scores = np.zeros(task.m)
+    for mechanism, context, w in zip(
+        capture.mechanisms, capture.passes, capture.releases, strict=True
+    ):
+        clipped = release_paths.per_example_clipped(task.canaries, context)
+        centre = release_paths.private_sum(task.private, context) + clipped.sum(axis=0) / 2.0
+        scores += -mechanism.beta * (clipped @ (w - mechanism.mean(centre)))
+    return scores
+
+
+# -- tasks --------------------------------------------------------------------------------------
+
+
+def mnist_canaries(
+    m: int, like: torch.Tensor, classes: int = 10, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """m images of uniform pixel noise over the value range of ``like`` (public images) with
+    uniformly random labels: public, seeded (the canaries are known; only their inclusion is
+    secret)."""
+    rng = np.random.default_rng(seed)
+    low, high = float(like.min()), float(like.max())
+    images = rng.uniform(low, high, (m, *like.shape[1:])).astype(np.float32)
+    return torch.from_numpy(images).to(like.dtype), torch.from_numpy(rng.integers(0, classes, m))
+
+
+def mnist_task(
+    canaries: int = MNIST_CANARIES,
+    *,
+    private_size: int | None = None,
+    cache_dir: str | None = None,
+    configuration: dict[str, Any] | None = None,
+) -> OneRunTask:
+    """The MNIST S1 scenario of ``qem demo mnist``: the CNN pretrained on the 1,000 public images
+    (cached), fine-tuned on the 49,000 private ones (``private_size`` fewer) plus the canaries,
+    with the demo's options (MNIST_CONFIGURATION) and its public validation split."""
+    from qem.datasets.mnist import load_mnist
+    from qem.datasets.scenarios import mnist_s1
+    from qem.pretrain import pretrained_mnist_cnn
+
+    scenario = mnist_s1(load_mnist(), seed=0, private_size=private_size or 49_000)
+    model = pretrained_mnist_cnn(scenario, cache_dir)
+    return OneRunTask(
+        name=f"mnist_s1 ({len(scenario.private_train[1])} records + {canaries} canaries)",
+        model=model,
+        public=scenario.public_train,
+        validation=scenario.public_valid,
+        private=scenario.private_train,
+        canaries=mnist_canaries(canaries, scenario.public_train[0]),
+        configuration={**MNIST_CONFIGURATION, **(configuration or {})},
+    )
+
+
+def synthetic_task(
+    canaries: int = 500,
+    *,
+    records: int = 200,
+    features: int = 4,
+    reach: float = 10.0,
+    configuration: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> OneRunTask:
+    """A small task on which one run takes seconds: a bias-free linear 2-class model at
+    theta0 = 0 over ``features`` data features and one feature per canary; canary i is
+    x = reach e_(features + i) with a random label, so that the canaries' gradients are
+    orthogonal to each other and to the data's, far above the clip norm."""
+    rng = np.random.default_rng(seed)
+    width = features + canaries
+
+    def records_of(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = np.zeros((n, width))
+        x[:, :features] = rng.standard_normal((n, features))
+        return torch.from_numpy(x), torch.from_numpy(rng.integers(0, 2, n))
+
+    model = nn.Linear(width, 2, bias=False).double()
+    with torch.no_grad():
+        model.weight.zero_()
+    x = torch.zeros(canaries, width, dtype=torch.float64)
+    x[torch.arange(canaries), features + torch.arange(canaries)] = reach
+    labels = torch.from_numpy(rng.integers(0, 2, canaries))
+    return OneRunTask(
+        name=f"synthetic ({records} records + {canaries} canaries)",
+        model=model,
+        public=records_of(100),
+        validation=None,
+        private=records_of(records),
+        canaries=(x, labels),
+        configuration={**SYNTHETIC_CONFIGURATION, **(configuration or {})},
+    )
