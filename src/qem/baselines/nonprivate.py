@@ -19,13 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from qem.baselines import (
-    baseline_result,
-    check_count,
-    check_requested_budget,
-    torch_generators,
-)
-from qem.checks import check_positive, parse_option
+from qem.baselines import baseline_result, check_requested_budget, torch_generators
+from qem.checks import check_count, check_positive, parse_option
 from qem.data import DataLike, as_dataset, batches, map_inputs, training_loader
 from qem.errors import InvalidParameterError
 from qem.finetune import FineTuneResult

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qem.checks import check_positive
+from qem.checks import check_count, check_positive
 from qem.data import (
     Batch,
     DataHasher,
@@ -33,7 +33,7 @@ from qem.data import (
     num_examples,
     take_rows,
 )
-from qem.errors import CurvatureError, InvalidParameterError, NonFiniteError
+from qem.errors import CurvatureError, NonFiniteError
 from qem.losses import check_per_example_loss
 from qem.model_calls import call_model
 from qem.parameters import check_finite_parameters
@@ -65,9 +65,7 @@ class Curvature(ABC):
         self.damping = check_positive(
             "damping gamma", damping, "Pass a positive damping so that A is positive definite."
         )
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-            raise InvalidParameterError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
-        self.batch_size = int(batch_size)
+        self.batch_size = check_count("batch_size", batch_size)
         self.progress = bool(progress)
         self.n_public: int | None = None
         self.public_data_fingerprint: str | None = None

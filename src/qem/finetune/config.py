@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qem.checks import check_count, check_positive, parse_option
+from qem.checks import check_count, check_in_interval, check_positive, parse_option
 from qem.data import DataLike
 from qem.errors import InvalidParameterError
 from qem.privacy.sensitivity import ClipNorm
@@ -73,8 +73,7 @@ class StepRule:
     def __post_init__(self) -> None:
         if self.prior_weight is not None:
             check_positive("prior_weight lam", self.prior_weight)
-        if not (isinstance(self.momentum, int | float) and 0.0 <= self.momentum < 1.0):
-            raise InvalidParameterError(f"momentum must lie in [0, 1), got {self.momentum!r}.")
+        check_in_interval("momentum", self.momentum, 0.0, 1.0, closed="low")
         if self.line_search_size is not None:
             check_count("line_search_size", self.line_search_size)
 
