@@ -9,7 +9,9 @@ and curvature (with the fingerprint of the public data), and post-processing of 
 
 :class:`Diagnostics` holds what is NOT safe to publish: wall-clock seconds per phase (under
 add/remove they reveal the private record count; with a Poisson schedule, the realised batch
-sizes). It is written to ``diagnostics.json``, labelled as such.
+sizes), the number of invalid private records of each round (shown to the person running qem,
+who holds the data) and the reproducibility seed (anyone who knows it can regenerate the
+noise). It is written to ``diagnostics.json``, labelled as such.
 """
 
 from __future__ import annotations
@@ -145,6 +147,8 @@ class Diagnostics:
 
     seconds: dict[str, float] = field(default_factory=dict)
     round_seconds: list[dict[str, float]] = field(default_factory=list)
+    invalid_records: list[int] = field(default_factory=list)
+    seed: int | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -35,12 +35,13 @@ from torch.utils.data import Subset
 
 from qem.data import DataLike
 from qem.distributed import process_group
-from qem.errors import SpentBudgetError
+from qem.errors import PrivacyWarning, SpentBudgetError
 from qem.finetune.config import Noise, Performance, PrivatePass, StepRule
 from qem.finetune.inputs import RunData
+from qem.finetune.preflight import preflight
 from qem.finetune.record import RunRecord
-from qem.finetune.result import FineTuneResult, ZeroStepWarning
-from qem.finetune.round_log import log_round, zero_step_message
+from qem.finetune.result import FineTuneResult, InvalidRecordsWarning, ZeroStepWarning
+from qem.finetune.round_log import invalid_records_message, log_round, zero_step_message
 from qem.finetune.step import Stepper
 from qem.mechanism import QuadraticExponentialMechanism, SecureNoise
 from qem.model_calls import resolve_device
@@ -102,6 +103,14 @@ class RoundEngine:
         on_release: Callable[[FineTuneResult], None] | None,
     ) -> None:
         check_finite_parameters(model)
+        if noise.seed is not None and noise.enabled:
+            warnings.warn(
+                f"seed={noise.seed}: the noise (and Poisson sampling) is reproducible, so the "
+                "release is NOT private against anyone who knows the seed; the report says so, "
+                "and the seed is kept in diagnostics.json only. Drop the seed for a private run.",
+                PrivacyWarning,
+                stacklevel=4,
+            )
         redraw_every = public.redraw_every(schedule.same_records_every_round)
         self.searches = step.searches(budget.mode)
         self.data = RunData.build(
@@ -120,7 +129,7 @@ class RoundEngine:
         self.batch_size = performance.batch_size
         target = resolve_device(performance.device, model)
         self.model = copy.deepcopy(model).to(target).eval()
-        self.data.probe(self.model, loss_fn)
+        preflight(self.model, loss_fn, self.data)
         self.ledger = PrivacyLedger(self.plan)
         self.record = RunRecord(
             plan=self.plan, ledger=self.ledger, clipping=private.clipping, damping=public.damping,
@@ -151,6 +160,7 @@ class RoundEngine:
             timer.lap("private_pass")
             mechanism, preview = self._mechanism(executed, public)
             w = self._draw(mechanism, statistics, public.basis.k)
+            invalid = statistics.invalid_count  # for the curator's diagnostics only
             del statistics  # nothing private outlives the draw
             self.ledger.record(executed)
             timer.lap("mechanism")
@@ -159,9 +169,11 @@ class RoundEngine:
                 self.on_release(self.record.result(self.model, self.public_side, done=False))
             alpha, val_loss = self._step(executed, public, w)
             timer.lap("line_search")
-            self.record.finish_round(alpha, val_loss, timer.seconds)
+            self.record.finish_round(alpha, val_loss, timer.seconds, invalid)
             if self.group.is_root:
-                self._tell(executed, alpha, total, timer)
+                log_round(self.record.records[-1], total, timer.seconds)
+        if self.group.is_root:
+            self._warn_once()
         return self.record.result(self.model, self.public_side, done=True)
 
     def _private_pass(self, executed: Round, public: RoundPublic) -> GradientStatistics:
@@ -222,12 +234,15 @@ class RoundEngine:
             ) from error
         return alpha, None if np.isnan(val_loss) else val_loss
 
-    def _tell(self, executed: Round, alpha: float, total: int, timer: PhaseTimer) -> None:
-        """The round's log lines, and the warning when its release was not applied."""
-        log_round(self.record.records[-1], total, timer.seconds)
-        if alpha == 0.0 and self.searches:
-            warnings.warn(
-                zero_step_message(executed.index + 1, self.data.validation_source),
-                ZeroStepWarning,
-                stacklevel=5,  # the caller of fine_tune
-            )
+    def _warn_once(self) -> None:
+        """At the end of the run, one warning per kind: the rounds whose release was not applied
+        (step length 0), and the private records that were invalid (their count is shown to the
+        person running qem, who holds the data, and written to diagnostics.json; it is never
+        part of the privacy report)."""
+        zero = [r.round for r in self.record.records if r.step_length == 0.0]
+        if zero and self.searches:
+            message = zero_step_message(zero, len(self.record.records), self.data.validation_source)
+            warnings.warn(message, ZeroStepWarning, stacklevel=4)  # the caller of fine_tune
+        invalid = self.record.diagnostics.invalid_records
+        if any(invalid):
+            warnings.warn(invalid_records_message(invalid), InvalidRecordsWarning, stacklevel=4)
