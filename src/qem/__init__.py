@@ -1,8 +1,8 @@
 """qem: differentially private fine-tuning by exact sampling from a quadratic exponential
 mechanism (see docs/theory.md).
 
-``qem.fine_tune``, ``qem.check_data`` and ``qem.load`` are imported lazily, so that ``qem.privacy`` and
-``qem.mechanism`` stay usable without loading torch.
+``qem.fine_tune``, ``qem.check_data`` and ``qem.load`` are imported lazily, so that
+``qem.privacy`` and ``qem.mechanism`` stay usable without loading torch.
 """
 
 from __future__ import annotations
