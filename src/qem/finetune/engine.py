@@ -42,6 +42,7 @@ from qem.finetune.record import RunRecord
 from qem.finetune.result import FineTuneResult, ZeroStepWarning
 from qem.finetune.round_log import log_round, zero_step_message
 from qem.finetune.step import Stepper
+from qem.losses import LossFn
 from qem.mechanism import QuadraticExponentialMechanism, SecureNoise
 from qem.model_calls import resolve_device
 from qem.parameters import check_finite_parameters
@@ -53,7 +54,6 @@ from qem.public.side import PublicSideState, RoundPublic
 from qem.schedules import Round, Schedule
 from qem.seeds import SeedTree
 from qem.statistics import GradientStatistics, private_gradient_sum
-from qem.subspace.base import LossFn
 from qem.timing import PhaseTimer
 
 

@@ -13,9 +13,8 @@ from torch.utils.data import Dataset, Subset
 from qem.data import DataLike, as_dataset, batches, known_targets
 from qem.errors import InvalidParameterError
 from qem.labels import check_targets
-from qem.losses import check_per_example_loss
+from qem.losses import LossFn, check_per_example_loss
 from qem.model_calls import call_model, on_model_device
-from qem.subspace.base import LossFn
 
 HOLDOUT_FRACTION, HOLDOUT_MAX = 0.2, 2000
 """Without validation data, the last min(20%, 2000) public examples are held out for the
