@@ -1,10 +1,15 @@
 """The per-example gradient engine (qem.per_example): conv patches against F.unfold and the
-convolution itself, the layer registry (a new layer type is one registration) and the capture
-of backprops across in-place operations."""
+convolution itself, the layer registry (a new layer type is one registration), the capture of
+backprops across in-place operations, and the thread count on a shared machine."""
 
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +19,8 @@ from torch import nn
 from qem.curvature import KFAC
 from qem.errors import UnsupportedModelError
 from qem.losses import cross_entropy
-from qem.per_example import backpropagate, record_calls
+from qem.per_example import backpropagate, free_cores, record_calls, shared_machine_threads
+from qem.per_example import threads as threads_module
 from qem.per_example.layers import LayerType, check_layer, layer_type, registry
 from qem.per_example.layers.conv2d import conv_patches
 from qem.subspace import Kronecker, Subspace
@@ -156,3 +162,51 @@ def test_backpropagate_stops_at_the_recorded_outputs():
     assert [call.activation.shape for call in recording["shared"]] == [(4, 3), (4, 3)]
     torch.testing.assert_close(recording["shared"][1].backprop, 2 * second.detach())
     torch.testing.assert_close(recording["shared"][0].backprop, expected_first)
+
+
+def test_free_cores_leaves_the_cores_other_threads_use(monkeypatch):
+    """cpus - (runnable threads machine-wide - this process's), within [1, limit]."""
+    assert threads_module.cores_left(cpus=2, others=0, limit=2) == 2
+    assert threads_module.cores_left(cpus=2, others=1, limit=2) == 1
+    assert threads_module.cores_left(cpus=2, others=5, limit=2) == 1
+    assert threads_module.cores_left(cpus=8, others=3, limit=4) == 4
+    assert threads_module.cores_left(cpus=8, others=-1, limit=16) == 8
+    monkeypatch.setattr(threads_module, "_running_threads", lambda: 3)
+    monkeypatch.setattr(threads_module, "_running_threads_of_this_process", lambda: 1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert free_cores(limit=3) == 1
+
+    def missing() -> int:
+        raise FileNotFoundError("/proc/loadavg")
+
+    monkeypatch.setattr(threads_module, "_running_threads", missing)
+    assert free_cores(limit=3) == 3
+
+
+def test_shared_machine_threads_sets_and_restores_torch_threads(monkeypatch):
+    previous = torch.get_num_threads()
+    monkeypatch.setattr(threads_module, "free_cores", lambda limit: 1)
+    torch.set_num_threads(2)
+    try:
+        with shared_machine_threads() as threads:
+            assert threads == torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv(threads_module.ADAPTIVE_VARIABLE, "0")
+        with shared_machine_threads() as threads:
+            assert threads == torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.skipif(not Path("/proc/loadavg").exists(), reason="reads Linux /proc")
+def test_free_cores_sees_busy_processes():
+    """With two busy loops running, at most cpus - 2 cores are free (at least 1)."""
+    cpus = len(os.sched_getaffinity(0))
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        time.sleep(0.3)
+        assert free_cores(limit=cpus) <= max(1, cpus - 2)
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()

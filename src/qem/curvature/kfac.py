@@ -44,6 +44,7 @@ from qem.per_example import (
     backpropagate,
     check_recording,
     record_calls,
+    shared_machine_threads,
 )
 from qem.per_example.layers import layer_type
 from qem.subspace.base import Subspace
@@ -149,7 +150,8 @@ class KFAC(Curvature):
             for inputs, targets in self.public_batches(
                 model, loss_fn, reference, public_data, hasher
             ):
-                _accumulate(model, loss_fn, layers, inputs, targets, sums, positions)
+                with shared_machine_threads():
+                    _accumulate(model, loss_fn, layers, inputs, targets, sums, positions)
         for name, factors in sums.items():
             check_finite(factors.output, self.kind)
             check_finite(factors.input, self.kind)

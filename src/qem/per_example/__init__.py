@@ -7,7 +7,8 @@
 - ``generic``: the torch.func vmap path for any model, one example at a time when vmap
   cannot batch it;
 - ``independence``: the checks that examples do not interact (batch statistics, the
-  data-independent mixing probe of the hooked path).
+  data-independent mixing probe of the hooked path);
+- ``threads``: how many intra-op threads the per-example passes use on a shared machine.
 """
 
 from qem.per_example.capture import (
@@ -24,6 +25,7 @@ from qem.per_example.independence import (
     MixingCheck,
     check_examples_independent,
 )
+from qem.per_example.threads import free_cores, shared_machine_threads
 
 __all__ = [
     "HookedGradients",
@@ -34,7 +36,9 @@ __all__ = [
     "backpropagate",
     "check_examples_independent",
     "check_recording",
+    "free_cores",
     "per_example_losses",
     "record_calls",
+    "shared_machine_threads",
     "vmapped_gradients",
 ]

@@ -20,7 +20,7 @@ from qem.errors import InvalidParameterError, ShapeError, UnsupportedModelError
 from qem.losses import LossFn
 from qem.model_calls import ModelCall, call_functional
 from qem.parameters import Layers, describe_layers, flatten, select_parameters, unflatten
-from qem.per_example import check_examples_independent, vmapped_gradients
+from qem.per_example import check_examples_independent, shared_machine_threads, vmapped_gradients
 
 
 class Subspace(ABC):
@@ -156,13 +156,15 @@ class Subspace(ABC):
 
         Generic path (qem.per_example.vmapped_gradients): ``torch.func.vmap`` over ``grad``
         of the one-example loss, the other parameters and buffers held fixed, or ``grad`` one
-        example at a time for a model vmap cannot batch; flattened and projected. Subclasses
-        with a cheaper structure (Kronecker) override this.
+        example at a time for a model vmap cannot batch; flattened and projected, on the
+        threads other processes leave free (qem.per_example.shared_machine_threads).
+        Subclasses with a cheaper structure (Kronecker) override this.
         """
         check_examples_independent(model)
         theta, call = self.functional(model)
-        grads = vmapped_gradients(model, call, theta, loss_fn, inputs, targets)
-        return self.project_parameter_dict(grads, batch_dims=1)
+        with shared_machine_threads():
+            grads = vmapped_gradients(model, call, theta, loss_fn, inputs, targets)
+            return self.project_parameter_dict(grads, batch_dims=1)
 
 
 def add_to_parameters(

@@ -25,6 +25,7 @@ from qem.per_example import (
     check_recording,
     per_example_losses,
     record_calls,
+    shared_machine_threads,
 )
 from qem.per_example.layers import check_layer, layer_type, supported_names
 from qem.subspace.base import Subspace
@@ -185,13 +186,15 @@ class Kronecker(Subspace):
     ) -> torch.Tensor:
         """g_i = P^T grad loss_i, (B, k) float64, from hooked activations and backprops, after
         checking (once per model configuration) that the model does not mix examples; the loss
-        cannot mix them either (``per_example_losses``)."""
+        cannot mix them either (``per_example_losses``); on the threads other processes leave
+        free (qem.per_example.shared_machine_threads)."""
         check_examples_independent(model)
         dtype = next(iter(self.parameters_of(model).values())).dtype
-        self._mixing(model, inputs, partial(self._hooked_gradients, model), dtype)
-        return self._hooked_gradients(
-            model, lambda outputs: per_example_losses(loss_fn, outputs, targets), inputs
-        )
+        with shared_machine_threads():
+            self._mixing(model, inputs, partial(self._hooked_gradients, model), dtype)
+            return self._hooked_gradients(
+                model, lambda outputs: per_example_losses(loss_fn, outputs, targets), inputs
+            )
 
     def _hooked_gradients(
         self, model: nn.Module, losses_of: LossesOf, inputs: Inputs
