@@ -238,7 +238,8 @@ class Kronecker(Subspace):
             backprop = call.backprop.to(device=self.device, dtype=activation.dtype)
             p_in, p_out = layer.factors_in(activation.dtype)
             cols = layer.weight_cols
-            p_a, p_delta = rule.projected(module, activation, backprop, p_in[:cols], p_out)
+            p_a = rule.projected_inputs(module, activation, p_in[:cols])
+            p_delta = rule.projected_backprops(module, backprop, p_out)
             if layer.bias is not None:
                 p_a = p_a + p_in[cols]
             block += p_delta.transpose(1, 2) @ p_a  # (B, k_out, k_in), summed in float64

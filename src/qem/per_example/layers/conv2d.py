@@ -28,19 +28,18 @@ class Conv2d(LayerType):
     def backprops(self, module: nn.Module, backprop: torch.Tensor) -> torch.Tensor:
         return backprop.reshape(backprop.shape[0], backprop.shape[1], -1).transpose(1, 2)
 
-    def projected(
-        self,
-        module: nn.Module,
-        activation: torch.Tensor,
-        backprop: torch.Tensor,
-        p_in: torch.Tensor,
-        p_out: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both sides projected channel-first, (P^T patches)^T, without transposing the
-        patches: (B, L, k_in) and (B, L, k_out)."""
-        patches = conv_patches(module, activation)
+    def projected_inputs(
+        self, module: nn.Module, activation: torch.Tensor, basis: torch.Tensor
+    ) -> torch.Tensor:
+        """(P_in^T patches)^T, (B, L, k_in): projected channel-first, the patches untransposed."""
+        return (basis.T @ conv_patches(module, activation)).transpose(1, 2)
+
+    def projected_backprops(
+        self, module: nn.Module, backprop: torch.Tensor, basis: torch.Tensor
+    ) -> torch.Tensor:
+        """(P_out^T delta)^T, (B, L, k_out), projected channel-first."""
         delta = backprop.reshape(backprop.shape[0], backprop.shape[1], -1)
-        return (p_in.T @ patches).transpose(1, 2), (p_out.T @ delta).transpose(1, 2)
+        return (basis.T @ delta).transpose(1, 2)
 
 
 def conv_patches(module: nn.Conv2d, activation: torch.Tensor) -> torch.Tensor:

@@ -39,17 +39,18 @@ class LayerType(ABC):
     def backprops(self, module: nn.Module, backprop: torch.Tensor) -> torch.Tensor:
         """delta: (B, L, out), d loss / d output at each position, in the order of ``inputs``."""
 
-    def projected(
-        self,
-        module: nn.Module,
-        activation: torch.Tensor,
-        backprop: torch.Tensor,
-        p_in: torch.Tensor,
-        p_out: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a P_in (B, L, k_in), delta P_out (B, L, k_out)) for P_in (in_features, k_in) and
-        P_out (out, k_out); a type with a cheaper route (Conv2d) overrides it."""
-        return self.inputs(module, activation) @ p_in, self.backprops(module, backprop) @ p_out
+    def projected_inputs(
+        self, module: nn.Module, activation: torch.Tensor, basis: torch.Tensor
+    ) -> torch.Tensor:
+        """a P_in: (B, L, k_in) for P_in (in_features, k_in); a type with a cheaper route than
+        ``inputs`` then a product (Conv2d) overrides it."""
+        return self.inputs(module, activation) @ basis
+
+    def projected_backprops(
+        self, module: nn.Module, backprop: torch.Tensor, basis: torch.Tensor
+    ) -> torch.Tensor:
+        """delta P_out: (B, L, k_out) for P_out (out, k_out)."""
+        return self.backprops(module, backprop) @ basis
 
 
 _TYPES: dict[type[nn.Module], LayerType] = {}
