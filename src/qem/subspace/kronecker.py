@@ -56,7 +56,7 @@ class KroneckerLayer:
         """Columns of G that come from the weight."""
         return self.in_dim - (self.bias is not None)
 
-    def factors_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors_as(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(P_in, P_out) in ``dtype``, converted once per dtype (the model's precision)."""
         if dtype not in self._cast:
             self._cast[dtype] = (self.p_in.to(dtype), self.p_out.to(dtype))
@@ -236,7 +236,7 @@ class Kronecker(Subspace):
             # more precise); clipping and sums downstream are float64.
             activation = call.activation.to(device=self.device)
             backprop = call.backprop.to(device=self.device, dtype=activation.dtype)
-            p_in, p_out = layer.factors_in(activation.dtype)
+            p_in, p_out = layer.factors_as(activation.dtype)
             cols = layer.weight_cols
             p_a = rule.projected_inputs(module, activation, p_in[:cols])
             p_delta = rule.projected_backprops(module, backprop, p_out)
