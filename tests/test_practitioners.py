@@ -17,7 +17,7 @@ from qem.errors import DataError, InvalidParameterError, UnsupportedModelError
 from qem.finetune import FineTuneResult, fine_tune
 from qem.losses import cross_entropy
 from qem.metrics import evaluate_accuracy, predict
-from qem.subspace.base import _NOT_VMAPPABLE as NOT_VMAPPABLE
+from qem.per_example.generic import _NOT_VMAPPABLE as NOT_VMAPPABLE
 from qem.subspace.base import Subspace
 from qem.subspace.factory import make_subspace
 from qem.subspace.kronecker import Kronecker

@@ -19,8 +19,8 @@ from torch import nn
 
 from qem.data import DataLike, as_dataset, batches, input_entries, take_rows
 from qem.labels import label_errors
+from qem.losses import LossFn
 from qem.model_calls import call_model, on_model_device
-from qem.subspace.base import LossFn
 from qem.subspace.factory import make_subspace
 
 

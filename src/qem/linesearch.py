@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from qem.data import DataLike
+from qem.losses import LossFn
 from qem.metrics import evaluate_loss
-from qem.subspace.base import LossFn
 
 MIN_STEP, MAX_STEP = 2.0**-8, 2.0**20
 """Range of the positive step lengths alpha the search tries (besides alpha = 0)."""

@@ -16,8 +16,8 @@ from torch import nn
 
 from qem.data import Batch, DataLike, as_dataset, batches, map_inputs
 from qem.errors import DataError, InvalidParameterError, NonFiniteError
+from qem.losses import LossFn
 from qem.model_calls import call_model, on_model_device
-from qem.subspace.base import LossFn
 
 
 def model_batches(

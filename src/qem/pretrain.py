@@ -22,10 +22,9 @@ from tqdm.auto import tqdm
 from qem.data import DataLike, as_dataset, fingerprint
 from qem.errors import DataError, InvalidParameterError, NonFiniteError
 from qem.io import read_state_dict, state_dict_bytes, write_atomically
-from qem.losses import cross_entropy
+from qem.losses import LossFn, cross_entropy
 from qem.metrics import model_batches
 from qem.model_calls import call_model
-from qem.subspace.base import LossFn
 
 CACHE_DIR_VARIABLE = "QEM_CACHE_DIR"
 """The environment variable that, when set, names the default cache directory."""

@@ -20,15 +20,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from qem.curvature.base import eval_mode
 from qem.data import DataLike, Inputs, as_dataset, batch_size_of, batches, take_rows
 from qem.errors import DataError, InvalidParameterError
 from qem.labels import label_errors
+from qem.losses import LossFn
 from qem.mechanism.clipping import clip_gradients
-from qem.model_calls import call_model, on_model_device
+from qem.model_calls import call_model, eval_mode, on_model_device
 from qem.privacy.sensitivity import ClipNorm
 from qem.progress import progress_bar
-from qem.subspace.base import LossFn, Subspace
+from qem.subspace.base import Subspace
 
 
 class InvalidRecords(StrEnum):

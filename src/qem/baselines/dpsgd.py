@@ -58,7 +58,7 @@ from qem.data import DataLike, as_dataset, batches, training_loader
 from qem.errors import InvalidParameterError, UnsupportedModelError
 from qem.extras import import_extra
 from qem.finetune import FineTuneResult
-from qem.losses import check_per_example_loss
+from qem.losses import LossFn, check_per_example_loss
 from qem.model_calls import call_model
 from qem.parameters import check_finite_parameters
 from qem.privacy.calibration import (
@@ -70,7 +70,6 @@ from qem.privacy.gdp import warn_large_delta
 from qem.privacy.ledger import accountant_block
 from qem.privacy.pld import PLD_DISCRETIZATION, neighboring_relation
 from qem.privacy.sensitivity import Adjacency
-from qem.subspace.base import LossFn
 from qem.timing import PhaseTimer
 
 if TYPE_CHECKING:

@@ -24,12 +24,11 @@ from qem.checks import check_count, check_positive, parse_option
 from qem.data import DataLike, as_dataset, batches, map_inputs, training_loader
 from qem.errors import InvalidParameterError
 from qem.finetune import FineTuneResult
-from qem.losses import check_per_example_loss
+from qem.losses import LossFn, check_per_example_loss
 from qem.metrics import evaluate_loss
 from qem.model_calls import call_model
 from qem.parameters import check_finite_parameters
 from qem.privacy.sensitivity import Adjacency
-from qem.subspace.base import LossFn
 from qem.timing import PhaseTimer
 
 

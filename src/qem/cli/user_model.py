@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qem.curvature.base import eval_mode
 from qem.errors import DataError, InvalidParameterError, UnsupportedModelError
+from qem.model_calls import eval_mode
 from qem.model_files import load_exported_model
 
 EXPORT_RECIPE = (

@@ -12,7 +12,6 @@ the result, and fingerprints the public data it used for the privacy report.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -34,23 +33,11 @@ from qem.data import (
     take_rows,
 )
 from qem.errors import CurvatureError, NonFiniteError
-from qem.losses import check_per_example_loss
-from qem.model_calls import call_model
+from qem.losses import LossFn, check_per_example_loss
+from qem.model_calls import call_model, eval_mode
 from qem.parameters import check_finite_parameters
 from qem.quadratic import PublicQuadratic
-from qem.subspace.base import LossFn, Subspace
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode for the duration; restore each one's flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.train(training)
+from qem.subspace.base import Subspace
 
 
 class Curvature(ABC):

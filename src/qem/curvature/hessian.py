@@ -16,8 +16,9 @@ from torch.func import grad, jvp, vmap
 from qem.checks import check_count
 from qem.curvature.base import DataCurvature
 from qem.data import Inputs
+from qem.losses import LossFn
 from qem.parameters import flatten
-from qem.subspace.base import LossFn, Subspace
+from qem.subspace.base import Subspace
 
 
 class Hessian(DataCurvature):

@@ -69,11 +69,10 @@ from qem.experiments.config import (
 )
 from qem.io import load as load_saved_run
 from qem.io import save_run, write_atomically
-from qem.losses import LOSSES
+from qem.losses import LOSSES, LossFn
 from qem.metrics import evaluate_loss, evaluate_metric
 from qem.privacy.ledger import total_spent
 from qem.report import report_as_dict
-from qem.subspace.base import LossFn
 
 CELLS_DIR = "cells"
 RESULTS_FILE = "results.json"

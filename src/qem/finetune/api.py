@@ -16,11 +16,12 @@ from qem.errors import InvalidParameterError
 from qem.finetune.config import Noise, Performance, PrivatePass, StepRule
 from qem.finetune.engine import run_rounds
 from qem.finetune.result import FineTuneResult
+from qem.losses import LossFn
 from qem.parameters import Layers
 from qem.privacy.budget import Budget
 from qem.public.config import PublicSide
 from qem.schedules import Schedule, make_schedule, partitioned, sequential
-from qem.subspace.base import LossFn, Subspace
+from qem.subspace.base import Subspace
 
 
 def fine_tune(

@@ -43,6 +43,7 @@ from qem.finetune.record import RunRecord
 from qem.finetune.result import FineTuneResult, InvalidRecordsWarning, ZeroStepWarning
 from qem.finetune.round_log import invalid_records_message, log_round, zero_step_message
 from qem.finetune.step import Stepper
+from qem.losses import LossFn
 from qem.mechanism import QuadraticExponentialMechanism, SecureNoise
 from qem.model_calls import resolve_device
 from qem.parameters import check_finite_parameters
@@ -54,7 +55,6 @@ from qem.public.side import PublicSideState, RoundPublic
 from qem.schedules import Round, Schedule
 from qem.seeds import SeedTree
 from qem.statistics import GradientStatistics, private_gradient_sum
-from qem.subspace.base import LossFn
 from qem.timing import PhaseTimer
 
 

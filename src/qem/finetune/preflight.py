@@ -23,10 +23,9 @@ from qem.data import batches, input_entries, known_targets
 from qem.errors import DataError, ShapeError
 from qem.finetune.inputs import RunData
 from qem.labels import check_targets, label_errors
-from qem.losses import check_per_example_loss
+from qem.losses import LossFn, check_per_example_loss
 from qem.metrics import evaluate_loss
 from qem.model_calls import call_model, on_model_device
-from qem.subspace.base import LossFn
 
 PROBE_ROWS = 2
 """Rows of each data set the structural checks read."""

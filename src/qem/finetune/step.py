@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from qem.linesearch import line_search_step
-from qem.subspace.base import LossFn, Subspace, add_to_parameters
+from qem.losses import LossFn
+from qem.subspace.base import Subspace, add_to_parameters
 
 
 @dataclass

@@ -11,15 +11,15 @@ import torch
 from torch import nn
 
 from qem.checks import check_in_interval
-from qem.curvature.base import eval_mode
 from qem.data import DataLike, as_dataset, batches, take_rows
 from qem.errors import DataError, NonFiniteError
 from qem.labels import check_targets
-from qem.model_calls import call_model, on_model_device
+from qem.losses import LossFn
+from qem.model_calls import call_model, eval_mode, on_model_device
 from qem.privacy.sensitivity import ClipNorm
 from qem.progress import progress_bar
 from qem.statistics import projected_gradients, whitening
-from qem.subspace.base import LossFn, Subspace
+from qem.subspace.base import Subspace
 
 
 def public_gradient_batches(

@@ -24,11 +24,12 @@ from torch.utils.data import Dataset
 from qem.curvature.base import Curvature
 from qem.curvature.factory import make_curvature
 from qem.distributed import LocalProcess
+from qem.losses import LossFn
 from qem.privacy.sensitivity import ClipNorm
 from qem.public.clip_norm import public_clip_norm
 from qem.public.config import PublicSide
 from qem.quadratic import PublicQuadratic
-from qem.subspace.base import LossFn, Subspace
+from qem.subspace.base import Subspace
 from qem.subspace.factory import make_subspace
 from qem.timing import PhaseTimer
 
