@@ -151,7 +151,7 @@ def test_finetune_writes_model_and_report(capsys, user_files):
     assert out["report"]["epsilon"] == 2.0 and out["report"]["k"] == 8
     assert 0.0 <= out["finetuned_test_accuracy"] <= 1.0
     saved = load(out_dir)
-    assert saved.report == out["report"]
+    assert saved.report.to_dict() == out["report"]
     assert main(argv) == 2  # the output directory exists now
     assert "exists" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
