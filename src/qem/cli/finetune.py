@@ -22,11 +22,11 @@ EXPORT_EXAMPLE_ROWS = 8
 """Public rows traced by ``--export-pt2`` (any number >= 2: the batch dimension is dynamic)."""
 
 CONVERSIONS = (
-    "Conversions (each one applied is logged with -v): integer and boolean inputs keep their "
-    "dtype (token ids stay integers; uint16/32/64 become int64); uint8 inputs are divided by "
-    "255 only with --scale-uint8 (IDX images always are); floating inputs take the model's "
-    "floating dtype; integer targets become int64 class labels, floating targets the model's "
-    "dtype."
+    "Conversions (each one applied is logged with -v): integer inputs stay integers, as int64 "
+    "(token ids, as nn.Embedding takes them), boolean ones boolean; uint8 inputs are divided "
+    "by 255 into floats only with --scale-uint8 (IDX images always are); floating inputs take "
+    "the model's floating dtype; integer targets become int64 class labels, floating targets "
+    "the model's dtype."
 )
 """What reading a data file converts (qem.datasets.files), for --help."""
 
@@ -54,31 +54,9 @@ def add_parser(subparsers) -> None:
             "qem.cli.main finetune --distributed ... (rank 0 writes --out)."
         ),
     )
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        required=True,
-        help="module:factory (a callable without arguments returning an nn.Module; the module "
-        "is looked up in the current directory, then on PYTHONPATH) or a torch.export program "
-        f"file (.pt2) written by: {EXPORT_RECIPE}",
-    )
-    model.add_argument(
-        "--state-dict",
-        help="pretrained weights for a module:factory model: a .safetensors file or a .pt of "
-        "torch.save(model.state_dict()) (read without unpickling code)",
-    )
-    model.add_argument("--loss", choices=LOSS_NAMES, default="cross_entropy")
-    data = parser.add_argument_group("data")
-    data.add_argument("--public", required=True, help="public data (curvature, clip norm)")
+    data = add_model_and_public_arguments(parser, required=True)
     data.add_argument("--private", required=True, help="private data")
-    data.add_argument("--validation", help="public validation data for the step length")
     data.add_argument("--test", help="optional test data: report accuracy before/after")
-    data.add_argument(
-        "--scale-uint8",
-        action="store_true",
-        help="divide uint8 inputs of NPZ files by 255 into the model's floating dtype (images "
-        "stored as bytes; default: uint8 stays integer, e.g. token ids)",
-    )
     add_fine_tune_arguments(parser)
     output = parser.add_argument_group("output")
     output.add_argument("--out", required=True, help="output directory (must not exist)")
@@ -97,6 +75,38 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
+def add_model_and_public_arguments(
+    parser: argparse.ArgumentParser, *, required: bool
+) -> argparse._ArgumentGroup:
+    """--model, --state-dict, --loss (group "model"), --public, --validation and
+    --scale-uint8 (group "data", returned): the model and the public data, as ``qem
+    finetune`` and ``qem preview`` take them (``required``: --model and --public)."""
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        required=required,
+        help="module:factory (a callable without arguments returning an nn.Module; the module "
+        "is looked up in the current directory, then on PYTHONPATH) or a torch.export program "
+        f"file (.pt2) written by: {EXPORT_RECIPE}",
+    )
+    model.add_argument(
+        "--state-dict",
+        help="pretrained weights for a module:factory model: a .safetensors file or a .pt of "
+        "torch.save(model.state_dict()) (read without unpickling code)",
+    )
+    model.add_argument("--loss", choices=LOSS_NAMES, default="cross_entropy")
+    data = parser.add_argument_group("data")
+    data.add_argument("--public", required=required, help="public data (curvature, clip norm)")
+    data.add_argument("--validation", help="public validation data for the step length")
+    data.add_argument(
+        "--scale-uint8",
+        action="store_true",
+        help="divide uint8 inputs of NPZ files by 255 into the model's floating dtype (images "
+        "stored as bytes; default: uint8 stays integer, e.g. token ids)",
+    )
+    return data
+
+
 def run(args: argparse.Namespace) -> int:
     """In this order: check the option values, that the data files exist and (without
     --distributed) the output location, all before torch is imported; build the model and
@@ -108,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     _check_data_paths(args)
     if kwargs["distributed"] is not True:  # with it, rank 0 checks once the group is up
         check_output_path(args.out, args.overwrite)
-    from qem.cli.user_data import first_inputs, load_data
+    from qem.cli.user_data import first_inputs
     from qem.cli.user_model import load_model, probe_public
     from qem.finetune import fine_tune
     from qem.losses import LOSSES
@@ -117,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = _checked_on_root(ranks, args.out, args.overwrite)  # before any private data
         model = load_model(args.model, args.state_dict)
-        read = _reader(args, model, load_data)
+        read = data_reader(args, model)
         public = read(args.public, "--public")
         probe = first_inputs(public, 3)
         probe_public(model, probe, args.model)
@@ -158,10 +168,12 @@ def _check_data_paths(args: argparse.Namespace) -> None:
             raise DataError(f"--{option} {spec}: no file {missing[0]}.")
 
 
-def _reader(args: argparse.Namespace, model, load_data):
-    """``read(spec, option, addressable=False)``: the data ``spec`` names, floating inputs in
-    the model's floating dtype."""
+def data_reader(args: argparse.Namespace, model):
+    """``read(spec, option, addressable=False)``: the data ``spec`` names (qem.cli.user_data),
+    floating inputs in the model's floating dtype, uint8 scaled with --scale-uint8."""
     import torch
+
+    from qem.cli.user_data import load_data
 
     floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
     float_dtype = floating[0] if floating else torch.float32

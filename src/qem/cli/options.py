@@ -292,7 +292,7 @@ def add_options(
 ) -> None:
     """Declare ``options`` on ``parser`` in their groups. An option without an entry in
     ``defaults`` is required; ``overrides[keyword]`` replaces argparse settings of one option
-    (default, choices, help)."""
+    (default, choices, help, and "flags": its option strings)."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for option in options:
         if option.group not in groups:
@@ -310,10 +310,11 @@ def add_options(
         else:
             settings["required"] = True
         settings.update((overrides or {}).get(option.keyword, {}))
+        flags = settings.pop("flags", option.flags)
         default = settings.get("default")
         if not option.is_switch and default is not None:
             settings["help"] += f" (default {default})"
-        groups[option.group].add_argument(*option.flags, **settings)
+        groups[option.group].add_argument(*flags, **settings)
 
 
 def add_budget_arguments(parser: argparse.ArgumentParser, epsilon: float | None = None) -> None:
@@ -338,30 +339,41 @@ def add_fine_tune_arguments(
 
 def fine_tune_kwargs(args: argparse.Namespace) -> dict[str, object]:
     """The keywords for ``fine_tune`` from parsed options, their values checked first
-    (:func:`check_values`). With ``--schedule`` the schedule's JSON form is built from
-    ``--rounds`` and the schedule options given; without it, those options are refused and
-    ``--rounds`` goes to fine_tune's shortcut. --layers entries that name types become the
-    types (:func:`layer_spec`)."""
+    (:func:`check_values`). With ``--schedule`` the schedule's JSON form
+    (:func:`schedule_spec`) replaces ``--rounds``; without it ``--rounds`` goes to fine_tune's
+    shortcut. --layers entries that name types become the types (:func:`layer_spec`)."""
     check_values(args)
     kwargs = {option.keyword: getattr(args, option.keyword) for option in FINE_TUNE_OPTIONS}
     if kwargs["layers"] is not None:
         kwargs["layers"] = [layer_spec(entry) for entry in kwargs["layers"]]
+    spec = schedule_spec(args)
+    del kwargs["schedule"]
+    if spec is None:
+        return kwargs
+    del kwargs["rounds"]
+    return {**kwargs, "schedule": spec}
+
+
+def schedule_spec(args: argparse.Namespace) -> dict[str, object] | None:
+    """The JSON form of ``--schedule`` (qem.schedules.make_schedule) from ``--rounds`` and the
+    schedule options given, checked by the schedule itself; None without ``--schedule``, where
+    the schedule options are refused."""
     given = {
         option.keyword: getattr(args, option.keyword)
         for option in SCHEDULE_OPTIONS
         if getattr(args, option.keyword) is not None
     }
-    kind = kwargs.pop("schedule")
+    kind = args.schedule
     if kind is None:
         if given:
             raise InvalidParameterError(
                 f"{_flags(given)}: only with --schedule (sequential, partitioned or poisson); "
                 "give one."
             )
-        return kwargs
+        return None
     from qem.schedules import SCHEDULES, make_schedule
 
-    spec = {"kind": kind, "rounds": kwargs.pop("rounds"), **given}
+    spec = {"kind": kind, "rounds": args.rounds, **given}
     parameters = inspect.signature(SCHEDULES[kind]).parameters
     missing = [
         name
@@ -374,7 +386,7 @@ def fine_tune_kwargs(args: argparse.Namespace) -> dict[str, object]:
     if unknown:
         raise InvalidParameterError(f"--schedule {kind} takes no {_flags(unknown)}.")
     make_schedule(spec)  # the schedule's own checks, before any data is read
-    return {**kwargs, "schedule": spec}
+    return spec
 
 
 def _flags(keywords) -> str:

@@ -264,9 +264,11 @@ def _described(batch: Inputs) -> str:
 def _dtype_hint(batch: Inputs, cause: str) -> str:
     """A hint when integer inputs reach a model that computes in floating point."""
     tensors = batch.values() if isinstance(batch, dict) else [batch]
-    if "Byte" in cause and any(t.dtype == torch.uint8 for t in tensors):
+    integer = any(not (t.is_floating_point() or t.dtype == torch.bool) for t in tensors)
+    if integer and ("Long" in cause or "dtype" in cause):
         return (
-            "; uint8 inputs are kept as integers: pass --scale-uint8 to divide image bytes by 255"
+            "; integer inputs stay integers: pass --scale-uint8 for image bytes (uint8), or "
+            "store floating features as floats"
         )
     return ""
 

@@ -8,8 +8,8 @@ keyword arguments. Every array needs one row per example.
 
 Conversions (each one applied is logged at INFO on the ``qem`` logger; ``qem finetune --help``
 says the same):
-integer and boolean inputs keep their dtype (token ids stay integers), except uint16/32/64,
-which torch cannot compute with and become int64; uint8 inputs are divided by 255 into the
+integer inputs stay integers, as int64 (torch's index dtype, what tokenizers return and
+``nn.Embedding`` takes), boolean inputs stay boolean; uint8 inputs are divided by 255 into the
 floating dtype only when asked (``scale_uint8``: images stored as bytes); floating inputs take
 the model's floating dtype (``float_dtype``); integer targets become int64 (class labels),
 floating targets ``float_dtype`` (regression). IDX images are always scaled (they are images)
@@ -35,7 +35,6 @@ LABELS = "labels"
 """The targets' key of an NPZ of named model inputs."""
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 """How a zip archive (an NPZ) begins: a first member, or the end record of an empty one."""
-WIDE_UNSIGNED = (np.uint16, np.uint32, np.uint64)
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 
@@ -111,8 +110,9 @@ def _as_inputs(x: np.ndarray, where: str, float_dtype: torch.dtype, scale: bool)
     if x.dtype == np.uint8 and scale:
         _log_conversion(where, x.dtype, f"{float_dtype} divided by 255")
         return torch.from_numpy(np.ascontiguousarray(x)).to(float_dtype) / 255.0
-    if x.dtype in WIDE_UNSIGNED:
-        _log_conversion(where, x.dtype, "int64")
+    if np.issubdtype(x.dtype, np.integer):
+        if x.dtype != np.int64:
+            _log_conversion(where, x.dtype, "int64")
         return torch.from_numpy(np.ascontiguousarray(x.astype(np.int64)))
     tensor = torch.from_numpy(np.ascontiguousarray(x))
     if tensor.is_floating_point() and tensor.dtype != float_dtype:
