@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 import qem
 import qem.finetune
 import qem.io
+from cli_files import TINY_FACTORY, write_blobs
 from qem.cli.main import main
 from qem.cli.options import cli_spelling
 from qem.data import as_dataset
@@ -28,13 +29,7 @@ from qem.io import check_output_path, load, save_run
 
 SRC = str(Path(qem.__file__).parents[1])
 
-MODELS = textwrap.dedent("""
-    import torch
-
-    def build():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
-
+MODELS = TINY_FACTORY + textwrap.dedent("""
     def wider():
         return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
 
@@ -50,11 +45,7 @@ MODELS = textwrap.dedent("""
 def workdir(tmp_path, monkeypatch):
     """The current directory, with models.py and public/private NPZ files."""
     (tmp_path / "models.py").write_text(MODELS)
-    rng = np.random.default_rng(0)
-    for name, n in (("public", 60), ("private", 80)):
-        y = rng.integers(0, 3, n)
-        x = (rng.normal(size=(n, 4)) + 2 * np.eye(4)[y]).astype(np.float32)
-        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+    write_blobs(tmp_path, {"public": 60, "private": 80})
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, "models", raising=False)
     return tmp_path

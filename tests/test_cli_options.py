@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 from torch import nn
@@ -186,3 +187,12 @@ def test_the_loss_choices_are_the_librarys():
     from qem.losses import LOSSES
 
     assert set(LOSS_NAMES) == set(LOSSES)
+
+
+def test_the_docs_name_secure_mode_by_the_apis_spellings():
+    """fine_tune's keyword is secure_noise=True (--secure-noise); noise=SecureNoise() is the
+    mechanism's constructor argument and appears only beside QuadraticExponentialMechanism."""
+    theory = (Path(__file__).parents[1] / "docs" / "theory.md").read_text()
+    assert "secure_noise=True" in theory and "--secure-noise" in theory
+    for line in (line for line in theory.splitlines() if "noise=SecureNoise()" in line):
+        assert "QuadraticExponentialMechanism(" in line, line

@@ -5,13 +5,12 @@ and the preview of ``--model``/``--public`` is what fine_tune reports for the sa
 from __future__ import annotations
 
 import json
-import textwrap
 import tracemalloc
 
 import numpy as np
 import pytest
-import torch
 
+from cli_files import TINY_FACTORY, write_blobs
 from qem.cli.main import main
 from qem.finetune import fine_tune
 from qem.losses import cross_entropy
@@ -107,25 +106,10 @@ def test_any_k_without_a_k_by_k_matrix(mode):
 
 @pytest.fixture
 def tiny_task(tmp_path, monkeypatch):
-    (tmp_path / "tiny_net.py").write_text(
-        textwrap.dedent("""
-        import torch
-        def build():
-            torch.manual_seed(0)
-            return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
-                                       torch.nn.Linear(6, 3))
-        """)
-    )
+    (tmp_path / "tiny_net.py").write_text(TINY_FACTORY)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for name, n in (("public", 70), ("private", 90), ("valid", 30)):
-        y = rng.integers(0, 3, n)
-        x = (rng.normal(size=(n, 4)) + 2 * np.eye(4)[y]).astype(np.float32)
-        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
-        arrays[name] = (torch.from_numpy(x), torch.from_numpy(y))
-    return arrays
+    return write_blobs(tmp_path, {"public": 70, "private": 90, "valid": 30})
 
 
 @pytest.mark.parametrize("validation", [True, False])
