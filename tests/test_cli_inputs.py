@@ -160,6 +160,30 @@ def test_cli_errors_use_option_spellings(workdir, capsys):
     assert cli_spelling("the subspace dimension k and the mode") == (
         "the subspace dimension k and the mode"  # plain words stay words
     )
+    path = "/data/clip_norm.npz and m:batch_size"
+    assert cli_spelling(f"cannot read {path}") == f"cannot read {path}"  # names stay names
+
+
+@pytest.mark.parametrize(
+    ("option", "phrase"),
+    [
+        (["--epsilon", "-1"], "epsilon must be a finite number > 0"),
+        (["--delta", "2"], "delta must lie strictly between 0 and 1"),
+        (["--damping", "0"], "--damping must be a finite number > 0"),
+        (["--k", "0"], "--k must be an integer >= 1"),
+        (["--clip-quantile", "1.5"], "--clip-quantile must lie in (0, 1]"),
+        (["--momentum", "1"], "--momentum must lie in [0, 1)"),
+        (["--epochs", "2"], "--epochs: only with --schedule"),
+    ],
+)
+def test_argument_errors_are_one_line_before_any_file_is_read(
+    tmp_path, capsys, monkeypatch, option, phrase
+):
+    monkeypatch.chdir(tmp_path)  # no model module, no data files: the options fail first
+    argv = finetune()
+    position = argv.index("--epsilon")
+    del argv[position : position + 2]
+    refused(capsys, [*argv, "--epsilon", "2", *option], phrase)
 
 
 def test_overwrite_refuses_a_directory_that_is_not_a_qem_run(workdir, capsys):

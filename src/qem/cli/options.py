@@ -444,7 +444,9 @@ def cli_spelling(message: str) -> str:
         keyword, value = match.group(1), match.group(2).strip("'\"")
         return flag(keyword) if value == "True" else f"{flag(keyword)} {value}"
 
+    alone = r"(?<![-\w./:])"  # not part of a path, a module:factory or a longer name
     names = "|".join(sorted(keywords, key=len, reverse=True))
-    message = re.sub(rf"\b({names})=('[^']*'|\"[^\"]*\"|[\w.+-]+)", assignment, message)
+    value = r"('[^']*'|\"[^\"]*\"|[\w.+-]+)"
+    message = re.sub(rf"{alone}({names})={value}", assignment, message)
     identifiers = "|".join(sorted((k for k in keywords if "_" in k), key=len, reverse=True))
-    return re.sub(rf"(?<![-\w])({identifiers})\b", lambda m: flag(m.group(1)), message)
+    return re.sub(rf"{alone}({identifiers})\b(?!\.\w|/)", lambda m: flag(m.group(1)), message)
