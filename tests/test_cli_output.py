@@ -94,11 +94,25 @@ def test_debug_logs_timings_as_diagnostics_and_no_progress_hides_bars(tiny_run, 
     assert "private_pass" in err and "qem round" not in err
 
 
+FINETUNE = ["finetune", "--model", "m:f", "--public", "p.npz", "--private", "q.npz", "--out", "o"]
+
+
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["preview", "--epsilon", "1", "--n", "1000", "--k", "10"], ["preview", "--help"]],
+    [
+        ["--help"],
+        ["preview", "--help"],
+        ["preview", "--epsilon", "1", "--n", "1000", "--k", "10"],
+        ["preview", "--epsilon", "1", "--n", "49000", "--k", "100000", "--mode", "pure"],
+        ["finetune", "--help"],
+        [*FINETUNE, "--epsilon", "-1"],  # an argument error
+        [*FINETUNE, "--epsilon", "1", "--damping", "0"],
+        [*FINETUNE, "--epsilon", "1"],  # the data files do not exist
+    ],
 )
 def test_start_up_does_not_import_torch_or_pandas(argv):
+    """``--help``, the preview without a model and every argument error answer before torch
+    is imported (they take well under a second; see README, How long things take)."""
     code = (
         "import sys\nfrom qem.cli.main import main\n"
         f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"

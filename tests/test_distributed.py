@@ -360,7 +360,7 @@ def test_qem_finetune_distributed_under_torchrun_equals_one_process(cli_files):
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     two, single = load(tmp_path / "two"), load(tmp_path / "one")
-    assert {**two.report, "world_size": 1} == single.report
+    assert {**two.report.to_dict(), "world_size": 1} == single.report.to_dict()
     for name, value in single.state_dict.items():
         assert torch.equal(two.state_dict[name], value)
 

@@ -18,7 +18,7 @@ from qem.checks import MAX_EPSILON
 from qem.cli.main import main
 from qem.errors import InvalidParameterError, OutputExistsError, PrivacyWarning, SpentBudgetError
 from qem.finetune import ZeroStepWarning, fine_tune
-from qem.io import load, save_run
+from qem.io import load, read_run, save_run
 from qem.losses import cross_entropy
 from qem.report import REPORT_SCHEMA, PrivacyReport
 
@@ -213,10 +213,10 @@ def test_a_failure_after_the_draw_keeps_the_release(monkeypatch):
 
 def test_cli_checks_the_output_path_before_reading_private_data(tmp_path, monkeypatch, capsys):
     """A dangling symlink as --out fails before fine_tune runs (so no budget is spent)."""
-    import qem.cli.finetune
+    import qem.finetune
 
     called = []
-    monkeypatch.setattr(qem.cli.finetune, "fine_tune", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(qem.finetune, "fine_tune", lambda *a, **k: called.append(1))
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     np.savez(tmp_path / "d.npz", x=np.zeros((10, 6), np.float32), y=np.zeros(10, np.int64))
     (tmp_path / "m.py").write_text("import torch\ndef build():\n    return torch.nn.Linear(6, 3)\n")
@@ -246,7 +246,7 @@ def test_save_recovers_from_a_crash_between_the_renames(tmp_path, monkeypatch):
         save_run(target, {"w": torch.zeros(1)}, {"run": "new"}, overwrite=True)
     monkeypatch.setattr(os, "rename", real_rename)
     assert not target.exists()  # the moment the issue describes
-    assert load(target).report == {"run": "old"}  # restored
+    assert read_run(target).report == {"run": "old"}  # restored
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
@@ -257,7 +257,7 @@ def test_overwrite_exchanges_atomically_and_stale_staging_is_cleaned(tmp_path):
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half-written")
     save_run(target, {"w": torch.zeros(1)}, {"run": "new"}, overwrite=True)
-    assert load(target).report == {"run": "new"}
+    assert read_run(target).report == {"run": "new"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     with pytest.raises(OutputExistsError, match="exists"):
         save_run(target, {}, {})

@@ -16,13 +16,15 @@ noise). It is written to ``diagnostics.json``, labelled as such.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from qem.errors import DataError
+from qem.jsonfiles import json_text
 
 REPORT_SCHEMA = "qem.privacy_report/2"
+PARTIAL_RUN = "PARTIAL RUN"
+"""How the guarantee line of a run saved before its schedule ended begins."""
 DIAGNOSTICS_WARNING = (
     "NOT FOR PUBLICATION: measured while reading private data (timings reveal dataset and batch "
     "sizes). Strip this file before publishing a run; privacy_report.json is the publishable "
@@ -101,21 +103,54 @@ class PrivacyReport:
 
     def to_json(self) -> str:
         """The report as JSON text (strict: NaN and infinity are refused)."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
+        return json_text(self.to_dict())
+
+    @property
+    def partial(self) -> bool:
+        """Whether the run stopped before its schedule ended (saved after a failure or an
+        interrupt): fewer rounds released than planned, or the last release drawn but its
+        step not taken. The guarantee line then starts with PARTIAL_RUN."""
+        return self.guarantee.startswith(PARTIAL_RUN) or len(self.rounds) < int(
+            self.schedule.get("rounds", len(self.rounds))
+        )
+
+    @property
+    def spent_epsilon(self) -> float:
+        """The epsilon the released rounds spent, by the run's accountant (``epsilon`` is the
+        target: the two differ for a partial run)."""
+        return float(self.accountant["epsilon"])
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PrivacyReport:
-        """Read back ``to_dict``'s output; refuses another schema or missing fields."""
+        """Read back ``to_dict``'s output. Refuses another schema, a missing field without a
+        default, or a field this version does not know (DataError, naming the fields)."""
         if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA:
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
             raise DataError(f"not a qem privacy report of schema {REPORT_SCHEMA} (got {found!r}).")
-        names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(data) - {"schema"})
-        if missing:
-            raise DataError(f"the privacy report lacks the fields {missing}.")
-        values = {name: data[name] for name in names if name in data}
-        values["rounds"] = [RoundRecord(**entry) for entry in data["rounds"]]
+        values = _field_values(cls, data, "the privacy report")
+        rounds = values["rounds"]
+        if not isinstance(rounds, list) or not all(isinstance(r, dict) for r in rounds):
+            raise DataError("the privacy report's 'rounds' must be a list of objects.")
+        values["rounds"] = [
+            RoundRecord(**_field_values(RoundRecord, entry, f"round {i + 1} of the privacy report"))
+            for i, entry in enumerate(rounds)
+        ]
         return cls(**values)
+
+
+def _field_values(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    """The entries of ``data`` that are fields of the dataclass ``cls``; every field without a
+    default must be there, and nothing else may be."""
+    required = {
+        f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+    }
+    names = {f.name for f in fields(cls)}
+    missing, unknown = sorted(required - set(data)), sorted(set(data) - names)
+    if missing:
+        raise DataError(f"{what} lacks the fields {missing}.")
+    if unknown:
+        raise DataError(f"{what} has fields this qem version does not know: {unknown}.")
+    return dict(data)
 
 
 @dataclass(frozen=True)
