@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
-from torch import nn
 
 import qem.schedules.sampling
+from cases import make_linear, make_task
 from qem.errors import InvalidParameterError
 from qem.finetune import fine_tune
 from qem.losses import cross_entropy
@@ -87,27 +87,16 @@ def test_partitioned_epochs_read_each_record_once_per_epoch():
     assert plan.mu_after(5) == plan.mu_after(8) == pytest.approx(plan.mu * np.sqrt(2 / 3))
 
 
-def blobs(n: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return (torch.eye(6)[y] * 2.0 + torch.randn(n, 6, generator=g)).double(), y
-
-
 FAST = dict(subspace="dense", k=12, damping=0.1, clip_norm=0.5, prior_weight=1.0)
 
 
-def linear() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Linear(6, 3).double()
-
-
 def test_partitioned_epochs_leave_rounds_before_a_changed_record_bit_identical():
-    public, private = blobs(60, 1), blobs(40, 2)
+    public, private = make_task(60, 1), make_task(40, 2)
     x, y = private[0].clone(), private[1].clone()
     x[25], y[25] = -x[25], (y[25] + 1) % 3  # record 25 lies in chunk 3 of 4 (rows 20..29)
     releases = [
         fine_tune(
-            linear(), cross_entropy, public, data, epsilon=2.0,
+            make_linear(), cross_entropy, public, data, epsilon=2.0,
             schedule=partitioned(4, epochs=2), seed=7, **FAST,
         ).releases
         for data in (private, (x, y))
@@ -120,7 +109,7 @@ def test_partitioned_epochs_leave_rounds_before_a_changed_record_bit_identical()
 def test_poisson_weight_is_the_expected_size_never_the_realised_one(monkeypatch):
     """The same included rows with a different realised batch size (extra records that
     contribute zero: labels outside the model's outputs) give the same exact mean: N_t = q N."""
-    public, (x, y) = blobs(60, 1), blobs(40, 2)
+    public, (x, y) = make_task(60, 1), make_task(40, 2)
     padded = (torch.cat([x, x[:10]]), torch.cat([y, torch.full((10,), 9)]))  # 10 void records
     rows = {40: np.arange(0, 40, 2), 50: np.concatenate([np.arange(0, 40, 2), np.arange(40, 50)])}
     monkeypatch.setattr(
@@ -130,7 +119,7 @@ def test_poisson_weight_is_the_expected_size_never_the_realised_one(monkeypatch)
     )
     results = [
         fine_tune(
-            linear(), cross_entropy, public, data, epsilon=2.0, N=50,
+            make_linear(), cross_entropy, public, data, epsilon=2.0, N=50,
             adjacency="add_remove", schedule=poisson(0.4, 1), noise=False, **FAST,
         )
         for data in ((x, y), padded)
@@ -185,13 +174,13 @@ def test_one_round_of_each_schedule_is_exactly_its_accounted_gaussian(schedule, 
 
 def test_fine_tune_with_a_poisson_schedule_reports_q_t_z_and_the_accountant():
     result = fine_tune(
-        linear(),
+        make_linear(),
         cross_entropy,
-        blobs(60, 1),
-        blobs(200, 2),
+        make_task(60, 1),
+        make_task(200, 2),
         epsilon=2.0,
         schedule=poisson(0.25, 6),
-        validation_data=blobs(40, 3),
+        validation_data=make_task(40, 3),
         seed=0,
         subspace="dense",
         k=12,
@@ -206,7 +195,7 @@ def test_fine_tune_with_a_poisson_schedule_reports_q_t_z_and_the_accountant():
     assert all(r.N == 50.0 for r in report.rounds) and len(result.releases) == 6
     assert report.schedule["sampling"] == "user_seed"
     with pytest.raises(InvalidParameterError, match="not both"):
-        fine_tune(linear(), cross_entropy, blobs(60, 1), blobs(20, 2),
+        fine_tune(make_linear(), cross_entropy, make_task(60, 1), make_task(20, 2),
                   epsilon=1.0, schedule=poisson(0.5, 2), rounds=3)  # fmt: skip
 
 
@@ -262,14 +251,14 @@ def test_each_rounds_quadratic_is_factored_once(monkeypatch, curvature_every):
     monkeypatch.setattr(np.linalg, "cholesky", counting_cholesky)
     rounds = 4
     fine_tune(
-        linear(),
+        make_linear(),
         cross_entropy,
-        blobs(60, 1),
-        blobs(200, 2),
+        make_task(60, 1),
+        make_task(200, 2),
         epsilon=2.0,
         rounds=rounds,
         curvature_every=curvature_every,
-        validation_data=blobs(40, 3),
+        validation_data=make_task(40, 3),
         seed=0,
         subspace="dense",
         k=12,
