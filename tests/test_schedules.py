@@ -16,8 +16,8 @@ from qem.finetune import fine_tune
 from qem.losses import cross_entropy
 from qem.mechanism import QuadraticExponentialMechanism
 from qem.privacy.budget import Budget
-from qem.privacy.gdp import calibrate_gdp_mu, gdp_delta, gdp_epsilon
-from qem.privacy.ledger import PrivacyLedger, dp_event_from_json, total_spent
+from qem.privacy.gdp import calibrate_gdp_mu, gdp_delta
+from qem.privacy.ledger import PrivacyLedger, dp_event_from_json
 from qem.privacy.pld import PLD_DISCRETIZATION
 from qem.privacy.sensitivity import Adjacency
 from qem.schedules import partitioned, poisson, sequential
@@ -197,34 +197,6 @@ def test_fine_tune_with_a_poisson_schedule_reports_q_t_z_and_the_accountant():
     with pytest.raises(InvalidParameterError, match="not both"):
         fine_tune(make_linear(), cross_entropy, make_task(60, 1), make_task(20, 2),
                   epsilon=1.0, schedule=poisson(0.5, 2), rounds=3)  # fmt: skip
-
-
-def grid_point_report(schedule, epsilon: float, adjacency: str = "replace_one") -> dict:
-    """The accounting part of a release's report, as fine_tune writes it."""
-    plan = schedule.plan(Budget(epsilon, DELTA, "gdp", Adjacency(adjacency), N=1000), 1000)
-    ledger = PrivacyLedger(plan)
-    for executed in plan.rounds():
-        ledger.record(executed)
-    return {"epsilon": epsilon, "accountant": {**ledger.to_dict(), "epsilon": ledger.epsilon()}}
-
-
-def test_the_budget_a_tuning_grid_spent_composes_every_release():
-    """Two grid points at epsilon = 1 each: their composition is the GDP of sqrt(2) mu, not 1;
-    a DP-SGD-like Poisson release under the same relation composes with them; releases under
-    different relations fall back to basic composition; a non-private one has no total."""
-    mu = calibrate_gdp_mu(1.0, DELTA)
-    two = [grid_point_report(sequential(1), 1.0), grid_point_report(sequential(3), 1.0)]
-    total = total_spent(two, DELTA)
-    assert total["epsilon"] == pytest.approx(gdp_epsilon(np.sqrt(2) * mu, DELTA), abs=0.01)
-    assert total["epsilon"] > 1.3
-    dpsgd_style = grid_point_report(poisson(0.1, 10), 1.0)  # DP-SGD's report: epsilon on top
-    dpsgd_style["accountant"].pop("epsilon")
-    with_poisson = total_spent([*two, dpsgd_style], DELTA)
-    assert with_poisson["epsilon"] > total["epsilon"] and "PLD" in with_poisson["method"]
-    mixed = total_spent([two[0], grid_point_report(sequential(1), 1.0, "add_remove")], DELTA)
-    assert mixed["epsilon"] == pytest.approx(2.0, abs=0.01) and "basic" in mixed["method"]
-    assert total_spent([two[0], {"epsilon": None}], DELTA)["epsilon"] is None
-    assert total_spent([{"epsilon": 0.0, "accountant": None}], DELTA)["epsilon"] == 0.0
 
 
 def test_poisson_expected_batch_sets_q_from_the_public_size():
