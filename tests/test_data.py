@@ -271,14 +271,6 @@ def test_a_batch_is_a_pair_or_a_dict_with_labels():
         as_batch(X)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: qem.data.as_dataset accepts any object with __len__ and __getitem__ that is not "
-    "a tensor as a map-style dataset, a str included: fine_tune(model, loss, 'public.npz', ...) "
-    "(a path where data belongs) is read as a dataset of 10 characters and fails in the first "
-    "batch with torch's bare TypeError \"new(): invalid data type 'str'\" (bytes: a DataError "
-    "saying it got a Tensor), not a qem DataError naming the unsupported type",
-)
 @pytest.mark.parametrize("path", ["public.npz", b"public.npz"], ids=["str", "bytes"])
 def test_a_path_where_data_belongs_is_refused_clearly(path):
     with pytest.raises(DataError, match="unsupported type"):

@@ -160,28 +160,12 @@ SMALL)^2 = 5.5e-6 < (0 - SMALL)^2 = 1.0e-5, and LARGE lies beyond MAX_STEP."""
 assert (grid_minimum(SMALL), grid_minimum(LARGE)) == (MIN_STEP, MAX_STEP)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: qem.linesearch._on_grid computes math.sqrt(2.0) ** exponent, a few ulps off the "
-    "power of two (sqrt(2)**-12 = 0.015624999999999988 < 2^-6, sqrt(2)**24 = 4096.000000000006), "
-    "and the search compares the products with MIN_STEP / MAX_STEP exactly: from 2^-6 the step "
-    "alpha / 4 < MIN_STEP is never tried (returns 0), from 2^12 the walk reaches 2^20 (1 + 1e-15) "
-    "> MAX_STEP and from 3 the refinement 2^19.5 sqrt(2) > MAX_STEP is refused (both return "
-    "2^19.5)",
-)
 @pytest.mark.parametrize(("c", "start"), [(SMALL, 2**-6), (LARGE, 2**12), (LARGE, 3.0)])
 def test_the_ends_of_the_range_are_reached_from_any_start(c, start):
     alpha, *_ = search(c, start)
     assert alpha == pytest.approx(grid_minimum(c), rel=ROUNDING)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: line_search_step's first phase moves down by factors of 4 only while alpha / 4 >= "
-    "MIN_STEP, so from a start of odd exponent (3 -> 2^1.5) the smallest step it tries is 2^-6.5; "
-    "when every step tried loses to alpha = 0 it returns 0 (the release is not applied) although "
-    "2^-7.5 and 2^-8 on the grid lower the loss",
-)
 def test_the_smallest_steps_are_tried_from_a_start_of_odd_exponent():
     alpha, *_ = search(SMALL, 3.0)
     assert alpha == pytest.approx(MIN_STEP, rel=ROUNDING)

@@ -22,8 +22,9 @@ from qem.preview import (
     schedule_round,
     sequential_round,
 )
+from qem.privacy.budget import Budget
 from qem.privacy.sensitivity import Adjacency
-from qem.schedules import Budget, make_schedule
+from qem.schedules import make_schedule
 
 SPECTRUM = np.array([0.05, 0.3, 1.0, 2.5, 7.0])
 
@@ -66,7 +67,7 @@ def test_the_closed_form_is_the_mechanisms_preview(mode, clipping, adjacency):
 def test_sequential_rounds_are_the_schedules_plan(mode, rounds):
     delta = None if mode == "pure" else 1e-5
     plan = make_schedule({"kind": "sequential", "rounds": rounds}).plan(
-        Budget(1.5, delta, mode, Adjacency.REPLACE_ONE), 800, 800.0
+        Budget(1.5, delta, mode, Adjacency.REPLACE_ONE), 800
     )
     first = next(iter(plan.rounds()))
     got = sequential_round(1.5, 1e-5, mode, "replace_one", 800, rounds)
@@ -78,7 +79,7 @@ def test_sequential_rounds_are_the_schedules_plan(mode, rounds):
 def test_other_schedules_are_calibrated_by_qem_schedules():
     spec = {"kind": "poisson", "sampling_rate": 0.1, "rounds": 20}
     budget = Budget(1.0, 1e-5, "gdp", Adjacency.REPLACE_ONE)
-    plan = make_schedule(spec).plan(budget, 2000, 2000.0)
+    plan = make_schedule(spec).plan(budget, 2000)
     got = schedule_round(spec, 1.0, 1e-5, "gdp", "replace_one", 2000)
     assert got.N == 200.0 and got.rounds == 20 and got.mu is None
     assert got.noise_multiplier == plan.noise_multiplier

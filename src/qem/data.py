@@ -25,6 +25,7 @@ A dict batch's targets are ``batch["labels"]`` and its inputs every other entry.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -205,12 +206,24 @@ def as_dataset(data: DataLike, name: str = "data", *, addressable: bool = False)
         dataset = StoredBatches([as_batch(tuple(data), name)])
     elif isinstance(data, Dataset):
         dataset = data
-    elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and not torch.is_tensor(data):
+    elif (
+        hasattr(data, "__getitem__")
+        and hasattr(data, "__len__")
+        and not torch.is_tensor(data)
+        and not isinstance(data, str | bytes | os.PathLike)
+    ):
         dataset = CollatedDataset(data, default_collate)  # map-style, e.g. a Hugging Face Dataset
     else:
         raise DataError(
             f"{name}: unsupported type {type(data).__name__}; pass (inputs, targets) tensors, a "
-            f"dict of tensors with {LABELS!r}, a torch Dataset or a DataLoader."
+            f"dict of tensors with {LABELS!r}, a torch Dataset or a DataLoader"
+            + (
+                " (a file path is not data: read it first, for example with "
+                "qem.datasets.files.load_supervised_file)"
+                if isinstance(data, str | bytes | os.PathLike)
+                else ""
+            )
+            + "."
         )
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise DataError(f"{name} is empty: at least one example is needed.")

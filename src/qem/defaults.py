@@ -36,7 +36,7 @@ FINE_TUNE_DEFAULTS = MappingProxyType(
         # rounds
         "schedule": None,
         "rounds": 1,
-        "resample_subspace": False,
+        "resample_subspace": None,
         "partition_rounds": False,
         # subspace and curvature
         "subspace": "srht",

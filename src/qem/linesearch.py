@@ -18,8 +18,10 @@ from qem.data import DataLike
 from qem.losses import LossFn
 from qem.metrics import evaluate_loss
 
-MIN_STEP, MAX_STEP = 2.0**-8, 2.0**20
-"""Range of the positive step lengths alpha the search tries (besides alpha = 0)."""
+MIN_EXPONENT, MAX_EXPONENT = -16, 40
+"""The grid of positive step lengths: alpha = 2^(e/2) for integer e in [MIN_EXPONENT,
+MAX_EXPONENT], i.e. the powers of sqrt(2) from 2^-8 to 2^20 (besides alpha = 0)."""
+MIN_STEP, MAX_STEP = 2.0 ** (MIN_EXPONENT // 2), 2.0 ** (MAX_EXPONENT // 2)
 
 
 @contextmanager
@@ -58,57 +60,68 @@ def line_search_step(
     for a direction d in parameter space (the lifted release P w, or with momentum a
     combination of releases: post-processing either way).
 
-    Over {0} and the powers of sqrt(2) in [MIN_STEP, MAX_STEP], coarse to fine. From alpha =
-    ``start`` (the previous round's step: a warm start) it moves down by factors of 4 until a
-    step beats alpha = 0 (if ``start`` does not); from the best step so far it then walks by
-    factors of 4 up, or else down, while the loss falls; finally it tries the best alpha times
-    2 and 1/2, then sqrt(2) and 1/sqrt(2). For a loss unimodal along the line this returns the
-    minimum over the whole sqrt(2) grid in about eight passes from a good start, and from any
-    start within the range. Returns (alpha, validation loss at alpha, passes made); ``model``
-    is left at theta.
+    Over {0} and the grid 2^(e/2), e = MIN_EXPONENT..MAX_EXPONENT (exact powers: the search
+    moves on the integer e, so the ends of the range are reached exactly), coarse to fine.
+    From alpha = ``start`` (the previous round's step: a warm start, snapped to the grid) it
+    moves down by factors of 4 until a step beats alpha = 0, then by sqrt(2) down to MIN_STEP if
+    none did; from the best step so far it then walks by factors of 4 up, or else down, while
+    the loss falls; finally it tries the best alpha times 2 and 1/2, then sqrt(2) and 1/sqrt(2).
+    For a loss unimodal along the line this returns the minimum over the whole grid in about
+    eight passes from a good start, and from any start within the range. Returns (alpha,
+    validation loss at alpha, passes made); ``model`` is left at theta.
     """
-    losses: dict[float, float] = {}
+    losses: dict[int | None, float] = {}  # keyed by e; None is alpha = 0
     with step_probe(model, direction) as move:
 
-        def loss_at(alpha: float) -> float:
-            if alpha not in losses:
-                move(alpha)
-                losses[alpha] = evaluate_loss(model, loss_fn, validation)
-            return losses[alpha]
+        def loss_at(e: int | None) -> float:
+            if e not in losses:
+                move(_step(e))
+                losses[e] = evaluate_loss(model, loss_fn, validation)
+            return losses[e]
 
-        def best() -> float:
-            return min(losses, key=lambda alpha: (losses[alpha], alpha))
+        def best() -> int | None:
+            return min(losses, key=lambda e: (losses[e], _step(e)))
 
-        def walk(alpha: float, factor: float) -> None:
-            while (
-                MIN_STEP <= alpha * factor <= MAX_STEP and loss_at(alpha * factor) < losses[alpha]
-            ):
-                alpha *= factor
+        def on_grid(e: int) -> bool:
+            return MIN_EXPONENT <= e <= MAX_EXPONENT
 
-        loss_at(0.0)
-        alpha = _on_grid(start)
-        loss_at(alpha)
-        while best() == 0.0 and alpha * 0.25 >= MIN_STEP:
-            alpha *= 0.25
-            loss_at(alpha)
-        if best() > 0:
+        def walk(e: int, by: int) -> None:
+            while on_grid(e + by) and loss_at(e + by) < losses[e]:
+                e += by
+
+        loss_at(None)
+        e = _exponent(start)
+        loss_at(e)
+        while best() is None and on_grid(e - 4):
+            e -= 4
+            loss_at(e)
+        while best() is None and on_grid(e - 1):
+            e -= 1
+            loss_at(e)
+        if best() is not None:
             centre = best()
-            walk(centre, 4.0)
+            walk(centre, 4)
             if best() == centre:
-                walk(centre, 0.25)
-        for factor in (2.0, math.sqrt(2.0)):
+                walk(centre, -4)
+        for by in (2, 1):
             centre = best()
-            if centre > 0:
-                for alpha in (centre * factor, centre / factor):
-                    if MIN_STEP <= alpha <= MAX_STEP:
-                        loss_at(alpha)
-    alpha = best()
-    return float(alpha), losses[alpha], len(losses)
+            if centre is not None:
+                for e in (centre + by, centre - by):
+                    if on_grid(e):
+                        loss_at(e)
+    chosen = best()
+    return _step(chosen), losses[chosen], len(losses)
 
 
-def _on_grid(alpha: float) -> float:
-    """The power of sqrt(2) nearest to ``alpha`` inside [MIN_STEP, MAX_STEP] (1 for alpha <= 0)."""
+def _step(e: int | None) -> float:
+    """alpha = 2^(e/2), exactly (0 for None)."""
+    if e is None:
+        return 0.0
+    return math.ldexp(math.sqrt(2.0) if e % 2 else 1.0, e // 2)
+
+
+def _exponent(alpha: float) -> int:
+    """The e of the grid step nearest to ``alpha`` (1 for alpha <= 0 or not finite)."""
     if not alpha > 0 or not math.isfinite(alpha):
-        return 1.0
-    exponent = round(2.0 * math.log2(alpha))
-    return float(min(max(math.sqrt(2.0) ** exponent, MIN_STEP), MAX_STEP))
+        return 0
+    return min(max(round(2.0 * math.log2(alpha)), MIN_EXPONENT), MAX_EXPONENT)

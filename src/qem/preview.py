@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 from qem.checks import check_count
 from qem.errors import InvalidParameterError
-from qem.privacy.gdp import calibrate_gdp_mu, check_delta, check_epsilon, warn_large_delta
+from qem.checks import check_delta, check_epsilon
+from qem.privacy.gdp import calibrate_gdp_mu, warn_large_delta
 from qem.privacy.sensitivity import Adjacency, ClipNorm, Sensitivity, check_positive, gdp_mu
 
 TARGET_ACCEPTANCE = 0.5
@@ -76,11 +77,12 @@ def schedule_round(
 ) -> RoundBudget:
     """The first round of ``schedule`` (its JSON form, qem.schedules.make_schedule) calibrated
     by qem.schedules for N records (imports dp-accounting)."""
-    from qem.schedules import Budget, make_schedule
+    from qem.privacy.budget import Budget
+    from qem.schedules import make_schedule
 
     delta = None if mode == "pure" else check_delta(delta)
-    budget = Budget(check_epsilon(epsilon), delta, mode, Adjacency(adjacency))
-    plan = make_schedule(schedule).plan(budget, int(N), N)
+    budget = Budget(check_epsilon(epsilon), delta, mode, Adjacency(adjacency), N=N)
+    plan = make_schedule(schedule).plan(budget, int(N))
     first = next(iter(plan.rounds()))
     return RoundBudget(
         first.N, first.noise_multiplier, first.epsilon, plan.schedule.total_rounds, plan.mu

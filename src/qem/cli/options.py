@@ -399,7 +399,7 @@ POSITIVE = ("damping", "clip_norm", "prior_weight", "radius", "sampling_rate")
 """Options that must be finite numbers > 0 when given."""
 COUNTS = (
     "rounds", "k", "N", "curvature_every", "public_sample_size", "line_search_size",
-    "batch_size", "epochs", "expected_batch", "resample_every",
+    "batch_size", "epochs", "expected_batch",
 )  # fmt: skip
 """Options that must be integers >= 1 when given."""
 
@@ -409,8 +409,13 @@ def check_values(args: argparse.Namespace) -> None:
     own checkers (so with its messages and typical ranges), before anything heavy is imported:
     the budget, positive numbers, counts, the quantile and momentum ranges (the seed's rules
     are fine_tune's: qem.finetune)."""
-    from qem.checks import check_count, check_positive
-    from qem.privacy.gdp import check_delta, check_epsilon
+    from qem.checks import (
+        check_count,
+        check_delta,
+        check_epsilon,
+        check_in_interval,
+        check_positive,
+    )
 
     check_epsilon(args.epsilon)
     if args.mode == "gdp":
@@ -420,12 +425,11 @@ def check_values(args: argparse.Namespace) -> None:
         if value is not None:
             check = check_positive if keyword in POSITIVE else check_count
             check(_flags([keyword]), value)
-    if not 0.0 < args.clip_quantile <= 1.0:
-        raise InvalidParameterError(
-            f"--clip-quantile must lie in (0, 1], got {args.clip_quantile!r}."
-        )
-    if not 0.0 <= args.momentum < 1.0:
-        raise InvalidParameterError(f"--momentum must lie in [0, 1), got {args.momentum!r}.")
+    resample = getattr(args, "resample_subspace", None)
+    if resample is not None and resample is not True:
+        check_count("--resample-subspace", resample)
+    check_in_interval("--clip-quantile", args.clip_quantile, 0.0, 1.0, closed="high")
+    check_in_interval("--momentum", args.momentum, 0.0, 1.0, closed="low")
 
 
 CLI_ONLY_SPELLINGS = {"validation_data": "--validation", "overwrite": "--overwrite"}

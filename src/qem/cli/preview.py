@@ -268,50 +268,49 @@ def public_side(args: argparse.Namespace) -> PublicSide:
         raise InvalidParameterError("give --model or --eigenvalues, not both.")
     import copy
 
-    from torch.utils.data import Subset
-
     from qem.cli.user_model import load_model
-    from qem.curvature.factory import make_curvature
-    from qem.data import as_dataset
-    from qem.finetune import HOLDOUT_FRACTION, HOLDOUT_MAX
+    from qem.distributed import LocalProcess
+    from qem.finetune.inputs import RunData
     from qem.losses import LOSSES
     from qem.metrics import evaluate_loss
-    from qem.statistics import public_clip_norm
-    from qem.subspace.factory import make_subspace
+    from qem.privacy.sensitivity import ClipNorm
+    from qem.public import config
+    from qem.public.side import PublicSideState
+    from qem.timing import PhaseTimer
 
     model = copy.deepcopy(load_model(args.model, args.state_dict)).eval()
     read = data_reader(args, model)
-    public = as_dataset(read(args.public, "--public"), "public data")
-    if args.validation is None and args.mode == "gdp" and args.prior_weight is None:
-        n = len(public)
-        public = Subset(public, range(n - min(HOLDOUT_MAX, int(n * HOLDOUT_FRACTION))))
-    if args.public_sample_size is not None and args.public_sample_size < len(public):
-        public = Subset(public, range(args.public_sample_size))
+    validation = None if args.validation is None else read(args.validation, "--validation")
+    public_data = read(args.public, "--public")  # no private data: read as both, only public used
+    data = RunData.build(
+        public_data, public_data, validation,
+        searches=args.mode == "gdp" and args.prior_weight is None,
+        public_sample_size=args.public_sample_size,
+    )  # fmt: skip
     loss_fn = LOSSES[args.loss]
     layers = None if args.layers is None else [layer_spec(entry) for entry in args.layers]
-    basis = make_subspace(args.subspace, model, k=args.k, seed=args.subspace_seed, layers=layers)
-    options = {"refresh_every": args.curvature_every} if args.curvature == "kfac" else {}
-    curvature = make_curvature(args.curvature, args.damping, batch_size=args.batch_size, **options)
-    quadratic = curvature.quadratic(model, loss_fn, basis, public)
-    if args.clip_norm is not None:
-        clip_norm, source = args.clip_norm, "given"
-    else:
-        clip_norm = public_clip_norm(
-            model,
-            loss_fn,
-            basis,
-            public,
-            quantile=args.clip_quantile,
-            clipping=args.clipping,
-            cholesky=quadratic.cholesky,
-            batch_size=args.batch_size,
-        )
-        source = f"public quantile {args.clip_quantile}, as fine_tune computes it"
+    settings = config.PublicSide(
+        subspace=args.subspace, k=args.k, subspace_seed=args.subspace_seed, layers=layers,
+        curvature=args.curvature, damping=args.damping, curvature_every=args.curvature_every,
+        clip_norm=args.clip_norm, clip_quantile=args.clip_quantile,
+        public_sample_size=args.public_sample_size,
+    )  # fmt: skip
+    side = PublicSideState(
+        settings, loss_fn, data.public, redraw_every=None, clipping=ClipNorm(args.clipping),
+        batch_size=args.batch_size, progress=False,
+    )  # fmt: skip
+    first = side.prepare(0, model, PhaseTimer(), LocalProcess())  # round 1's public side
+    basis, quadratic, clip_norm = first.basis, first.quadratic, first.clip_norm
+    source = (
+        "given"
+        if args.clip_norm is not None
+        else f"public quantile {args.clip_quantile}, as fine_tune computes it"
+    )
     return PublicSide(
         k=basis.k,
         lambda_min=quadratic.lambda_min,
         clip_norm=clip_norm,
         clip_norm_source=source,
         curvature=("curvature", f"{args.curvature} on the public data, gamma {args.damping}"),
-        public_loss=evaluate_loss(model, loss_fn, public, batch_size=args.batch_size),
+        public_loss=evaluate_loss(model, loss_fn, data.public, batch_size=args.batch_size),
     )
