@@ -26,9 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from qem.checks import check_count
+from qem.checks import check_count, check_delta, check_epsilon
 from qem.errors import InvalidParameterError
-from qem.checks import check_delta, check_epsilon
 from qem.privacy.gdp import calibrate_gdp_mu, warn_large_delta
 from qem.privacy.sensitivity import Adjacency, ClipNorm, Sensitivity, check_positive, gdp_mu
 
