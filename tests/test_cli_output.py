@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import qem
+import qem.progress
 from qem.cli.common import format_value
 from qem.cli.main import main
 
@@ -78,7 +79,8 @@ def tiny_run(tmp_path, monkeypatch):
             "--epsilon", "1", "--k", "4", "--rounds", "2", "--out", "run"]  # fmt: skip
 
 
-def test_progress_bar_over_rounds_and_logger(tiny_run, capsys):
+def test_progress_bar_over_rounds_and_logger(tiny_run, capsys, monkeypatch):
+    monkeypatch.setattr(qem.progress, "on_terminal", lambda: True)  # capsys is not a terminal
     assert main([*tiny_run, "-v"]) == 0
     err = capsys.readouterr().err
     assert "qem round 2/2" in err  # the outer bar
@@ -92,6 +94,14 @@ def test_debug_logs_timings_as_diagnostics_and_no_progress_hides_bars(tiny_run, 
     err = capsys.readouterr().err
     assert "qem.finetune DEBUG: round 2 seconds per phase (diagnostics, not for publication" in err
     assert "private_pass" in err and "qem round" not in err
+
+
+def test_no_bars_when_stderr_is_not_a_terminal(tiny_run, capsys):
+    """A log file or a pipe gets the log lines, never a bar's escape codes."""
+    assert main([*tiny_run, "-v"]) == 0
+    err = capsys.readouterr().err
+    assert "qem round" not in err and "\r" not in err and "\x1b" not in err
+    assert "qem.finetune INFO: round 1/2" in err
 
 
 FINETUNE = ["finetune", "--model", "m:f", "--public", "p.npz", "--private", "q.npz", "--out", "o"]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import qem.io
-from qem.errors import DataError
+from qem.errors import DataError, OutputExistsError
 from qem.io import (
     LEGACY_MODEL_FILE,
     MODEL_FILE,
@@ -161,3 +161,13 @@ def test_state_dict_bytes_keep_metadata(tmp_path: Path) -> None:
     qem.io.write_atomically(path, state_dict_bytes({"w": torch.arange(3)}, {"digest": "abc"}))
     tensors, metadata = read_state_dict(path)
     assert torch.equal(tensors["w"], torch.arange(3)) and metadata["digest"] == "abc"
+
+
+@pytest.mark.parametrize("target", ["/proc/qem-run", "/sys/qem-run"])
+def test_an_output_path_on_a_file_system_that_refuses_writes_fails_before_the_run(target):
+    """/proc and /sys pass a permission check but refuse a new directory: the output check
+    creates and removes one where the run will go, before any private data is read."""
+    if not Path(target).parent.is_dir():
+        pytest.skip(f"no {Path(target).parent} here")
+    with pytest.raises(OutputExistsError, match="writable file system"):
+        qem.io.check_output_path(target)

@@ -69,7 +69,12 @@ def check_epsilon(epsilon: float) -> float:
 
 
 def check_delta(delta: float) -> float:
-    """Return delta as a float, or raise if it is not in the open interval (0, 1)."""
+    """Return delta as a float, or raise if it is not a number in the open interval (0, 1)."""
+    if isinstance(delta, bool) or not isinstance(delta, int | float | np.integer | np.floating):
+        raise InvalidParameterError(
+            f"delta must be a number in (0, 1) in Gaussian-DP mode, got {delta!r}; choose delta "
+            "well below 1/N, for example 1e-5 (mode 'pure' takes no delta)."
+        )
     delta = float(delta)
     if not math.isfinite(delta) or not 0.0 < delta < 1.0:
         raise InvalidParameterError(

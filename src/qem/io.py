@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import secrets
 import shutil
 import warnings
 from collections.abc import Mapping
@@ -73,8 +74,24 @@ def check_output_path(directory: str | os.PathLike, overwrite: bool = False) -> 
     parent = _existing_ancestor(target.parent)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise OutputExistsError(f"cannot create {target}: {parent} is not a writable directory.")
+    _probe_writable(parent, target)
     _remove_stale(target)
     return target
+
+
+def _probe_writable(parent: Path, target: Path) -> None:
+    """Create and remove a directory where the run's staging directory will go: a permission
+    check passes on /proc or /sys, where writing fails (the run would be lost after its draw)."""
+    probe = parent / f".{target.name}.qem-probe-{secrets.token_hex(4)}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise OutputExistsError(
+            f"cannot write {target}: creating a directory in {parent} failed ({reason}); choose "
+            "an output directory on a writable file system."
+        ) from None
 
 
 def _check_replaceable(target: Path) -> None:

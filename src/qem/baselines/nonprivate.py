@@ -17,7 +17,6 @@ import copy
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from qem.baselines import baseline_result, check_requested_budget, torch_generators
 from qem.checks import check_count, check_positive, parse_option
@@ -29,6 +28,7 @@ from qem.metrics import evaluate_loss
 from qem.model_calls import call_model
 from qem.parameters import check_finite_parameters
 from qem.privacy.sensitivity import Adjacency
+from qem.progress import progress_bar
 from qem.timing import PhaseTimer
 
 
@@ -59,7 +59,7 @@ def train_epochs(
         best_loss = evaluate_loss(model.eval(), loss_fn, validation)
         best_state = copy.deepcopy(model.state_dict())
         history.append({"epoch": 0, "train_loss": None, "validation_loss": best_loss})
-    for epoch in tqdm(range(1, epochs + 1), desc=desc, disable=not progress):
+    for epoch in progress_bar(range(1, epochs + 1), desc=desc, enabled=progress, leave=True):
         model.train()
         total, count = 0.0, 0
         for inputs, targets in loader:

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from qem.checks import check_count, check_positive
 from qem.data import (
@@ -36,6 +35,7 @@ from qem.errors import CurvatureError, NonFiniteError
 from qem.losses import LossFn, check_per_example_loss
 from qem.model_calls import call_model, eval_mode
 from qem.parameters import check_finite_parameters
+from qem.progress import progress_bar
 from qem.quadratic import PublicQuadratic
 from qem.subspace.base import Subspace
 
@@ -113,13 +113,12 @@ class Curvature(ABC):
         checked to be per-example on the first batch. Call it with the model in eval mode."""
         n_batches = math.ceil(num_examples(public_data) / self.batch_size)
         stream = batches(public_data, self.batch_size, name="public data")
-        bar = tqdm(
+        bar = progress_bar(
             stream,
             total=n_batches,
             desc=f"curvature ({self.kind})",
             unit="batch",
-            disable=not self.progress,
-            leave=False,
+            enabled=self.progress,
         )
         for index, (inputs, targets) in enumerate(bar):
             hasher.update(inputs, targets)

@@ -40,7 +40,7 @@ def preflight(model: nn.Module, loss_fn: LossFn, data: RunData) -> None:
             targets = None if part is None else known_targets(part)
             if targets is not None:
                 check_targets(outputs, targets)
-        check_per_example_loss(loss_fn, outputs, public_y)
+        _check_loss(loss_fn, outputs, public_y, "public data")
         if data.validation is not None:
             _check_validation(model, loss_fn, data.validation, public_x, public_y)
         _check_private_structure(model, loss_fn, data.private, public_x, public_y)
@@ -62,6 +62,21 @@ def _public_forward(model: nn.Module, x, y: torch.Tensor, name: str) -> torch.Te
         ) from error
 
 
+def _check_loss(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor, name: str) -> None:
+    """The loss gives one value per example of PUBLIC rows; its error as one line."""
+    try:
+        check_per_example_loss(loss_fn, outputs, targets)
+    except ShapeError:
+        raise
+    except Exception as error:
+        raise ShapeError(
+            f"the loss fails on the {name}'s targets of shape {tuple(targets.shape)} "
+            f"({str(targets.dtype).removeprefix('torch.')}) against the model's outputs of shape "
+            f"{tuple(outputs.shape)}: {type(error).__name__}: {error}. Classification targets "
+            "are integer labels of shape (n,)."
+        ) from error
+
+
 def _structure(inputs, targets: torch.Tensor) -> dict[str, tuple]:
     """Per-example shape and dtype of every input entry and of the targets."""
     entries = {key: (tuple(t.shape[1:]), t.dtype) for key, t in input_entries(inputs)}
@@ -79,7 +94,7 @@ def _kinds(structure: dict[str, tuple]) -> dict[str, tuple]:
 
 def _describe(structure: dict[str, tuple]) -> str:
     return ", ".join(
-        f"{key} {('(n, ' + ', '.join(map(str, shape)) + ')') if shape else '(n,)'} "
+        f"{key or 'inputs'} {('(n, ' + ', '.join(map(str, shape)) + ')') if shape else '(n,)'} "
         f"{str(dtype).removeprefix('torch.')}"
         for key, (shape, dtype) in structure.items()
     )
