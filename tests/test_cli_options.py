@@ -96,6 +96,7 @@ GIVEN = {
     "prior_weight": 3.0,
     "momentum": 0.5,
     "line_search_size": 50,
+    "step_significance": 2.0,
     "radius": 4.0,
     "seed": 11,
     "invalid_records": "raise",

@@ -42,9 +42,11 @@ N_PRIVATE = 40
 SHARD = N_PRIVATE // WORLD
 SPAWN_TIMEOUT_S = 120
 RUN = dict(
-    epsilon=2.0, subspace="dense", k=6, rounds=2, curvature="ggn", seed=5, progress=False
+    epsilon=2.0, subspace="dense", k=6, rounds=2, curvature="ggn", seed=5, progress=False,
+    step_significance=None,
 )  # fmt: skip
-"""Options of the fine_tune runs compared (the same in both processes and here)."""
+"""Options of the fine_tune runs compared (the same in both processes and here; any descent is
+a step, so that 40 records move the model and the step is compared too)."""
 
 
 def build_model() -> nn.Module:

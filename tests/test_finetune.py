@@ -357,3 +357,36 @@ def test_momentum_steps_along_the_heavy_ball_of_the_releases(step_task):
     assert result.report.momentum == 0.5
     with pytest.raises(InvalidParameterError, match="momentum"):
         run(step_task, rounds=2, momentum=1.0)
+
+
+def test_a_release_whose_step_was_not_taken_joins_the_next_step():
+    """docs/theory.md §9b: with P = I, the model moves by sum_t alpha_t d_t where d_t is round
+    t's release plus every release since the last step taken; the report counts them."""
+    task = blob_task()
+    result = run(task, epsilon=0.2, rounds=4, subspace="identity", seed=7)
+    steps = result.report.step_lengths
+    counts = [r.releases_in_step for r in result.report.rounds]
+    assert 0.0 in steps[:-1]  # a zero step before the last round: something was carried
+    expected, carried = np.zeros_like(result.releases[0]), np.zeros_like(result.releases[0])
+    for alpha, w, count in zip(steps, result.releases, counts, strict=True):
+        direction = carried + w
+        assert count == 1 + int(np.any(carried))
+        expected += alpha * direction
+        carried = direction if alpha == 0.0 else np.zeros_like(w)
+    np.testing.assert_allclose(
+        parameter_step(task["model"], result.model), expected, rtol=1e-10, atol=1e-14
+    )
+    assert result.report.unapplied_releases == (counts[-1] if steps[-1] == 0.0 else 0)
+
+
+def test_a_step_within_the_validation_noise_is_not_taken():
+    """The same seeded release: any decrease is a step without the test (None); with a high
+    threshold round 1's step is not kept and its release joins round 2's direction."""
+    task = blob_task()
+    loose = run(task, epsilon=1.0, rounds=2, subspace="identity", seed=3, step_significance=None)
+    strict = run(task, epsilon=1.0, rounds=2, subspace="identity", seed=3, step_significance=9.0)
+    assert all(alpha > 0 for alpha in loose.report.step_lengths)
+    assert strict.report.step_lengths[0] == 0.0
+    assert [r.releases_in_step for r in strict.report.rounds] == [1, 2]
+    assert strict.report.unapplied_releases == (2 if strict.report.step_lengths[1] == 0 else 0)
+    np.testing.assert_array_equal(strict.releases[0], loose.releases[0])

@@ -18,7 +18,7 @@ from torch import nn
 
 from cases import loss_fn, make_linear, make_task
 from qem.finetune.step import Stepper
-from qem.linesearch import MAX_STEP, MIN_STEP, line_search_step, step_probe
+from qem.linesearch import MAX_STEP, MIN_STEP, StepSearch, line_search_step, step_probe
 from qem.metrics import evaluate_loss
 from qem.subspace.factory import make_subspace
 
@@ -55,14 +55,16 @@ class SquaredDistance:
         return (outputs[:, 0] - targets) ** 2
 
 
-def search(c: float, start: float = 1.0) -> tuple[float, float, int, list[float], Line]:
+def search(
+    c: float, start: float = 1.0, warm: bool = False
+) -> tuple[float, float, int, list[float], Line]:
     """line_search_step along theta = alpha for the loss (alpha - c)^2: (alpha, loss, passes,
     the steps evaluated in order, the model)."""
     model, loss = Line(), SquaredDistance()
     validation = (torch.zeros(4, 1, dtype=torch.float64), torch.full((4,), c, dtype=torch.float64))
     direction = {"theta": torch.ones(1, dtype=torch.float64)}
-    alpha, value, passes = line_search_step(model, loss, direction, validation, start=start)
-    return alpha, value, passes, loss.seen, model
+    found = line_search_step(model, loss, direction, validation, start=start, warm=warm)
+    return found.alpha, found.loss, found.passes, loss.seen, model
 
 
 def grid_minimum(c: float) -> float:
@@ -132,15 +134,15 @@ def test_the_step_rule_warm_starts_at_the_previous_positive_step():
     )
     stepper = Stepper(loss, validation, momentum=0.0)
     basis = make_subspace("identity", model)
-    first, _ = stepper.step(model, basis, np.array([1.0]))
+    first, _, _ = stepper.step(model, basis, np.array([1.0]))
     assert first == pytest.approx(32.0, rel=ROUNDING) and float(model.theta.detach()) == first
     loss.seen.clear()
-    second, _ = stepper.step(model, basis, np.array([-1e-3]))  # theta = 32: c is up the line
+    second, _, _ = stepper.step(model, basis, np.array([-1e-3]))  # theta = 32: c is up the line
     assert loss.seen[1] == pytest.approx(first + -1e-3 * 32.0, rel=ROUNDING)
     assert second == 0.0 and stepper.previous_step == first  # 37.3 lies the other way
     loss.seen.clear()
-    stepper.step(model, basis, np.array([1e-3]))
-    assert loss.seen[1] == pytest.approx(32.0 + 1e-3 * first, rel=ROUNDING)
+    _, _, releases = stepper.step(model, basis, np.array([2e-3]))  # carries the -1e-3
+    assert loss.seen[1] == pytest.approx(32.0 + 1e-3 * first, rel=ROUNDING) and releases == 2
 
 
 @pytest.mark.parametrize("start", [1.0, 2**12])
@@ -197,7 +199,8 @@ def test_line_search_finds_the_grid_minimum_however_short_the_step(scale, start)
     basis = make_subspace("identity", model)
     w = descent_direction(model, valid, scale)
     step = basis.direction(model, torch.as_tensor(w))
-    alpha, loss, _ = line_search_step(model, loss_fn, step, valid, start=start)
+    found = line_search_step(model, loss_fn, step, valid, start=start)
+    alpha, loss = found.alpha, found.loss
     brute = []
     for a in GRID:
         trial = make_linear(0)
@@ -215,7 +218,8 @@ def test_line_search_keeps_the_model_for_an_ascent_direction():
     basis = make_subspace("identity", model)
     before = {n: p.clone() for n, p in model.state_dict().items()}
     ascent = basis.direction(model, torch.as_tensor(-descent_direction(model, valid, 1.0)))
-    alpha, loss, _ = line_search_step(model, loss_fn, ascent, valid)
+    found = line_search_step(model, loss_fn, ascent, valid)
+    alpha, loss = found.alpha, found.loss
     assert alpha == 0.0
     assert loss == pytest.approx(evaluate_loss(model, loss_fn, valid), rel=1e-12)
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
@@ -257,3 +261,45 @@ def test_step_probe_moves_only_the_named_parameters_in_their_dtype_and_restores_
         assert torch.equal(model.bias, bias)
         raise KeyboardInterrupt  # even an interrupt restores theta
     assert torch.equal(model.weight, weight) and torch.equal(model.bias, bias)
+
+
+@pytest.mark.parametrize("c", OPTIMA)
+def test_a_warm_search_from_the_optimum_makes_four_passes(c):
+    """From the previous round's step, when it is this round's grid minimum: 0, it, and its two
+    neighbours by sqrt(2)."""
+    alpha, _, passes, seen, _ = search(c, start=grid_minimum(c), warm=True)
+    assert alpha == pytest.approx(grid_minimum(c), rel=ROUNDING) and passes == 4
+    assert len(seen) == 4
+
+
+@pytest.mark.parametrize("c", OPTIMA)
+@pytest.mark.parametrize("offset", [-3, 2])
+def test_a_warm_search_walks_to_the_grid_minimum(c, offset):
+    """From a start a few grid points off (but beating 0), the walk by sqrt(2) reaches the
+    grid minimum of a unimodal loss; from a start that does not beat 0, the full search runs."""
+    start = grid_minimum(c) * math.sqrt(2.0) ** offset
+    alpha, value, _, _, _ = search(c, start=start, warm=True)
+    if (start - c) ** 2 < c**2:
+        assert alpha == pytest.approx(grid_minimum(c), rel=ROUNDING)
+    else:  # the full search from start, as without warm
+        assert (alpha, value) == search(c, start=start)[:2]
+
+
+def significance_case(shift: float, noise: float, n: int = 400) -> StepSearch:
+    g = torch.Generator().manual_seed(0)
+    zero = torch.rand(n, generator=g, dtype=torch.float64)
+    moved = zero - shift + noise * torch.randn(n, generator=g, dtype=torch.float64)
+    return StepSearch(1.0, float(moved.mean()), 3, zero, moved)
+
+
+def test_a_step_is_significant_only_beyond_z_paired_standard_errors():
+    """mean(d) < -z sd(d)/sqrt(n), checked against the statistic computed by hand."""
+    for shift, noise in [(0.05, 0.1), (0.005, 0.1), (-0.01, 0.1), (0.0, 0.0)]:
+        case = significance_case(shift, noise)
+        d = (case.losses_at_alpha - case.losses_at_zero).numpy()
+        t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d))) if d.std() > 0 else 0.0
+        for z in (0.0, 1.0, 2.0):
+            assert case.significant(z) == bool(d.mean() < 0 and t < -z), (shift, noise, z)
+    assert significance_case(0.05, 0.1).significant(1.0)  # a clear descent is kept
+    assert not significance_case(0.002, 0.1).significant(1.0)  # within its noise: not
+    assert not StepSearch(0.0, 0.0, 1, torch.zeros(3), torch.zeros(3)).significant(0.0)

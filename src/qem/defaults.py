@@ -54,6 +54,7 @@ FINE_TUNE_DEFAULTS = MappingProxyType(
         "momentum": 0.0,
         "validation_data": None,
         "line_search_size": None,
+        "step_significance": 1.0,
         "radius": None,
         # run
         "seed": None,

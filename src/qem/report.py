@@ -39,7 +39,9 @@ class RoundRecord:
     ``mu`` is the GDP parameter of the round's mechanism on the records it read (s / z);
     under a Poisson schedule the run's guarantee is the accountant's, not a composition of
     these. ``step_length`` is alpha, chosen on public validation data (0: the release did not
-    lower the public validation loss and was not applied)."""
+    lower the public validation loss by more than its paired standard error and was not
+    applied; it is carried into the next round's direction). ``releases_in_step`` counts the
+    releases in the direction the round searched along: its own and those carried."""
 
     round: int
     epoch: int
@@ -56,6 +58,7 @@ class RoundRecord:
     public_validation_loss: float | None
     preview: dict[str, Any]
     snapping: dict[str, Any] | None = None
+    releases_in_step: int = 1
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class PrivacyReport:
     executed rounds, the neighbouring relation and the run's DpEvent as JSON (compose it with
     other DP stages with ``qem.privacy.ledger.dp_event_from_json``); ``mu`` is the composed GDP
     parameter when the run is a GDP statement (sequential and partitioned schedules), else None.
+    ``unapplied_releases`` counts the releases that no step has applied (a zero-step round's
+    release is carried into the next round's direction: docs/theory.md §9b).
     ``world_size`` is the number of processes whose shards one all-reduced sum covered
     (docs/theory.md §16; 1 without a process group).
     """
@@ -95,6 +100,7 @@ class PrivacyReport:
     invalid_records: str
     momentum: float = 0.0
     world_size: int = 1
+    unapplied_releases: int = 0
     schema: str = REPORT_SCHEMA
 
     def to_dict(self) -> dict[str, Any]:

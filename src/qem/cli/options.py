@@ -203,10 +203,19 @@ FINE_TUNE_OPTIONS: tuple[Option, ...] = (
         STEP,
         int,
     ),
+    Option(
+        "step_significance",
+        "keep a step only when the validation loss falls by more than this many paired "
+        "standard errors; a release not applied joins the next round's direction",
+        STEP,
+        float,
+    ),
     Option("radius", "pure mode: radius R (default: chosen)", STEP, float),
     Option(
         "seed",
-        "reproducible noise, recorded in the report (default: operating-system entropy)",
+        "reproducible noise and sampling: the report then says the release is NOT private "
+        "against anyone who knows the seed, which goes to diagnostics.json only (default: "
+        "operating-system entropy)",
         RUN,
         int,
     ),

@@ -47,6 +47,7 @@ from qem.losses import LossFn
 from qem.mechanism import QuadraticExponentialMechanism, SecureNoise
 from qem.model_calls import resolve_device
 from qem.parameters import check_finite_parameters
+from qem.per_example import shared_machine_threads
 from qem.privacy.budget import Budget
 from qem.privacy.ledger import PrivacyLedger
 from qem.progress import progress_bar
@@ -143,7 +144,7 @@ class RoundEngine:
             clipping=private.clipping, batch_size=self.batch_size, progress=self.progress,
         )  # fmt: skip
         validation = self.data.validation if self.searches else None
-        self.stepper = Stepper(loss_fn, validation, float(step.momentum))
+        self.stepper = Stepper(loss_fn, validation, float(step.momentum), step.step_significance)
 
     def run(self) -> FineTuneResult:
         """The rounds, in order (module docstring); the whole run's result."""
@@ -154,27 +155,32 @@ class RoundEngine:
         )
         for executed in rounds:
             rounds.set_description(f"qem round {executed.index + 1}/{total}")
-            timer = PhaseTimer()
-            public = self.public_side.prepare(executed.index, self.model, timer, self.group)
-            statistics = self._private_pass(executed, public)
-            timer.lap("private_pass")
-            mechanism, preview = self._mechanism(executed, public)
-            w = self._draw(mechanism, statistics, public.basis.k)
-            invalid = statistics.invalid_count  # for the curator's diagnostics only
-            del statistics  # nothing private outlives the draw
-            self.ledger.record(executed)
-            timer.lap("mechanism")
-            self.record.add_release(executed, w, public, preview, mechanism, self.lam)
-            if self.on_release is not None and self.group.is_root:
-                self.on_release(self.record.result(self.model, self.public_side, done=False))
-            alpha, val_loss = self._step(executed, public, w)
-            timer.lap("line_search")
-            self.record.finish_round(alpha, val_loss, timer.seconds, invalid)
-            if self.group.is_root:
-                log_round(self.record.records[-1], total, timer.seconds)
+            with shared_machine_threads():  # the cores other processes leave free
+                self._round(executed, total)
         if self.group.is_root:
             self._warn_once()
         return self.record.result(self.model, self.public_side, done=True)
+
+    def _round(self, executed: Round, total: int) -> None:
+        """One round: the five steps of the module docstring, in order."""
+        timer = PhaseTimer()
+        public = self.public_side.prepare(executed.index, self.model, timer, self.group)
+        statistics = self._private_pass(executed, public)
+        timer.lap("private_pass")
+        mechanism, preview = self._mechanism(executed, public)
+        w = self._draw(mechanism, statistics, public.basis.k)
+        invalid = statistics.invalid_count  # for the curator's diagnostics only
+        del statistics  # nothing private outlives the draw
+        self.ledger.record(executed)
+        timer.lap("mechanism")
+        self.record.add_release(executed, w, public, preview, mechanism, self.lam)
+        if self.on_release is not None and self.group.is_root:
+            self.on_release(self.record.result(self.model, self.public_side, done=False))
+        alpha, val_loss, releases = self._step(executed, public, w)
+        timer.lap("line_search")
+        self.record.finish_round(alpha, val_loss, releases, timer.seconds, invalid)
+        if self.group.is_root:
+            log_round(self.record.records[-1], total, timer.seconds)
 
     def _private_pass(self, executed: Round, public: RoundPublic) -> GradientStatistics:
         """Step 2, the only one that reads private data: the clipped sum over the round's rows
@@ -215,14 +221,14 @@ class RoundEngine:
 
     def _step(
         self, executed: Round, public: RoundPublic, w: np.ndarray
-    ) -> tuple[float, float | None]:
+    ) -> tuple[float, float | None, int]:
         """Step 5 on rank 0, broadcast; an error raises SpentBudgetError with the run so far."""
         try:
-            alpha, val_loss = self.group.from_root(
+            alpha, val_loss, releases = self.group.from_root(
                 (lambda: self.stepper.step(self.model, public.basis, w))
                 if self.group.is_root
                 else None,
-                2,
+                3,
             ).tolist()
             self.group.broadcast_parameters(self.model, public.basis.parameter_names)
         except Exception as error:
@@ -232,7 +238,7 @@ class RoundEngine:
                 "the releases: save it (result.save(directory)) rather than rerunning.",
                 self.record.result(self.model, self.public_side, done=False),
             ) from error
-        return alpha, None if np.isnan(val_loss) else val_loss
+        return alpha, None if np.isnan(val_loss) else val_loss, int(releases)
 
     def _warn_once(self) -> None:
         """At the end of the run, one warning per kind: the rounds whose release was not applied
@@ -242,7 +248,7 @@ class RoundEngine:
         zero = [r.round for r in self.record.records if r.step_length == 0.0]
         if zero and self.searches:
             message = zero_step_message(zero, len(self.record.records), self.data.validation_source)
-            warnings.warn(message, ZeroStepWarning, stacklevel=4)  # the caller of fine_tune
+            warnings.warn(message, ZeroStepWarning, stacklevel=5)  # the caller of fine_tune
         invalid = self.record.diagnostics.invalid_records
         if any(invalid):
-            warnings.warn(invalid_records_message(invalid), InvalidRecordsWarning, stacklevel=4)
+            warnings.warn(invalid_records_message(invalid), InvalidRecordsWarning, stacklevel=5)

@@ -105,14 +105,19 @@ class RunRecord:
             }
 
     def finish_round(
-        self, alpha: float, val_loss: float | None, seconds: dict, invalid: int
+        self, alpha: float, val_loss: float | None, releases: int, seconds: dict, invalid: int
     ) -> None:
         """Record the step taken with the pending release, and the round's diagnostics: its
         timings and how many of its private records were invalid (for the curator only)."""
         self.diagnostics.invalid_records.append(invalid)
         entry = self.pending.pop()
         self.records.append(
-            RoundRecord(**entry, step_length=float(alpha), public_validation_loss=val_loss)
+            RoundRecord(
+                **entry,
+                step_length=float(alpha),
+                public_validation_loss=val_loss,
+                releases_in_step=int(releases),
+            )
         )
         self.diagnostics.round_seconds.append(seconds)
         for phase, value in seconds.items():
@@ -133,6 +138,13 @@ class RunRecord:
             diagnostics=self.diagnostics,
             releases=list(self.releases),
         )
+
+    def _unapplied(self, records: list[RoundRecord]) -> int:
+        """Releases no step has applied yet: those carried out of the last round whose step
+        was 0 (each earlier zero-step release went into a later step), and pending ones."""
+        finished = self.records
+        carried = finished[-1].releases_in_step if finished and finished[-1].step_length == 0 else 0
+        return carried + len(records) - len(finished)
 
     def _noise_description(self) -> dict:
         """Where the normals came from (the first round's source; every round uses the same
@@ -199,6 +211,7 @@ class RunRecord:
             rounds=records,
             step_lengths=steps,
             zero_step_rounds=sum(1 for s in steps[: len(self.records)] if s == 0.0),
+            unapplied_releases=self._unapplied(records),
             noise=self._noise_description(),
             invalid_records=self.invalid.value,
             momentum=self.momentum,
