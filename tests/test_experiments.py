@@ -34,7 +34,7 @@ from qem.experiments.runner import (
     write_json_atomic,
 )
 from qem.finetune import FineTuneResult, fine_tune
-from qem.io import load as load_saved_run
+from qem.io import read_run as load_saved_run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "experiments"
 REPO = Path(__file__).parent.parent

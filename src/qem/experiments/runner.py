@@ -67,13 +67,13 @@ from qem.experiments.config import (
     load_config,
     parse_config,
 )
-from qem.io import load as load_saved_run
-from qem.io import save_run, write_atomically
-from qem.losses import LOSSES
+from qem.io import read_run as load_saved_run
+from qem.io import save_run
+from qem.jsonfiles import write_json_atomic
+from qem.losses import LOSSES, LossFn
 from qem.metrics import evaluate_loss, evaluate_metric
 from qem.privacy.ledger import total_spent
 from qem.report import report_as_dict
-from qem.subspace.base import LossFn
 
 CELLS_DIR = "cells"
 RESULTS_FILE = "results.json"
@@ -553,14 +553,6 @@ def _high_water_mb() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as strict JSON (no NaN) to ``path`` with :func:`qem.io.write_atomically`:
-    readers see the old file or the whole new one; serialised first, so an object JSON cannot
-    hold leaves nothing behind."""
-    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
-    write_atomically(path, (text + "\n").encode())
 
 
 def _check_registry(config: ExperimentConfig, registry: Registry) -> None:
