@@ -21,18 +21,16 @@ from qem.baselines.registry import METHODS
 from qem.cli import experiment as experiment_cli
 from qem.datasets.scenarios import Scenario
 from qem.errors import InvalidParameterError, OutputExistsError
+from qem.experiments import cells as cells_module
+from qem.experiments import registry as registry_module
 from qem.experiments import report as report_module
 from qem.experiments import runner as runner_module
 from qem.experiments.config import load_config, parse_config
+from qem.experiments.records import write_json_atomic
+from qem.experiments.registry import Registry, accepted_hyperparameters, default_registry
+from qem.experiments.releases import CellFailedError
 from qem.experiments.report import write_report
-from qem.experiments.runner import (
-    CellFailedError,
-    Registry,
-    accepted_hyperparameters,
-    default_registry,
-    run_experiment,
-    write_json_atomic,
-)
+from qem.experiments.runner import run_experiment
 from qem.finetune import FineTuneResult, fine_tune
 from qem.io import load as load_saved_run
 
@@ -199,7 +197,7 @@ def test_default_pretrainer_caches_the_public_model_once_per_scenario(tmp_path):
     registry = Registry(
         scenarios={"toy": lambda **options: fakes.scenario},
         methods={"none": fakes.none},
-        pretrainer=runner_module.cached_pretrainer,
+        pretrainer=registry_module.cached_pretrainer,
     )
     logreg = {"name": "logreg", "options": {"in_features": FEATURES, "out_features": CLASSES}}
     config = toy_config(methods=[{"name": "none"}], model=logreg)
@@ -475,7 +473,7 @@ def test_releases_reach_disk_before_scoring_and_a_failed_cell_names_them(tmp_pat
     def unreadable_test_set(*args, **kwargs):
         raise RuntimeError("test set unreadable")
 
-    monkeypatch.setattr(runner_module, "evaluate_loss", unreadable_test_set)
+    monkeypatch.setattr(cells_module, "evaluate_loss", unreadable_test_set)
     fakes = Fakes()
     config = single_cell_config()
     partial = tmp_path / "cells" / "toy__fake_grid__eps1.0__seed0.partial"
@@ -568,7 +566,7 @@ def test_hyperparameters_are_checked_against_the_function_they_reach(tmp_path):
     qem_accepts = accepted_hyperparameters(METHODS["qem"], fine_tune)
     assert {"k", "rounds", "subspace", "damping", "clip_norm"} <= qem_accepts
     assert {"lr", "epochs", "batch_size"} <= accepted_hyperparameters(METHODS["dpsgd"])
-    runner_module._check_registry(load_config(REPO / "configs" / "smoke.json"), default_registry())
+    registry_module.check_registry(load_config(REPO / "configs" / "smoke.json"), default_registry())
     for method in ("qem", "qem_identity", "dpsgd"):
         methods = [{"name": method, "fixed": {"learning_rate": 0.1}}]
         config = toy_config(scenarios=[{"name": "mnist_s1"}], methods=methods)

@@ -19,12 +19,12 @@ are required; ``delta`` (default 1e-5), ``model`` (default "cnn"; a name or
 constructor) and ``model`` (overrides the top-level model). A method entry has ``name`` and
 optional ``label``, ``grid`` (hyperparameter -> non-empty list of values, tuned on public
 validation data) and ``fixed`` (the method's keyword-only parameters; see
-:func:`qem.experiments.runner.accepted_hyperparameters`).
+:func:`qem.experiments.registry.accepted_hyperparameters`).
 
 Noise: by default every release draws its noise from operating-system entropy (the methods get
 ``seed=None``); the config's ``seeds`` only number the repetitions. ``"reproducible": true``
 (or ``qem experiment run --reproducible``) seeds each release from its cell and grid point
-instead (:meth:`qem.experiments.runner.Cell.noise_seed`): reruns give the same numbers, but
+instead (:meth:`qem.experiments.cells.Cell.noise_seed`): reruns give the same numbers, but
 anyone who knows the config knows the noise, so never publish releases of a reproducible sweep.
 """
 

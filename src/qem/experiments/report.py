@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qem.errors import DataError
+from qem.experiments.cells import plan_cells
 from qem.experiments.config import load_config
-from qem.experiments.runner import CELLS_DIR, CONFIG_FILE, plan_cells
+from qem.experiments.runner import CELLS_DIR, CONFIG_FILE
 from qem.extras import import_extra
 
 if TYPE_CHECKING:

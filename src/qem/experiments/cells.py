@@ -1,0 +1,220 @@
+"""Cells of a sweep: one (scenario, method, epsilon, seed) each, planned from the config and run
+by :func:`run_cell`.
+
+A cell tunes its method over the grid: every grid point is run on the private training data
+with the cell's budget (epsilon, delta) and scored on the PUBLIC validation split; the best
+score wins (ties: the first point; a diverged run, NaN, ranks last). Every grid point and its
+score are recorded. The noise comes from operating-system entropy (``seed=None``) unless the
+config is ``reproducible``; then each grid point of each cell gets a seed of its own
+(:meth:`Cell.noise_seed`), so that no two releases of a sweep share a noise draw. The chosen
+configuration's model is then scored on the test split with the scenario's metric
+(``scenario.metric``: accuracy, or AUROC for MIMIC) and its mean test loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import qem
+from qem.errors import NonFiniteError
+from qem.experiments.config import ExperimentConfig, MethodSpec, ScenarioSpec
+from qem.experiments.memory import PeakMemory
+from qem.experiments.records import jsonable
+from qem.experiments.registry import BUDGET_FREE, Method
+from qem.experiments.releases import Release, SavedReleases, naming_saved_releases
+from qem.metrics import evaluate_loss, evaluate_metric
+from qem.privacy.ledger import total_spent
+from qem.report import report_as_dict
+from qem.subspace.base import LossFn
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (scenario, method, epsilon, seed); ``epsilon`` is None for budget-free methods."""
+
+    scenario: ScenarioSpec
+    method: MethodSpec
+    epsilon: float | None
+    seed: int
+    fingerprint: str
+
+    @property
+    def key(self) -> str:
+        """File stem, e.g. ``mnist_s1__qem_T2__eps0.5__seed0``."""
+        eps = "none" if self.epsilon is None else repr(self.epsilon)
+        return f"{self.scenario.label}__{self.method.label}__eps{eps}__seed{self.seed}"
+
+    def noise_seed(self, point: dict[str, Any]) -> int:
+        """The noise seed of grid point ``point`` in a reproducible sweep: 63 bits of numpy's
+        ``SeedSequence([seed, SHA-256 of (fingerprint, epsilon, point)])``. The fingerprint
+        names the scenario and method, so every cell and grid point of a sweep has its own
+        seed; a rerun of the same config gets the same ones."""
+        identity = json.dumps([self.fingerprint, self.epsilon, point], sort_keys=True)
+        digest = int.from_bytes(hashlib.sha256(identity.encode()).digest(), "big")
+        state = np.random.SeedSequence([self.seed, digest]).generate_state(1, np.uint64)
+        return int(state[0] >> np.uint64(1))
+
+
+def plan_cells(config: ExperimentConfig, budget_free: frozenset[str] = BUDGET_FREE) -> list[Cell]:
+    """All cells in run order: scenario, method, epsilon, seed; methods named in
+    ``budget_free`` get one cell per seed, with epsilon None."""
+    cells = []
+    for scenario in config.scenarios:
+        for method in config.methods:
+            fingerprint = config.fingerprint(scenario, method)
+            epsilons = (None,) if method.name in budget_free else config.epsilons
+            cells += [
+                Cell(scenario, method, epsilon, seed, fingerprint)
+                for epsilon in epsilons
+                for seed in config.seeds
+            ]
+    return cells
+
+
+def run_cell(
+    cell: Cell,
+    method: Method,
+    scenario: Any,
+    pretrained: nn.Module,
+    config: ExperimentConfig,
+    loss_fn: LossFn,
+    partial_dir: str | os.PathLike,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Tune ``method`` on the public validation split over the cell's grid, then score the
+    chosen model on the test split; returns the cell's JSON record. Each release is saved in
+    ``partial_dir`` as soon as the method returns (releases saved there by an earlier run are
+    loaded instead of recomputed); a later failure raises CellFailedError naming it."""
+    start = time.perf_counter()
+    saved = SavedReleases(Path(partial_dir), cell)
+    grid_scores: list[dict[str, Any]] = []
+    releases: list[Release] = []
+    best: tuple[Release, float, dict[str, Any]] | None = None
+    with PeakMemory() as memory, naming_saved_releases(saved):
+        for index, point in enumerate(cell.method.grid_points()):
+            hyperparameters = {**cell.method.fixed, **point}
+            noise_seed = cell.noise_seed(point) if config.reproducible else None
+            release = saved.load(index, point, noise_seed, pretrained)
+            if release is None:
+                _seed_torch(noise_seed)
+                tic = time.perf_counter()
+                output = method(
+                    copy.deepcopy(pretrained),
+                    loss_fn,
+                    scenario.public_train,
+                    scenario.private_train,
+                    epsilon=cell.epsilon,
+                    delta=config.delta,
+                    adjacency=config.adjacency,
+                    validation_data=scenario.public_valid,
+                    seed=noise_seed,
+                    progress=progress,
+                    **hyperparameters,
+                )
+                seconds = time.perf_counter() - tic
+                release = Release(
+                    output.model,
+                    report_as_dict(output.report),
+                    seconds,
+                    noise_seed,
+                    _diagnostics(output),
+                )
+                saved.save(index, point, release)
+            releases.append(release)
+            score = _score(release.model, scenario.public_valid, scenario.metric)
+            grid_scores.append(
+                {
+                    "hyperparameters": point,
+                    "valid_metric": score,
+                    "seconds": release.seconds,
+                    "noise_seed": release.noise_seed,
+                }
+            )
+            if best is None or _rank(score) > _rank(best[1]):
+                best = (release, score, hyperparameters)
+        assert best is not None  # grid_points() is never empty
+        result, valid_metric, hyperparameters = best
+        tic = time.perf_counter()
+        metric = _score(result.model, scenario.test, scenario.metric)
+        loss = evaluate_loss(result.model, loss_fn, scenario.test)
+        evaluate_seconds = time.perf_counter() - tic
+    return jsonable(
+        {
+            "key": cell.key,
+            "scenario": cell.scenario.label,
+            "scenario_name": cell.scenario.name,
+            "method": cell.method.label,
+            "method_name": cell.method.name,
+            "epsilon": cell.epsilon,
+            "delta": None if cell.epsilon is None else config.delta,
+            "seed": cell.seed,
+            "reproducible": config.reproducible,
+            "noise_seed": result.noise_seed,
+            "metric": metric,
+            "metric_name": scenario.metric,
+            "loss": loss,
+            "valid_metric": valid_metric,
+            "seconds": {
+                "tuning": sum(entry["seconds"] for entry in grid_scores),
+                "fine_tune": result.seconds,
+                "evaluate": evaluate_seconds,
+                "total": time.perf_counter() - start,
+            },
+            **memory.as_dict(),
+            "hyperparameters": hyperparameters,
+            "grid_scores": grid_scores,
+            "report": result.report,
+            "diagnostics": result.diagnostics,
+            "budget_spent_by_tuning": _tuning_budget(releases, config.delta),
+            "synthetic": bool(getattr(scenario, "synthetic", False)),
+            "fingerprint": cell.fingerprint,
+            "qem_version": qem.__version__,
+        }
+    )
+
+
+def _diagnostics(output: Any) -> dict[str, Any] | None:
+    """A method's diagnostics (not publishable: timings) as a dict, if it has any."""
+    diagnostics = getattr(output, "diagnostics", None)
+    return diagnostics.to_dict() if hasattr(diagnostics, "to_dict") else diagnostics
+
+
+def _tuning_budget(releases: list[Release], delta: float) -> dict[str, Any]:
+    """What the whole grid spent: every grid point is a release on the private data, so the
+    chosen cell's epsilon is not the whole cost of tuning (docs/theory.md §12)."""
+    return {**total_spent([r.report for r in releases], delta), "releases": len(releases)}
+
+
+def _seed_torch(noise_seed: int | None) -> None:
+    """Seed torch's global generator with ``noise_seed``, or from operating-system entropy when
+    it is None: whatever a method draws from it is then never predictable from the config."""
+    if noise_seed is None:
+        torch.seed()
+    else:
+        torch.manual_seed(noise_seed)
+
+
+def _score(model: nn.Module, data: Any, metric: str) -> float:
+    """``metric`` of ``model`` on ``data``; NaN when the model's outputs are not finite (a
+    diverged run), so that one bad grid point does not stop the sweep."""
+    try:
+        return evaluate_metric(model, data, metric)
+    except NonFiniteError:
+        return math.nan
+
+
+def _rank(score: float) -> float:
+    """Selection order of validation scores: NaN (a diverged run) ranks last."""
+    return score if math.isfinite(score) else -math.inf
