@@ -54,17 +54,45 @@ def _mnist_factory(name: str) -> ScenarioFactory:
     return factory
 
 
-def _mimic_factory(**options: Any) -> Any:
-    """:func:`qem.datasets.mimic.mimic_careunit_scenario` with the config's options."""
+def _subsets(
+    scenario: Any, public_size: int | None, private_size: int | None, subset_seed: int
+) -> Any:
+    """``scenario`` with seeded subsets of its public training and private training rows
+    (:func:`qem.datasets.scenarios.subsample`; None keeps a side whole)."""
+    if public_size is None and private_size is None:
+        return scenario
+    from qem.datasets.scenarios import subsample
+
+    return subsample(scenario, subset_seed, public_train=public_size, private_train=private_size)
+
+
+def _mimic_factory(
+    public_size: int | None = None,
+    private_size: int | None = None,
+    subset_seed: int = 0,
+    **options: Any,
+) -> Any:
+    """:func:`qem.datasets.mimic.mimic_careunit_scenario` with the config's options, optionally
+    on seeded subsets of ``public_size`` public and ``private_size`` private training stays
+    (the inputs stay standardised with every public training stay: public statistics)."""
     from qem.datasets.mimic import mimic_careunit_scenario
 
-    return mimic_careunit_scenario(**options)
+    return _subsets(mimic_careunit_scenario(**options), public_size, private_size, subset_seed)
 
 
-def _synthetic_mimic_factory(subjects: int = 10_000, data_seed: int = 0, **options: Any) -> Any:
+def _synthetic_mimic_factory(
+    subjects: int = 10_000,
+    data_seed: int = 0,
+    public_size: int | None = None,
+    private_size: int | None = None,
+    subset_seed: int = 0,
+    **options: Any,
+) -> Any:
     """The MIMIC care-unit scenario on a SYNTHETIC file of the MIMIC-Extract schema
     (``subjects`` subjects, generated from ``data_seed``; written to a temporary directory and
-    deleted once loaded). Its cells and tables say SYNTHETIC."""
+    deleted once loaded), optionally on seeded subsets of the training stays (as
+    "mimic_careunit"; the inputs stay standardised with all public training stays, which are
+    public). Its cells and tables say SYNTHETIC."""
     import tempfile
     import warnings
 
@@ -75,7 +103,15 @@ def _synthetic_mimic_factory(subjects: int = 10_000, data_seed: int = 0, **optio
         path = write_synthetic_mimic(Path(directory) / "all_hourly_data.h5", subjects, data_seed)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*SYNTHETIC stand-in", UserWarning)
-            return mimic_careunit_scenario(path, **options)
+            scenario = mimic_careunit_scenario(path, **options)
+    return _subsets(scenario, public_size, private_size, subset_seed)
+
+
+def _digits_factory(**options: Any) -> Any:
+    """:func:`qem.datasets.digits.digits_scenario` (scikit-learn's bundled 8x8 digits)."""
+    from qem.datasets.digits import digits_scenario
+
+    return digits_scenario(**options)
 
 
 def _text_transfer_factory(**options: Any) -> Any:
@@ -112,8 +148,8 @@ def cached_pretrainer(
 
 
 def default_registry() -> Registry:
-    """The real scenarios ("mnist_s1", "mnist_s2", "mimic_careunit", "synthetic_mimic",
-    "text_transfer") and
+    """The real scenarios ("mnist_s1", "mnist_s2", "digits", "mimic_careunit",
+    "synthetic_mimic", "text_transfer") and
     :data:`qem.baselines.registry.METHODS` (qem's hyperparameters are fine_tune's)."""
     from qem.baselines.registry import METHODS
     from qem.finetune import fine_tune
@@ -122,6 +158,7 @@ def default_registry() -> Registry:
         scenarios={
             "mnist_s1": _mnist_factory("mnist_s1"),
             "mnist_s2": _mnist_factory("mnist_s2"),
+            "digits": _digits_factory,
             "mimic_careunit": _mimic_factory,
             "synthetic_mimic": _synthetic_mimic_factory,
             "text_transfer": _text_transfer_factory,
