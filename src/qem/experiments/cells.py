@@ -9,6 +9,14 @@ config is ``reproducible``; then each grid point of each cell gets a seed of its
 (:meth:`Cell.noise_seed`), so that no two releases of a sweep share a noise draw. The chosen
 configuration's model is then scored on the test split with the scenario's metric
 (``scenario.metric``: accuracy, or AUROC for MIMIC) and its mean test loss.
+
+With the config's ``tuning`` spec the grid is run in *tuning cells* instead (one per scenario,
+method with a grid, and tuning epsilon, at the tuning seed; :func:`plan_tuning_cells`), and each
+cell runs only the point chosen by the tuning cell that serves its epsilon
+(:meth:`qem.experiments.config.TuningSpec.serving`). Such a cell records the choice, the tuning
+grid's size, seconds and composed budget (``tuning``), and in ``budget_spent_by_tuning`` what
+the tuning grid and its own release spent together: every grid point is a release on the same
+private data, so the cell's epsilon is not the whole cost of its result (docs/theory.md §12).
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ class Cell:
     epsilon: float | None
     seed: int
     fingerprint: str
+    stage: str = "main"
+    """"main" (a result) or "tuning" (a grid run whose choice serves main cells)."""
 
     @property
     def key(self) -> str:
@@ -60,8 +70,11 @@ class Cell:
         """The noise seed of grid point ``point`` in a reproducible sweep: 63 bits of numpy's
         ``SeedSequence([seed, SHA-256 of (fingerprint, epsilon, point)])``. The fingerprint
         names the scenario and method, so every cell and grid point of a sweep has its own
-        seed; a rerun of the same config gets the same ones."""
-        identity = json.dumps([self.fingerprint, self.epsilon, point], sort_keys=True)
+        seed; a rerun of the same config gets the same ones. A tuning cell adds its stage, so
+        that it never shares a draw with the main cell of the same epsilon and seed."""
+        parts = [self.fingerprint, self.epsilon, point]
+        parts += [] if self.stage == "main" else [self.stage]
+        identity = json.dumps(parts, sort_keys=True)
         digest = int.from_bytes(hashlib.sha256(identity.encode()).digest(), "big")
         state = np.random.SeedSequence([self.seed, digest]).generate_state(1, np.uint64)
         return int(state[0] >> np.uint64(1))
@@ -83,6 +96,37 @@ def plan_cells(config: ExperimentConfig, budget_free: frozenset[str] = BUDGET_FR
     return cells
 
 
+def plan_tuning_cells(
+    config: ExperimentConfig, budget_free: frozenset[str] = BUDGET_FREE
+) -> list[Cell]:
+    """The tuning cells of a config with a ``tuning`` spec (none without one): scenario, method
+    with more than one grid point (budget-free methods are never tuned on private data),
+    tuning epsilon, at the tuning seed."""
+    if config.tuning is None:
+        return []
+    return [
+        Cell(scenario, method, epsilon, config.tuning.seed, config.fingerprint(scenario, method),
+             stage="tuning")
+        for scenario in config.scenarios
+        for method in config.methods
+        if method.name not in budget_free and len(method.grid_points()) > 1
+        for epsilon in config.tuning.epsilons
+    ]  # fmt: skip
+
+
+def tuning_cell_for(cell: Cell, config: ExperimentConfig) -> Cell | None:
+    """The tuning cell whose choice ``cell`` runs (None: the cell tunes, or needs no tuning)."""
+    if config.tuning is None or cell.epsilon is None or len(cell.method.grid_points()) < 2:
+        return None
+    epsilon = config.tuning.serving(cell.epsilon)
+    return Cell(cell.scenario, cell.method, epsilon, config.tuning.seed, cell.fingerprint, "tuning")
+
+
+def chosen_point(method: MethodSpec, tuning_record: dict[str, Any]) -> dict[str, Any]:
+    """The grid point a tuning cell's record chose (its hyperparameters on the grid's keys)."""
+    return {key: tuning_record["hyperparameters"][key] for key in method.grid}
+
+
 def run_cell(
     cell: Cell,
     method: Method,
@@ -92,8 +136,10 @@ def run_cell(
     loss_fn: LossFn,
     partial_dir: str | os.PathLike,
     progress: bool = False,
+    tuning: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Tune ``method`` on the public validation split over the cell's grid, then score the
+    """Tune ``method`` on the public validation split over the cell's grid (or, given the
+    record of the tuning cell that serves it, run that cell's choice only), then score the
     chosen model on the test split; returns the cell's JSON record. Each release is saved in
     ``partial_dir`` as soon as the method returns (releases saved there by an earlier run are
     loaded instead of recomputed); a later failure raises CellFailedError naming it."""
@@ -102,8 +148,9 @@ def run_cell(
     grid_scores: list[dict[str, Any]] = []
     releases: list[Release] = []
     best: tuple[Release, float, dict[str, Any]] | None = None
+    points = [chosen_point(cell.method, tuning)] if tuning else cell.method.grid_points()
     with PeakMemory() as memory, naming_saved_releases(saved):
-        for index, point in enumerate(cell.method.grid_points()):
+        for index, point in enumerate(points):
             hyperparameters = {**cell.method.fixed, **point}
             noise_seed = cell.noise_seed(point) if config.reproducible else None
             release = saved.load(index, point, noise_seed, pretrained)
@@ -150,6 +197,8 @@ def run_cell(
         metric = _score(result.model, scenario.test, scenario.metric)
         loss = evaluate_loss(result.model, loss_fn, scenario.test)
         evaluate_seconds = time.perf_counter() - tic
+    accounts = [_account(release.report) for release in releases]
+    spent = _tuning_budget(accounts + (tuning or {}).get("grid_accounts", []), config.delta)
     return jsonable(
         {
             "key": cell.key,
@@ -160,6 +209,7 @@ def run_cell(
             "epsilon": cell.epsilon,
             "delta": None if cell.epsilon is None else config.delta,
             "seed": cell.seed,
+            "stage": cell.stage,
             "reproducible": config.reproducible,
             "noise_seed": result.noise_seed,
             "metric": metric,
@@ -177,7 +227,9 @@ def run_cell(
             "grid_scores": grid_scores,
             "report": result.report,
             "diagnostics": result.diagnostics,
-            "budget_spent_by_tuning": _tuning_budget(releases, config.delta),
+            "grid_accounts": accounts,
+            "budget_spent_by_tuning": spent,
+            **({"tuning": _tuning_summary(tuning, cell)} if tuning else {}),
             "synthetic": bool(getattr(scenario, "synthetic", False)),
             "fingerprint": cell.fingerprint,
             "qem_version": qem.__version__,
@@ -191,10 +243,32 @@ def _diagnostics(output: Any) -> dict[str, Any] | None:
     return diagnostics.to_dict() if hasattr(diagnostics, "to_dict") else diagnostics
 
 
-def _tuning_budget(releases: list[Release], delta: float) -> dict[str, Any]:
-    """What the whole grid spent: every grid point is a release on the private data, so the
-    chosen cell's epsilon is not the whole cost of tuning (docs/theory.md §12)."""
-    return {**total_spent([r.report for r in releases], delta), "releases": len(releases)}
+def _account(report: dict[str, Any]) -> dict[str, Any]:
+    """What a release spent, as :func:`qem.privacy.ledger.total_spent` reads it: its target
+    epsilon and its accountant block (the DpEvent and neighbouring relation; public)."""
+    return {"epsilon": report.get("epsilon"), "accountant": report.get("accountant")}
+
+
+def _tuning_budget(accounts: list[dict[str, Any]], delta: float) -> dict[str, Any]:
+    """What a list of releases spent together (composed by dp-accounting's PLD accountant):
+    every grid point is a release on the private data, so the chosen cell's epsilon is not
+    the whole cost of tuning (docs/theory.md §12)."""
+    return {**total_spent(accounts, delta), "releases": len(accounts)}
+
+
+def _tuning_summary(tuning: dict[str, Any], cell: Cell) -> dict[str, Any]:
+    """The choice a main cell ran and what its tuning grid spent and took (tuning cell's
+    record ``tuning``)."""
+    return {
+        "key": tuning["key"],
+        "epsilon": tuning["epsilon"],
+        "seed": tuning["seed"],
+        "grid_points": len(tuning["grid_scores"]),
+        "hyperparameters": chosen_point(cell.method, tuning),
+        "valid_metric": tuning["valid_metric"],
+        "seconds": tuning["seconds"]["tuning"],
+        "budget": tuning["budget_spent_by_tuning"],
+    }
 
 
 def _seed_torch(noise_seed: int | None) -> None:

@@ -14,12 +14,20 @@ Example (``configs/smoke.json``)::
 Top-level keys: ``name``, ``scenarios``, ``methods``, ``epsilons``, ``seeds`` and ``pretrain``
 are required; ``delta`` (default 1e-5), ``model`` (default "cnn"; a name or
 ``{"name", "options"}``), ``adjacency`` (default "replace_one"), ``loss`` (default
-"cross_entropy") and ``reproducible`` (default false) are optional. A scenario entry has
-``name`` and optional ``label``, ``options`` (keyword arguments of the scenario's
-constructor) and ``model`` (overrides the top-level model). A method entry has ``name`` and
-optional ``label``, ``grid`` (hyperparameter -> non-empty list of values, tuned on public
-validation data) and ``fixed`` (the method's keyword-only parameters; see
+"cross_entropy"), ``reproducible`` (default false) and ``tuning`` (below) are optional. A
+scenario entry has ``name`` and optional ``label``, ``options`` (keyword arguments of the
+scenario's constructor) and ``model`` (overrides the top-level model). A method entry has
+``name`` and optional ``label``, ``grid`` (hyperparameter -> non-empty list of values, tuned
+on public validation data) and ``fixed`` (the method's keyword-only parameters; see
 :func:`qem.experiments.registry.accepted_hyperparameters`).
+
+Tuning. Without ``tuning`` every cell tunes its method over the whole grid at the cell's own
+epsilon and seed. With ``"tuning": {"epsilons": [1, 8], "seed": 0}`` each method's grid is run
+once per tuning epsilon (at that seed, on the public validation split), in *tuning cells* of
+their own; every cell then runs only the point chosen at the tuning epsilon that serves its
+epsilon: the nearest on a log scale, ties to the smaller (:meth:`TuningSpec.serving`; with
+{1, 8}: epsilon <= 2 is served by 1, epsilon >= 4 by 8). The cell records that choice and what
+the tuning grid spent beside its own release (:mod:`qem.experiments.cells`).
 
 Noise: by default every release draws its noise from operating-system entropy (the methods get
 ``seed=None``); the config's ``seeds`` only number the repetitions. ``"reproducible": true``
@@ -54,7 +62,8 @@ TEST_ONLY_HYPERPARAMETERS = frozenset({"noise"})
 set them."""
 
 _TOP_REQUIRED = frozenset({"name", "scenarios", "methods", "epsilons", "seeds", "pretrain"})
-_TOP_OPTIONAL = frozenset({"delta", "model", "adjacency", "loss", "reproducible"})
+_TOP_OPTIONAL = frozenset({"delta", "model", "adjacency", "loss", "reproducible", "tuning"})
+_TUNING_KEYS = frozenset({"epsilons", "seed"})
 _SCENARIO_KEYS = frozenset({"name", "label", "options", "model"})
 _METHOD_KEYS = frozenset({"name", "label", "grid", "fixed"})
 _MODEL_KEYS = frozenset({"name", "options"})
@@ -97,6 +106,21 @@ class MethodSpec:
 
 
 @dataclass(frozen=True)
+class TuningSpec:
+    """Grids tuned once per epsilon in ``epsilons`` at repetition ``seed``; each cell's epsilon
+    is served by the nearest of them on a log scale (:meth:`serving`)."""
+
+    epsilons: tuple[float, ...]
+    seed: int
+
+    def serving(self, epsilon: float) -> float:
+        """The tuning epsilon whose choice serves ``epsilon``: the one nearest in log epsilon,
+        the smaller on a tie (the boundary between t_i < t_j is sqrt(t_i t_j), so {1, 8}
+        serves epsilon <= 2.83 by 1 and the rest by 8)."""
+        return min(sorted(self.epsilons), key=lambda t: abs(math.log(epsilon / t)))
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A validated sweep: every scenario x method x epsilon x seed is one cell."""
 
@@ -110,6 +134,7 @@ class ExperimentConfig:
     adjacency: str = "replace_one"
     loss: str = "cross_entropy"
     reproducible: bool = False
+    tuning: TuningSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; ``parse_config(config.to_dict()) == config``."""
@@ -118,7 +143,8 @@ class ExperimentConfig:
     def fingerprint(self, scenario: ScenarioSpec, method: MethodSpec) -> str:
         """SHA-256 of everything a cell of (scenario, method) depends on besides epsilon and
         seed; a finished cell is reused only if its fingerprint still matches. ``reproducible``
-        is not part of it: the runner compares it on its own, with a message of its own."""
+        is not part of it: the runner compares it on its own, with a message of its own. The
+        tuning spec is, when there is one (a sweep without one keeps its fingerprints)."""
         relevant = {
             "scenario": asdict(scenario),
             "method": asdict(method),
@@ -127,6 +153,8 @@ class ExperimentConfig:
             "loss": self.loss,
             "pretrain": self.pretrain,
         }
+        if self.tuning is not None:
+            relevant["tuning"] = asdict(self.tuning)
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
@@ -156,16 +184,13 @@ def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
     )
     _unique([s.label for s in scenarios], f"{source}: scenario labels")
     _unique([m.label for m in methods], f"{source}: method labels")
-    epsilons = tuple(
-        _positive(eps, f"{source}: epsilons[{i}]")
-        for i, eps in enumerate(_nonempty_list(top["epsilons"], f"{source}: epsilons"))
-    )
-    _unique(list(epsilons), f"{source}: epsilons")
+    epsilons = _epsilons(top["epsilons"], f"{source}: epsilons")
     seeds = tuple(
         _seed(seed, f"{source}: seeds[{i}]")
         for i, seed in enumerate(_nonempty_list(top["seeds"], f"{source}: seeds"))
     )
     _unique(list(seeds), f"{source}: seeds")
+    tuning = _tuning(top.get("tuning"), f"{source}: tuning")
     delta = _number(top.get("delta", 1e-5), f"{source}: delta")
     if not 0 < delta < 1:
         raise InvalidParameterError(f"{source}: delta must lie in (0, 1), got {delta}.")
@@ -201,6 +226,24 @@ def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
         adjacency=adjacency,
         loss=loss,
         reproducible=reproducible,
+        tuning=tuning,
+    )
+
+
+def _epsilons(raw: Any, where: str) -> tuple[float, ...]:
+    epsilons = tuple(
+        _positive(eps, f"{where}[{i}]") for i, eps in enumerate(_nonempty_list(raw, where))
+    )
+    _unique(list(epsilons), where)
+    return epsilons
+
+
+def _tuning(raw: Any, where: str) -> TuningSpec | None:
+    if raw is None:  # absent, or to_dict's form of a config without one
+        return None
+    entry = _mapping(raw, where, _TUNING_KEYS, frozenset())
+    return TuningSpec(
+        _epsilons(entry["epsilons"], f"{where}: epsilons"), _seed(entry["seed"], f"{where}: seed")
     )
 
 

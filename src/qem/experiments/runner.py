@@ -13,8 +13,14 @@ records what its grid spent together. Only tuning that touches public data alone
 Methods in ``Registry.budget_free`` ("nonprivate" fine-tuning, "none" = the pretrained model)
 spend no budget: they run once per seed with ``epsilon=None`` (JSON null).
 
+With the config's ``tuning`` spec the grids run once per tuning epsilon instead, in tuning
+cells (``tuning/<key>.json``, run before the scenario's cells), and each cell runs the choice
+that serves its epsilon (:mod:`qem.experiments.cells`); a cell whose tuning cell has since
+chosen otherwise is refused on resume, like a changed configuration.
+
 Layout of ``out_dir``: ``config.json`` (the validated config), ``cells/<key>.json`` (one per
-cell, written atomically by :func:`qem.io.write_atomically`) and ``results.json`` (a list of
+cell, written atomically by :func:`qem.io.write_atomically`), ``tuning/<key>.json`` (tuning
+cells, if any) and ``results.json`` (a list of
 ``{scenario, method, epsilon, seed, metric, seconds}``, seconds = the chosen configuration's
 fine-tuning time). A cell's releases are saved in ``cells/<key>.partial/`` as soon as its
 method returns (:mod:`qem.experiments.releases`) and deleted once the cell's JSON is written.
@@ -24,19 +30,30 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
 from tqdm.auto import tqdm
 
 from qem.errors import OutputExistsError
-from qem.experiments.cells import Cell, plan_cells, run_cell
-from qem.experiments.config import ExperimentConfig, load_config, parse_config
+from qem.experiments.cells import (
+    Cell,
+    chosen_point,
+    plan_cells,
+    plan_tuning_cells,
+    run_cell,
+    tuning_cell_for,
+)
+from qem.experiments.config import ExperimentConfig, ScenarioSpec, load_config, parse_config
 from qem.experiments.records import read_json, write_json_atomic
 from qem.experiments.registry import Registry, check_registry, default_registry
 from qem.losses import LOSSES
+from qem.subspace.base import LossFn
 
 CELLS_DIR = "cells"
+TUNING_DIR = "tuning"
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
 PARTIAL_SUFFIX = ".partial"
@@ -64,37 +81,94 @@ def run_experiment(
     registry = registry if registry is not None else default_registry()
     check_registry(config, registry)
     out = Path(out_dir)
-    cells_dir = out / CELLS_DIR
+    cells_dir, tuning_dir = out / CELLS_DIR, out / TUNING_DIR
     cells_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / CONFIG_FILE, config.to_dict())
     loss_fn = LOSSES[config.loss]
     cells = plan_cells(config, registry.budget_free)
-    pending = [cell for cell in cells if not _finished(cell, cells_dir, config.reproducible)]
-    with tqdm(
-        total=len(cells), initial=len(cells) - len(pending), desc=config.name, disable=not progress
-    ) as bar:
+    tuning_cells = plan_tuning_cells(config, registry.budget_free)
+    if tuning_cells:
+        tuning_dir.mkdir(exist_ok=True)
+    pending_tuning = [c for c in tuning_cells if not _finished(c, tuning_dir, config.reproducible)]
+
+    def pending(spec: ScenarioSpec) -> list[Cell]:
+        return [
+            cell
+            for cell in cells
+            if cell.scenario is spec
+            and not _finished(cell, cells_dir, config.reproducible, _choice(cell, config, out))
+        ]
+
+    total = len(cells) + len(tuning_cells)
+    done = len(tuning_cells) - len(pending_tuning)
+    done += sum((cells_dir / f"{cell.key}.json").exists() for cell in cells)
+    with tqdm(total=total, initial=done, desc=config.name, disable=not progress) as bar:
         for spec in config.scenarios:
-            todo = [cell for cell in pending if cell.scenario is spec]
-            if not todo:
+            tuning_todo = [cell for cell in pending_tuning if cell.scenario is spec]
+            if not tuning_todo and not pending(spec):
                 continue
             scenario = registry.scenarios[spec.name](**spec.options)
             pretrained = registry.pretrainer(scenario, spec, config, loss_fn, cache_dir, progress)
-            for cell in todo:
+            loaded = _Loaded(scenario, pretrained, registry, config, loss_fn, progress)
+            for cell in tuning_todo:
                 bar.set_postfix_str(cell.key, refresh=True)
-                method = registry.methods[cell.method.name]
-                partial = cells_dir / f"{cell.key}{PARTIAL_SUFFIX}"
-                record = run_cell(
-                    cell, method, scenario, pretrained, config, loss_fn, partial, progress
-                )
-                write_json_atomic(cells_dir / f"{cell.key}.json", record)
-                shutil.rmtree(partial, ignore_errors=True)
+                loaded.run(cell, tuning_dir, None)
+                bar.update()
+            for cell in pending(spec):  # after tuning: each cell's choice is known now
+                bar.set_postfix_str(cell.key, refresh=True)
+                loaded.run(cell, cells_dir, _choice(cell, config, out))
                 bar.update()
     results = [result_row(read_json(cells_dir / f"{cell.key}.json")) for cell in cells]
     write_json_atomic(out / RESULTS_FILE, results)
     return results
 
 
-def _finished(cell: Cell, cells_dir: Path, reproducible: bool) -> bool:
+@dataclass(frozen=True)
+class _Loaded:
+    """A scenario's data and pretrained model, with what running its cells needs."""
+
+    scenario: Any
+    pretrained: nn.Module
+    registry: Registry
+    config: ExperimentConfig
+    loss_fn: LossFn
+    progress: bool
+
+    def run(self, cell: Cell, directory: Path, tuning: dict[str, Any] | None) -> None:
+        """Run ``cell`` (served by the tuning record ``tuning``, if any) into ``directory``:
+        its record atomically, then its saved releases removed."""
+        partial = directory / f"{cell.key}{PARTIAL_SUFFIX}"
+        record = run_cell(
+            cell,
+            self.registry.methods[cell.method.name],
+            self.scenario,
+            self.pretrained,
+            self.config,
+            self.loss_fn,
+            partial,
+            self.progress,
+            tuning,
+        )
+        write_json_atomic(directory / f"{cell.key}.json", record)
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _choice(cell: Cell, config: ExperimentConfig, out: Path) -> dict[str, Any] | None:
+    """The record of the tuning cell that serves ``cell`` (None: the cell tunes itself, or
+    needs no tuning, or its tuning cell has not run yet)."""
+    tuning = tuning_cell_for(cell, config)
+    if tuning is None:
+        return None
+    path = out / TUNING_DIR / f"{tuning.key}.json"
+    return read_json(path) if path.exists() else None
+
+
+def _finished(
+    cell: Cell, cells_dir: Path, reproducible: bool, tuning: dict[str, Any] | None = None
+) -> bool:
+    """Whether ``cell`` has a record in ``cells_dir`` that this run may keep; OutputExistsError
+    for one of another configuration, noise setting or (given the serving tuning cell's record
+    ``tuning``) another tuning choice."""
     path = cells_dir / f"{cell.key}.json"
     if not path.exists():
         return False
@@ -116,6 +190,14 @@ def _finished(cell: Cell, cells_dir: Path, reproducible: bool) -> bool:
             f"{reproducible}; a sweep's cells all draw their noise one way: resume it as it was "
             "started (with or without --reproducible), or use another output directory."
         )
+    if tuning is not None:
+        ran = (record.get("tuning") or {}).get("hyperparameters")
+        if ran != chosen_point(cell.method, tuning):
+            raise OutputExistsError(
+                f"{path} ran the tuning choice {ran}, but its tuning cell {tuning['key']} now "
+                f"chose {chosen_point(cell.method, tuning)} (it was recomputed); use another "
+                "output directory, or delete the cells it serves to recompute them."
+            )
     return True
 
 
