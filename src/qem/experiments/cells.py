@@ -124,7 +124,8 @@ def tuning_cell_for(cell: Cell, config: ExperimentConfig) -> Cell | None:
 
 def chosen_point(method: MethodSpec, tuning_record: dict[str, Any]) -> dict[str, Any]:
     """The grid point a tuning cell's record chose (its hyperparameters on the grid's keys)."""
-    return {key: tuning_record["hyperparameters"][key] for key in method.grid}
+    chosen = tuning_record["hyperparameters"]  # fixed values and the point; never both
+    return {key: chosen[key] for key in method.grid_keys() if key in chosen}
 
 
 def run_cell(
@@ -214,6 +215,7 @@ def run_cell(
             "noise_seed": result.noise_seed,
             "metric": metric,
             "metric_name": scenario.metric,
+            "test_class_counts": _class_counts(scenario.test),
             "loss": loss,
             "valid_metric": valid_metric,
             "seconds": {
@@ -235,6 +237,17 @@ def run_cell(
             "qem_version": qem.__version__,
         }
     )
+
+
+def _class_counts(data: Any) -> list[int] | None:
+    """How many test examples each class has (for the standard error of the test metric);
+    None when the targets are not a tensor of class indices."""
+    targets = data[1] if isinstance(data, tuple | list) and len(data) == 2 else None
+    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64 or targets.ndim != 1:
+        return None
+    if len(targets) == 0 or targets.min() < 0:
+        return None
+    return torch.bincount(targets).tolist()
 
 
 def _diagnostics(output: Any) -> dict[str, Any] | None:

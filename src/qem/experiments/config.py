@@ -18,7 +18,9 @@ are required; ``delta`` (default 1e-5), ``model`` (default "cnn"; a name or
 scenario entry has ``name`` and optional ``label``, ``options`` (keyword arguments of the
 scenario's constructor) and ``model`` (overrides the top-level model). A method entry has
 ``name`` and optional ``label``, ``grid`` (hyperparameter -> non-empty list of values, tuned
-on public validation data) and ``fixed`` (the method's keyword-only parameters; see
+on public validation data: their Cartesian product; or a list of such objects: the union of
+their products, in order, for values that go together such as a batch size and its epochs) and
+``fixed`` (the method's keyword-only parameters; see
 :func:`qem.experiments.registry.accepted_hyperparameters`).
 
 Tuning. Without ``tuning`` every cell tunes its method over the whole grid at the cell's own
@@ -94,15 +96,26 @@ class MethodSpec:
 
     name: str
     label: str
-    grid: dict[str, list[Any]]
+    grid: dict[str, list[Any]] | list[dict[str, list[Any]]]
+    """A Cartesian product, or a list of them (their union)."""
     fixed: dict[str, Any]
 
     def grid_points(self) -> list[dict[str, Any]]:
-        """The Cartesian product of the grid, in config order (one empty point if no grid)."""
-        points: list[dict[str, Any]] = [{}]
-        for key, values in self.grid.items():
-            points = [{**point, key: value} for point in points for value in values]
+        """The Cartesian product of the grid (or the products of its parts one after another),
+        in config order (one empty point if no grid)."""
+        parts = self.grid if isinstance(self.grid, list) else [self.grid]
+        points: list[dict[str, Any]] = []
+        for part in parts:
+            product: list[dict[str, Any]] = [{}]
+            for key, values in part.items():
+                product = [{**point, key: value} for point in product for value in values]
+            points += product
         return points
+
+    def grid_keys(self) -> set[str]:
+        """Every hyperparameter the grid sets."""
+        parts = self.grid if isinstance(self.grid, list) else [self.grid]
+        return {key for part in parts for key in part}
 
 
 @dataclass(frozen=True)
@@ -331,11 +344,18 @@ def _scenario(raw: Any, where: str, default_model: ModelSpec) -> ScenarioSpec:
 def _method(raw: Any, where: str) -> MethodSpec:
     entry = _mapping(raw, where, frozenset({"name"}), _METHOD_KEYS - {"name"})
     name = _label(entry["name"], f"{where}: name")
-    grid = _options(entry.get("grid", {}), f"{where}: grid")
+    raw_grid = entry.get("grid", {})
+    if isinstance(raw_grid, list):
+        grid: dict | list = [
+            _grid(part, f"{where}: grid[{i}]")
+            for i, part in enumerate(_nonempty_list(raw_grid, f"{where}: grid"))
+        ]
+        keys = {key for part in grid for key in part}
+    else:
+        grid = _grid(raw_grid, f"{where}: grid")
+        keys = set(grid)
     fixed = _options(entry.get("fixed", {}), f"{where}: fixed")
-    for key, values in grid.items():
-        _nonempty_list(values, f"{where}: grid[{key!r}]")
-    for key in sorted(set(grid) | set(fixed)):
+    for key in sorted(keys | set(fixed)):
         if key in RESERVED_HYPERPARAMETERS:
             raise InvalidParameterError(
                 f"{where}: {key!r} is set by the runner for every cell; remove it from "
@@ -346,12 +366,19 @@ def _method(raw: Any, where: str) -> MethodSpec:
                 f"{where}: {key!r} is a switch for tests only (noise=False releases the private "
                 "data without noise); remove it from grid/fixed."
             )
-    overlap = sorted(set(grid) & set(fixed))
+    overlap = sorted(keys & set(fixed))
     if overlap:
         raise InvalidParameterError(f"{where}: {overlap} appear in both grid and fixed; keep one.")
     return MethodSpec(
         name=name, label=_label(entry.get("label", name), f"{where}: label"), grid=grid, fixed=fixed
     )
+
+
+def _grid(raw: Any, where: str) -> dict[str, list[Any]]:
+    grid = _options(raw, where)
+    for key, values in grid.items():
+        _nonempty_list(values, f"{where}[{key!r}]")
+    return grid
 
 
 def _pretrain(raw: Any, where: str) -> dict[str, Any]:

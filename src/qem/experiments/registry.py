@@ -185,7 +185,7 @@ def check_registry(config: ExperimentConfig, registry: Registry) -> None:
         accepted = accepted_hyperparameters(
             registry.methods[spec.name], registry.forwards.get(spec.name)
         )
-        unknown = sorted((set(spec.grid) | set(spec.fixed)) - accepted)
+        unknown = sorted((spec.grid_keys() | set(spec.fixed)) - accepted)
         if unknown:
             raise InvalidParameterError(
                 f"method {spec.label!r} ({spec.name}) has no hyperparameter(s) {unknown}; "
