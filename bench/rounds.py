@@ -38,8 +38,9 @@ def main() -> None:
     )
     model = pretrained_mnist_cnn(scenario)  # cached in the user cache directory
     print(f"{scenario.description} epsilon = {args.epsilon:g}, noise seed {args.seed}\n")
-    print("| configuration | test acc | valid acc | seconds | step lengths | seconds per phase |")
+    print("| configuration | test acc | valid acc | seconds | zero steps | step lengths |")
     print("| --- | --- | --- | --- | --- | --- |")
+    phase_rows = []
     test, valid = (
         evaluate_accuracy(model, scenario.test),
         evaluate_accuracy(model, scenario.public_valid),
@@ -61,13 +62,31 @@ def main() -> None:
         seconds = time.perf_counter() - tic
         test = evaluate_accuracy(result.model, scenario.test)
         valid = evaluate_accuracy(result.model, scenario.public_valid)
-        steps = ", ".join(f"{a:.3g}" for a in result.report.step_lengths)
-        phases = ", ".join(f"{k} {v:.1f}" for k, v in result.diagnostics.seconds.items())
+        lengths = result.report.step_lengths
+        steps = ", ".join(f"{a:.3g}" for a in lengths[:12]) + (" ..." if len(lengths) > 12 else "")
+        zero = f"{result.report.zero_step_rounds}/{len(lengths)}"
         print(
-            f"| `{json.dumps(config)}` | {test:.4f} | {valid:.4f} | {seconds:.1f} | {steps} | "
-            f"{phases} |",
+            f"| `{json.dumps(config)}` | {test:.4f} | {valid:.4f} | {seconds:.1f} | {zero} | "
+            f"{steps} |",
             flush=True,
         )
+        phase_rows.append((config, result.diagnostics.seconds, len(lengths)))
+    print_phases(phase_rows)
+
+
+def print_phases(rows: list) -> None:
+    """Mean seconds per round of each phase (diagnostics), and the round's cost in units of its
+    private pass: issue 16's target is at most 1.3."""
+    phases = sorted({phase for _, seconds, _ in rows for phase in seconds})
+    print("\nSeconds per round, by phase (mean over the rounds of each run):\n")
+    print("| configuration | " + " | ".join(phases) + " | round | round / private pass |")
+    print("| --- " * (len(phases) + 3) + "|")
+    for config, seconds, rounds in rows:
+        per_round = {phase: seconds.get(phase, 0.0) / rounds for phase in phases}
+        total = sum(per_round.values())
+        ratio = total / per_round["private_pass"] if per_round.get("private_pass") else float("nan")
+        cells = " | ".join(f"{per_round[phase]:.3f}" for phase in phases)
+        print(f"| `{json.dumps(config)}` | {cells} | {total:.3f} | {ratio:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
+from cases import make_linear, make_task
 from qem.baselines.dpsgd import dpsgd
 from qem.baselines.none import none
 from qem.baselines.nonprivate import nonprivate
@@ -17,13 +16,6 @@ from qem.finetune import fine_tune
 from qem.losses import cross_entropy
 from qem.mechanism.quadratic import Mode, QuadraticExponentialMechanism
 from qem.privacy.sensitivity import Adjacency, ClipNorm, Sensitivity
-
-
-def _tiny():
-    torch.manual_seed(0)
-    model = nn.Linear(3, 2)
-    data = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
-    return model, data
 
 
 def _choices(enum) -> list[str]:
@@ -47,7 +39,7 @@ def _choices(enum) -> list[str]:
     ids=["fine_tune", "fine_tune-clipping", "dpsgd", "none", "nonprivate", "mechanism", "sens"],
 )
 def test_unknown_option_lists_the_choices(call, enum):
-    model, data = _tiny()
+    model, data = make_linear(), make_task(8, 0)
     enum = enum or Adjacency
     with pytest.raises(InvalidParameterError) as raised:
         call(model, data)

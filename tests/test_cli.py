@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import tempfile
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 
+from cli_files import TINY_FACTORY, write_blobs
 from qem.cli.main import main
 from qem.io import load
 from qem.privacy.gdp import calibrate_gdp_mu, gdp_epsilon
@@ -99,24 +99,11 @@ def test_preview_bad_input_exits_2_with_a_message(capsys, argv, message):
 @pytest.fixture
 def user_files(tmp_path, monkeypatch):
     """A factory module on sys.path and NPZ files with (x, y)."""
-    (tmp_path / "tiny_models.py").write_text(
-        textwrap.dedent("""
-        import torch
-        def build():
-            torch.manual_seed(0)
-            return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
-                                       torch.nn.Linear(6, 3))
-    """)
-    )
+    (tmp_path / "tiny_models.py").write_text(TINY_FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
-    rng = np.random.default_rng(0)
-    paths = {}
-    for name, n in (("public", 60), ("private", 90), ("valid", 40)):
-        y = rng.integers(0, 3, n)
-        x = (rng.normal(size=(n, 4)) + np.eye(4)[y] * 2).astype(np.float32)
-        paths[name] = tmp_path / f"{name}.npz"
-        np.savez(paths[name], x=x, y=y)
-    return tmp_path, paths
+    sizes = {"public": 60, "private": 90, "valid": 40}
+    write_blobs(tmp_path, sizes)
+    return tmp_path, {name: tmp_path / f"{name}.npz" for name in sizes}
 
 
 def test_finetune_writes_model_and_report(capsys, user_files):
@@ -151,7 +138,7 @@ def test_finetune_writes_model_and_report(capsys, user_files):
     assert out["report"]["epsilon"] == 2.0 and out["report"]["k"] == 8
     assert 0.0 <= out["finetuned_test_accuracy"] <= 1.0
     saved = load(out_dir)
-    assert saved.report == out["report"]
+    assert saved.report.to_dict() == out["report"]
     assert main(argv) == 2  # the output directory exists now
     assert "exists" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
@@ -261,7 +248,9 @@ def test_demo_mnist_json_on_a_small_slice(capsys, tmp_path):
             "--json",
         ],
     )
-    assert load(tmp_path / "run").report == out["report"] and out["out"] == str(tmp_path / "run")
+    assert load(tmp_path / "run").report.to_dict() == out["report"] and out["out"] == str(
+        tmp_path / "run"
+    )
     for key in ("pretrained_accuracy", "finetuned_accuracy", "epsilon", "delta", "mu"):
         assert key in out
     assert "seconds" in out["diagnostics"] and "seconds" not in out["report"]
@@ -291,7 +280,7 @@ def test_demo_mimic_synthetic_json_and_table(capsys, tmp_path, monkeypatch):
     # the synthetic file's temporary directory is gone
     assert not [p for p in scratch.iterdir() if p.name.startswith("qem-synthetic-mimic-")]
 
-    assert load(tmp_path / "run").report == report
+    assert load(tmp_path / "run").report.to_dict() == report
     common += ["--out", str(tmp_path / "mlp")]
     assert main(["demo", "mimic", *common, "--model", "mlp", "--k", "16", "--no-progress"]) == 0
     captured = capsys.readouterr()

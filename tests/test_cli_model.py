@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import qem.cli.demo
-import qem.cli.finetune
+import qem.datasets.files
+import qem.finetune
+import qem.metrics
 from qem.cli.main import main
 from qem.errors import UnsupportedModelError
 from qem.io import load
@@ -83,14 +85,14 @@ def export(model: torch.nn.Module, path, batch: int, dynamic: bool) -> None:
 def record_calls(monkeypatch) -> list[str]:
     """Record fine_tune calls and every data file the command reads."""
     calls: list[str] = []
-    monkeypatch.setattr(qem.cli.finetune, "fine_tune", lambda *a, **k: calls.append("fine_tune"))
-    real_load = qem.cli.finetune.load_supervised_file
+    monkeypatch.setattr(qem.finetune, "fine_tune", lambda *a, **k: calls.append("fine_tune"))
+    real_load = qem.datasets.files.load_supervised_file
 
-    def load_file(spec):
+    def load_file(spec, **conversions):
         calls.append(spec)
-        return real_load(spec)
+        return real_load(spec, **conversions)
 
-    monkeypatch.setattr(qem.cli.finetune, "load_supervised_file", load_file)
+    monkeypatch.setattr(qem.datasets.files, "load_supervised_file", load_file)
     return calls
 
 
@@ -141,11 +143,11 @@ def test_an_error_after_the_release_names_the_saved_run(workdir, capsys, monkeyp
     def fail(*args, **kwargs):
         raise RuntimeError("evaluation broke")
 
-    monkeypatch.setattr(qem.cli.finetune, "evaluate_accuracy", fail)
+    monkeypatch.setattr(qem.metrics, "evaluate_accuracy", fail)
     with pytest.raises(RuntimeError, match="evaluation broke"):
         main(finetune_argv("mymod:build", "run", "--test", "public.npz"))
     assert "saved in run" in capsys.readouterr().err
-    assert load(workdir / "run").report["epsilon"] == 2.0
+    assert load(workdir / "run").report.epsilon == 2.0
 
 
 def test_demo_saves_before_evaluating(tmp_path, capsys, monkeypatch):
@@ -169,7 +171,7 @@ def test_demo_saves_before_evaluating(tmp_path, capsys, monkeypatch):
     (saved,) = (tmp_path / "runs").iterdir()
     assert saved.name.startswith("demo-mimic-") and saved.name.endswith("Z")
     assert f"saved in {saved.relative_to(tmp_path)}" in capsys.readouterr().err
-    assert load(saved).report["k"] == 8
+    assert load(saved).report.k == 8
 
 
 def test_probe_names_the_rows_for_a_module_that_fails(workdir):

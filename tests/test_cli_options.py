@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 from torch import nn
@@ -18,6 +19,7 @@ from qem.cli.options import (
     fine_tune_kwargs,
 )
 from qem.curvature.factory import CURVATURES
+from qem.defaults import COMMAND_LINE_DEFAULTS, FINE_TUNE_DEFAULTS
 from qem.errors import InvalidParameterError
 from qem.finetune import fine_tune
 from qem.privacy.sensitivity import Adjacency, ClipNorm
@@ -94,6 +96,7 @@ GIVEN = {
     "prior_weight": 3.0,
     "momentum": 0.5,
     "line_search_size": 50,
+    "step_significance": 2.0,
     "radius": 4.0,
     "seed": 11,
     "invalid_records": "raise",
@@ -170,3 +173,30 @@ def test_demo_offers_the_same_options_with_its_own_defaults():
     assert kwargs["progress"] is True
     mimic = fine_tune_kwargs(parse(["mimic", "--secure-noise"], "demo"))
     assert mimic["subspace"] == "auto" and mimic["secure_noise"] and mimic["rounds"] == 1
+
+
+def test_the_recipe_table_is_fine_tunes_signature():
+    """qem.defaults holds every default of fine_tune (the lead makes fine_tune read it)."""
+    signature = {
+        name: parameter.default
+        for name, parameter in SIGNATURE.parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    assert dict(FINE_TUNE_DEFAULTS) == signature
+    assert dict(COMMAND_LINE_DEFAULTS) == {**signature, "progress": True}
+
+
+def test_the_loss_choices_are_the_librarys():
+    from qem.cli.finetune import LOSS_NAMES
+    from qem.losses import LOSSES
+
+    assert set(LOSS_NAMES) == set(LOSSES)
+
+
+def test_the_docs_name_secure_mode_by_the_apis_spellings():
+    """fine_tune's keyword is secure_noise=True (--secure-noise); noise=SecureNoise() is the
+    mechanism's constructor argument and appears only beside QuadraticExponentialMechanism."""
+    theory = (Path(__file__).parents[1] / "docs" / "theory.md").read_text()
+    assert "secure_noise=True" in theory and "--secure-noise" in theory
+    for line in (line for line in theory.splitlines() if "noise=SecureNoise()" in line):
+        assert "QuadraticExponentialMechanism(" in line, line

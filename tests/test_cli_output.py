@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import qem
+import qem.progress
 from qem.cli.common import format_value
 from qem.cli.main import main
 
@@ -78,7 +79,8 @@ def tiny_run(tmp_path, monkeypatch):
             "--epsilon", "1", "--k", "4", "--rounds", "2", "--out", "run"]  # fmt: skip
 
 
-def test_progress_bar_over_rounds_and_logger(tiny_run, capsys):
+def test_progress_bar_over_rounds_and_logger(tiny_run, capsys, monkeypatch):
+    monkeypatch.setattr(qem.progress, "on_terminal", lambda: True)  # capsys is not a terminal
     assert main([*tiny_run, "-v"]) == 0
     err = capsys.readouterr().err
     assert "qem round 2/2" in err  # the outer bar
@@ -94,11 +96,33 @@ def test_debug_logs_timings_as_diagnostics_and_no_progress_hides_bars(tiny_run, 
     assert "private_pass" in err and "qem round" not in err
 
 
+def test_no_bars_when_stderr_is_not_a_terminal(tiny_run, capsys):
+    """A log file or a pipe gets the log lines, never a bar's escape codes."""
+    assert main([*tiny_run, "-v"]) == 0
+    err = capsys.readouterr().err
+    assert "qem round" not in err and "\r" not in err and "\x1b" not in err
+    assert "qem.finetune INFO: round 1/2" in err
+
+
+FINETUNE = ["finetune", "--model", "m:f", "--public", "p.npz", "--private", "q.npz", "--out", "o"]
+
+
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["preview", "--epsilon", "1", "--n", "1000", "--k", "10"], ["preview", "--help"]],
+    [
+        ["--help"],
+        ["preview", "--help"],
+        ["preview", "--epsilon", "1", "--n", "1000", "--k", "10"],
+        ["preview", "--epsilon", "1", "--n", "49000", "--k", "100000", "--mode", "pure"],
+        ["finetune", "--help"],
+        [*FINETUNE, "--epsilon", "-1"],  # an argument error
+        [*FINETUNE, "--epsilon", "1", "--damping", "0"],
+        [*FINETUNE, "--epsilon", "1"],  # the data files do not exist
+    ],
 )
 def test_start_up_does_not_import_torch_or_pandas(argv):
+    """``--help``, the preview without a model and every argument error answer before torch
+    is imported (they take well under a second; see README, How long things take)."""
     code = (
         "import sys\nfrom qem.cli.main import main\n"
         f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"

@@ -12,6 +12,7 @@ from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
+import qem.progress
 from qem.curvature import (
     EmpiricalFisher,
     GaussNewton,
@@ -347,7 +348,8 @@ def test_factory():
 
 
 @pytest.mark.parametrize("progress", [True, False])
-def test_progress_bar(progress, capsys):
+def test_progress_bar(progress, capsys, monkeypatch):
+    monkeypatch.setattr(qem.progress, "on_terminal", lambda: True)  # capsys is not a terminal
     model = mlp()
     GaussNewton(GAMMA, batch_size=4, progress=progress).matrix(
         model, cross_entropy, DenseTestSubspace(model, K), data_for("mlp", cross_entropy)

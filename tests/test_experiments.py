@@ -32,7 +32,7 @@ from qem.experiments.releases import CellFailedError
 from qem.experiments.report import write_report
 from qem.experiments.runner import run_experiment
 from qem.finetune import FineTuneResult, fine_tune
-from qem.io import load as load_saved_run
+from qem.io import read_run as load_saved_run
 from qem.privacy.accounting import ADD_OR_REMOVE, gdp_dp_event
 from qem.privacy.gdp import calibrate_gdp_mu, gdp_epsilon
 from qem.privacy.ledger import accountant_block

@@ -82,13 +82,17 @@ CASES: dict[str, dict] = {
     "invalid_records_zeroed": dict(
         task="blobs_invalid", epsilon=2.0, subspace="srht", k=12, curvature="ggn"
     ),
+    "carried_releases": dict(
+        task="blobs", epsilon=0.2, rounds=4, subspace="dense", k=10, resample_subspace=True
+    ),
     "layers_and_subsamples": dict(
         task="blobs", epsilon=2.0, rounds=2, subspace="srht", k=6, layers=["2"],
         line_search_size=50, public_sample_size=120, clip_quantile=0.5,
     ),
 }  # fmt: skip
-"""Every schedule, curvature, subspace kind, mode, adjacency, secure noise and invalid-record
-zeroing; two gloo ranks are in DISTRIBUTED_CASES."""
+"""Every schedule, curvature, subspace kind, mode, adjacency, secure noise, invalid-record
+zeroing and a zero-step release carried into the next step; two gloo ranks are in
+DISTRIBUTED_CASES."""
 
 DISTRIBUTED_CASES: dict[str, dict] = {
     "two_ranks_sequential": dict(task="blobs", epsilon=2.0, rounds=2, subspace="dense", k=6),

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 import qem.io
-from qem.errors import DataError
+from qem.errors import DataError, OutputExistsError
 from qem.io import (
     LEGACY_MODEL_FILE,
     MODEL_FILE,
-    load,
+    read_run,
     read_state_dict,
     save_run,
     state_dict_bytes,
@@ -106,7 +106,7 @@ def test_safetensors_round_trip_keeps_values_dtypes_and_integer_buffers(tmp_path
         "model.safetensors",
         "privacy_report.json",
     ]
-    saved = load(tmp_path / "run")
+    saved = read_run(tmp_path / "run")
     assert saved.state_dict.keys() == state.keys()
     for name, value in state.items():
         assert saved.state_dict[name].dtype == value.dtype, name
@@ -127,7 +127,7 @@ def test_load_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     for name in ("load", "loads", "Unpickler"):
         monkeypatch.setattr(pickle, name, refuse)
     monkeypatch.setattr(torch, "load", refuse)
-    saved = load(tmp_path / "run")
+    saved = read_run(tmp_path / "run")
     assert saved.report == {"epsilon": 1.0} and saved.diagnostics == {}
     assert saved.state_dict["norm.num_batches_tracked"].item() == 3
 
@@ -138,7 +138,7 @@ def test_a_run_saved_as_model_pt_is_still_read(tmp_path: Path) -> None:
     state = trained_net().state_dict()
     torch.save(state, run / LEGACY_MODEL_FILE)
     (run / "privacy_report.json").write_text(json.dumps({"epsilon": 2.0}))
-    saved = load(run)
+    saved = read_run(run)
     assert saved.report == {"epsilon": 2.0}
     assert all(torch.equal(saved.state_dict[k], v) for k, v in state.items())
 
@@ -150,10 +150,10 @@ def test_bad_model_files_and_state_dicts_are_refused(tmp_path: Path) -> None:
     save_run(tmp_path / "run", {"w": torch.ones(2)}, {})
     (tmp_path / "run" / MODEL_FILE).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(DataError, match="not a readable safetensors file"):
-        load(tmp_path / "run")
+        read_run(tmp_path / "run")
     (tmp_path / "run" / MODEL_FILE).unlink()
     with pytest.raises(DataError, match="does not hold"):
-        load(tmp_path / "run")
+        read_run(tmp_path / "run")
 
 
 def test_state_dict_bytes_keep_metadata(tmp_path: Path) -> None:
@@ -161,3 +161,13 @@ def test_state_dict_bytes_keep_metadata(tmp_path: Path) -> None:
     qem.io.write_atomically(path, state_dict_bytes({"w": torch.arange(3)}, {"digest": "abc"}))
     tensors, metadata = read_state_dict(path)
     assert torch.equal(tensors["w"], torch.arange(3)) and metadata["digest"] == "abc"
+
+
+@pytest.mark.parametrize("target", ["/proc/qem-run", "/sys/qem-run"])
+def test_an_output_path_on_a_file_system_that_refuses_writes_fails_before_the_run(target):
+    """/proc and /sys pass a permission check but refuse a new directory: the output check
+    creates and removes one where the run will go, before any private data is read."""
+    if not Path(target).parent.is_dir():
+        pytest.skip(f"no {Path(target).parent} here")
+    with pytest.raises(OutputExistsError, match="writable file system"):
+        qem.io.check_output_path(target)

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import qem.pretrain
+from cases import make_task
 from qem.errors import InvalidParameterError, NonFiniteError
 from qem.losses import cross_entropy
 from qem.metrics import evaluate_accuracy, evaluate_loss
@@ -18,11 +19,9 @@ from qem.pretrain import cached_pretrain, pretrain
 
 
 def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Three well separated Gaussian classes in 20 dimensions."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    centres = 3.0 * torch.eye(3, 20)
-    return centres[y] + torch.randn(n, 20, generator=g), y
+    """Three well separated Gaussian classes in 20 dimensions, float32 (qem's models' dtype)."""
+    x, y = make_task(n, seed, dim=20, separation=3.0)
+    return x.float(), y
 
 
 class _ListDataset(Dataset):

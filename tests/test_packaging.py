@@ -28,7 +28,7 @@ from qem.pretrain import CACHE_DIR_VARIABLE, cached_pretrain, default_cache_dir
 REPO = Path(__file__).parent.parent
 SRC = Path(qem.__file__).parents[1]
 EXPERIMENT_FIXTURES = Path(__file__).parent / "fixtures" / "experiments"
-EXTRA_PACKAGES = ("opacus", "pandas", "tables", "matplotlib", "transformers")
+EXTRA_PACKAGES = ("opacus", "pandas", "tables", "matplotlib", "transformers", "peft")
 
 
 def modules_loaded_by(code: str) -> set[str]:
@@ -114,6 +114,7 @@ def test_extras_hold_the_optional_packages_and_test_pulls_them_all() -> None:
     assert {r.split(">")[0] for r in extras["mimic"]} == {"pandas", "tables"}
     assert any(r.startswith("matplotlib") for r in extras["bench"])
     assert any(r.startswith("transformers") for r in extras["text"])
+    assert any(r.startswith("peft") for r in extras["text"])
     assert "qem[baselines,mimic,bench,text]" in extras["test"]
     torch_requirement = next(r for r in project["dependencies"] if r.startswith("torch"))
     assert "==" not in torch_requirement and "<" in torch_requirement

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
+from cases import blob_task, make_model
 from qem.baselines.dpsgd import dpsgd
 from qem.baselines.nonprivate import nonprivate
 from qem.data import fingerprint
@@ -17,7 +18,7 @@ from qem.errors import DataError, InvalidParameterError, UnsupportedModelError
 from qem.finetune import FineTuneResult, fine_tune
 from qem.losses import cross_entropy
 from qem.metrics import evaluate_accuracy, predict
-from qem.subspace.base import _NOT_VMAPPABLE as NOT_VMAPPABLE
+from qem.per_example.generic import _NOT_VMAPPABLE as NOT_VMAPPABLE
 from qem.subspace.base import Subspace
 from qem.subspace.factory import make_subspace
 from qem.subspace.kronecker import Kronecker
@@ -26,22 +27,11 @@ RUN = {"epsilon": 4.0, "seed": 7, "k": 12, "batch_size": 32}
 """A private run (noise on, reproducible by its seed)."""
 
 
-def blobs(n: int, seed: int, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Three Gaussian blobs in 6 dimensions, float64."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = 2.0 * nn.functional.one_hot(y, 6).double() + torch.randn(n, 6, generator=g) + shift
-    return x.double(), y
-
-
-def mlp(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-
-
 @pytest.fixture(scope="module")
 def task():
-    return blobs(120, 1), blobs(160, 2, shift=0.5), blobs(60, 3, shift=0.5)
+    """(public, private, validation) blobs of cases' blob task, smaller and less shifted."""
+    blobs = blob_task(sizes=(120, 160, 60), shift=0.5)
+    return blobs["public"], blobs["private"], blobs["validation"]
 
 
 def assert_same_run(a: FineTuneResult, b: FineTuneResult) -> None:
@@ -67,10 +57,10 @@ def test_dataloaders_give_the_release_of_the_tensors(task, subspace):
     public, private, validation = task
     options = {**RUN, "subspace": subspace, "rounds": 2, "partition_rounds": True}
     tensors = fine_tune(
-        mlp(), cross_entropy, public, private, validation_data=validation, **options
+        make_model(), cross_entropy, public, private, validation_data=validation, **options
     )
     loaders = fine_tune(
-        mlp(),
+        make_model(),
         cross_entropy,
         loader(public, 7),
         loader(private, 5),
@@ -94,9 +84,11 @@ class Stream(IterableDataset):
 
 def test_public_streams_are_read_once_and_a_private_stream_is_refused(task):
     public, private, validation = task
-    tensors = fine_tune(mlp(), cross_entropy, public, private, validation_data=validation, **RUN)
+    tensors = fine_tune(
+        make_model(), cross_entropy, public, private, validation_data=validation, **RUN
+    )
     streams = fine_tune(
-        mlp(),
+        make_model(),
         cross_entropy,
         DataLoader(Stream(public), batch_size=9),
         private,
@@ -106,7 +98,7 @@ def test_public_streams_are_read_once_and_a_private_stream_is_refused(task):
     assert_same_run(tensors, streams)
     for stream in (Stream(private), DataLoader(Stream(private), batch_size=8)):
         with pytest.raises(DataError, match=r"private data is a stream.*map-style Dataset"):
-            fine_tune(mlp(), cross_entropy, public, stream, **RUN)
+            fine_tune(make_model(), cross_entropy, public, stream, **RUN)
 
 
 class KeywordModel(nn.Module):
@@ -145,7 +137,7 @@ def test_dict_batches_and_keyword_models_match_the_tensor_run(task, subspace, cu
     public, private, validation = (masked(data, seed) for seed, data in enumerate(task))
     options = {**RUN, "subspace": subspace, "curvature": curvature}
     plain = fine_tune(
-        mlp(),
+        make_model(),
         cross_entropy,
         (public[0] * public[1], public[2]),
         (private[0] * private[1], private[2]),
@@ -153,7 +145,7 @@ def test_dict_batches_and_keyword_models_match_the_tensor_run(task, subspace, cu
         **options,
     )
     keywords = fine_tune(
-        KeywordModel(mlp()),
+        KeywordModel(make_model()),
         cross_entropy,
         {"features": public[0], "mask": public[1], "labels": public[2]},  # a dict of tensors
         DictRows(*private),  # a Dataset of dicts
@@ -171,10 +163,10 @@ def test_a_dict_batch_without_labels_and_a_three_tensor_dataset_are_explained(ta
     public, private, _ = (masked(data, seed) for seed, data in enumerate(task))
     no_labels = {"features": private[0], "mask": private[1], "label": private[2]}
     with pytest.raises(DataError, match=r"'labels' entry.*'label'"):
-        fine_tune(KeywordModel(mlp()), cross_entropy, no_labels, no_labels, **RUN)
+        fine_tune(KeywordModel(make_model()), cross_entropy, no_labels, no_labels, **RUN)
     three = TensorDataset(*public)  # (features, mask, labels) items
     with pytest.raises(DataError, match=r"(tuple|list) of 3.*should yield dicts"):
-        fine_tune(KeywordModel(mlp()), cross_entropy, three, DictRows(*private), **RUN)
+        fine_tune(KeywordModel(make_model()), cross_entropy, three, DictRows(*private), **RUN)
 
 
 class BranchingKeywordModel(KeywordModel):
@@ -192,7 +184,7 @@ def test_models_vmap_cannot_batch_get_their_gradients_one_example_at_a_time(task
     x, mask, y = masked(task[1], 0)
     mask[:3] = 1.0  # some examples unmasked: the branch differs between examples
     inputs = {"features": x[:10], "mask": mask[:10]}
-    branching, plain = BranchingKeywordModel(mlp()), KeywordModel(mlp())
+    branching, plain = BranchingKeywordModel(make_model()), KeywordModel(make_model())
     subspace = make_subspace(kind, plain, k=8, seed=0)
     expected = subspace.per_example_gradients(plain, cross_entropy, inputs, y[:10])
     got = subspace.per_example_gradients(branching, cross_entropy, inputs, y[:10])
@@ -208,14 +200,14 @@ def test_the_baselines_take_dict_batches_and_keyword_models(task, method):
     if method == "dpsgd":
         options.update(epsilon=4.0, delta=1e-5)
     plain = train(
-        mlp(),
+        make_model(),
         cross_entropy,
         (public[0] * public[1], public[2]),
         (private[0] * private[1], private[2]),
         **options,
     )
     keywords = train(
-        KeywordModel(mlp()),
+        KeywordModel(make_model()),
         cross_entropy,
         {"features": public[0], "mask": public[1], "labels": public[2]},
         DataLoader(DictRows(*private), batch_size=5, shuffle=True),
@@ -224,7 +216,7 @@ def test_the_baselines_take_dict_batches_and_keyword_models(task, method):
     moved = keywords.model.inner.state_dict()
     for name, value in plain.model.state_dict().items():
         torch.testing.assert_close(moved[name], value, rtol=1e-10, atol=1e-12)
-    assert not torch.equal(moved["0.weight"], mlp().state_dict()["0.weight"])
+    assert not torch.equal(moved["0.weight"], make_model().state_dict()["0.weight"])
 
 
 class MixingKeywordModel(KeywordModel):
@@ -238,11 +230,11 @@ class MixingKeywordModel(KeywordModel):
 def test_the_mixing_check_probes_dict_inputs(task):
     x, mask, y = masked(task[1], 0)
     inputs = {"features": x[:8], "mask": mask[:8]}
-    honest = KeywordModel(mlp())
+    honest = KeywordModel(make_model())
     subspace = Kronecker(honest, 6, seed=0)
     grads = subspace.per_example_gradients(honest, cross_entropy, inputs, y[:8])
     assert grads.shape == (8, subspace.k) and torch.isfinite(grads).all()
-    mixing = MixingKeywordModel(mlp())
+    mixing = MixingKeywordModel(make_model())
     with pytest.raises(UnsupportedModelError, match="mixes examples"):
         Kronecker(mixing, 6, seed=0).per_example_gradients(mixing, cross_entropy, inputs, y[:8])
 
@@ -319,9 +311,16 @@ def test_dict_and_model_output_outputs_match_the_tensor_model(task, form, curvat
     options = {**RUN, "curvature": curvature, "subspace": subspace}
     if subspace == "identity":
         options.pop("k")
-    plain = fine_tune(mlp(), cross_entropy, public, private, validation_data=validation, **options)
+    plain = fine_tune(
+        make_model(), cross_entropy, public, private, validation_data=validation, **options
+    )
     wrapped = fine_tune(
-        Wrapped(mlp(), form), cross_entropy, public, private, validation_data=validation, **options
+        Wrapped(make_model(), form),
+        cross_entropy,
+        public,
+        private,
+        validation_data=validation,
+        **options,
     )
     for a, b in zip(plain.releases, wrapped.releases, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
@@ -376,7 +375,7 @@ def test_layers_select_what_moves_and_resampling_rebuilds_them(task, subspace, l
 
 def test_layers_are_refused_with_a_built_subspace(task):
     public, private, _ = task
-    model = mlp()
+    model = make_model()
     with pytest.raises(InvalidParameterError, match="built Subspace"):
         fine_tune(
             model,

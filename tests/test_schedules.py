@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
-from torch import nn
 
 import qem.schedules.sampling
+from cases import make_linear, make_task
 from qem.errors import InvalidParameterError
 from qem.finetune import fine_tune
 from qem.losses import cross_entropy
 from qem.mechanism import QuadraticExponentialMechanism
 from qem.privacy.budget import Budget
-from qem.privacy.gdp import calibrate_gdp_mu, gdp_delta, gdp_epsilon
-from qem.privacy.ledger import PrivacyLedger, dp_event_from_json, total_spent
+from qem.privacy.gdp import calibrate_gdp_mu, gdp_delta
+from qem.privacy.ledger import PrivacyLedger, dp_event_from_json
 from qem.privacy.pld import PLD_DISCRETIZATION
 from qem.privacy.sensitivity import Adjacency
 from qem.schedules import partitioned, poisson, sequential
@@ -87,27 +87,16 @@ def test_partitioned_epochs_read_each_record_once_per_epoch():
     assert plan.mu_after(5) == plan.mu_after(8) == pytest.approx(plan.mu * np.sqrt(2 / 3))
 
 
-def blobs(n: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return (torch.eye(6)[y] * 2.0 + torch.randn(n, 6, generator=g)).double(), y
-
-
 FAST = dict(subspace="dense", k=12, damping=0.1, clip_norm=0.5, prior_weight=1.0)
 
 
-def linear() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Linear(6, 3).double()
-
-
 def test_partitioned_epochs_leave_rounds_before_a_changed_record_bit_identical():
-    public, private = blobs(60, 1), blobs(40, 2)
+    public, private = make_task(60, 1), make_task(40, 2)
     x, y = private[0].clone(), private[1].clone()
     x[25], y[25] = -x[25], (y[25] + 1) % 3  # record 25 lies in chunk 3 of 4 (rows 20..29)
     releases = [
         fine_tune(
-            linear(), cross_entropy, public, data, epsilon=2.0,
+            make_linear(), cross_entropy, public, data, epsilon=2.0,
             schedule=partitioned(4, epochs=2), seed=7, **FAST,
         ).releases
         for data in (private, (x, y))
@@ -120,7 +109,7 @@ def test_partitioned_epochs_leave_rounds_before_a_changed_record_bit_identical()
 def test_poisson_weight_is_the_expected_size_never_the_realised_one(monkeypatch):
     """The same included rows with a different realised batch size (extra records that
     contribute zero: labels outside the model's outputs) give the same exact mean: N_t = q N."""
-    public, (x, y) = blobs(60, 1), blobs(40, 2)
+    public, (x, y) = make_task(60, 1), make_task(40, 2)
     padded = (torch.cat([x, x[:10]]), torch.cat([y, torch.full((10,), 9)]))  # 10 void records
     rows = {40: np.arange(0, 40, 2), 50: np.concatenate([np.arange(0, 40, 2), np.arange(40, 50)])}
     monkeypatch.setattr(
@@ -130,7 +119,7 @@ def test_poisson_weight_is_the_expected_size_never_the_realised_one(monkeypatch)
     )
     results = [
         fine_tune(
-            linear(), cross_entropy, public, data, epsilon=2.0, N=50,
+            make_linear(), cross_entropy, public, data, epsilon=2.0, N=50,
             adjacency="add_remove", schedule=poisson(0.4, 1), noise=False, **FAST,
         )
         for data in ((x, y), padded)
@@ -185,13 +174,13 @@ def test_one_round_of_each_schedule_is_exactly_its_accounted_gaussian(schedule, 
 
 def test_fine_tune_with_a_poisson_schedule_reports_q_t_z_and_the_accountant():
     result = fine_tune(
-        linear(),
+        make_linear(),
         cross_entropy,
-        blobs(60, 1),
-        blobs(200, 2),
+        make_task(60, 1),
+        make_task(200, 2),
         epsilon=2.0,
         schedule=poisson(0.25, 6),
-        validation_data=blobs(40, 3),
+        validation_data=make_task(40, 3),
         seed=0,
         subspace="dense",
         k=12,
@@ -206,36 +195,8 @@ def test_fine_tune_with_a_poisson_schedule_reports_q_t_z_and_the_accountant():
     assert all(r.N == 50.0 for r in report.rounds) and len(result.releases) == 6
     assert report.schedule["sampling"] == "user_seed"
     with pytest.raises(InvalidParameterError, match="not both"):
-        fine_tune(linear(), cross_entropy, blobs(60, 1), blobs(20, 2),
+        fine_tune(make_linear(), cross_entropy, make_task(60, 1), make_task(20, 2),
                   epsilon=1.0, schedule=poisson(0.5, 2), rounds=3)  # fmt: skip
-
-
-def grid_point_report(schedule, epsilon: float, adjacency: str = "replace_one") -> dict:
-    """The accounting part of a release's report, as fine_tune writes it."""
-    plan = schedule.plan(Budget(epsilon, DELTA, "gdp", Adjacency(adjacency), N=1000), 1000)
-    ledger = PrivacyLedger(plan)
-    for executed in plan.rounds():
-        ledger.record(executed)
-    return {"epsilon": epsilon, "accountant": {**ledger.to_dict(), "epsilon": ledger.epsilon()}}
-
-
-def test_the_budget_a_tuning_grid_spent_composes_every_release():
-    """Two grid points at epsilon = 1 each: their composition is the GDP of sqrt(2) mu, not 1;
-    a DP-SGD-like Poisson release under the same relation composes with them; releases under
-    different relations fall back to basic composition; a non-private one has no total."""
-    mu = calibrate_gdp_mu(1.0, DELTA)
-    two = [grid_point_report(sequential(1), 1.0), grid_point_report(sequential(3), 1.0)]
-    total = total_spent(two, DELTA)
-    assert total["epsilon"] == pytest.approx(gdp_epsilon(np.sqrt(2) * mu, DELTA), abs=0.01)
-    assert total["epsilon"] > 1.3
-    dpsgd_style = grid_point_report(poisson(0.1, 10), 1.0)  # DP-SGD's report: epsilon on top
-    dpsgd_style["accountant"].pop("epsilon")
-    with_poisson = total_spent([*two, dpsgd_style], DELTA)
-    assert with_poisson["epsilon"] > total["epsilon"] and "PLD" in with_poisson["method"]
-    mixed = total_spent([two[0], grid_point_report(sequential(1), 1.0, "add_remove")], DELTA)
-    assert mixed["epsilon"] == pytest.approx(2.0, abs=0.01) and "basic" in mixed["method"]
-    assert total_spent([two[0], {"epsilon": None}], DELTA)["epsilon"] is None
-    assert total_spent([{"epsilon": 0.0, "accountant": None}], DELTA)["epsilon"] == 0.0
 
 
 def test_poisson_expected_batch_sets_q_from_the_public_size():
@@ -262,14 +223,14 @@ def test_each_rounds_quadratic_is_factored_once(monkeypatch, curvature_every):
     monkeypatch.setattr(np.linalg, "cholesky", counting_cholesky)
     rounds = 4
     fine_tune(
-        linear(),
+        make_linear(),
         cross_entropy,
-        blobs(60, 1),
-        blobs(200, 2),
+        make_task(60, 1),
+        make_task(200, 2),
         epsilon=2.0,
         rounds=rounds,
         curvature_every=curvature_every,
-        validation_data=blobs(40, 3),
+        validation_data=make_task(40, 3),
         seed=0,
         subspace="dense",
         k=12,

@@ -1,8 +1,8 @@
 """qem: differentially private fine-tuning by exact sampling from a quadratic exponential
 mechanism (see docs/theory.md).
 
-``qem.fine_tune`` and ``qem.load`` are imported lazily, so that ``qem.privacy`` and
-``qem.mechanism`` stay usable without loading torch.
+``qem.fine_tune``, ``qem.check_data`` and ``qem.load`` are imported lazily, so that
+``qem.privacy`` and ``qem.mechanism`` stay usable without loading torch.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ _LAZY = {
     "fine_tune": ("qem.finetune", "fine_tune"),
     "FineTuneResult": ("qem.finetune", "FineTuneResult"),
     "load": ("qem.io", "load"),
+    "check_data": ("qem.data_check", "check_data"),
 }
 
-__all__ = ["FineTuneResult", "__version__", "fine_tune", "load"]
+__all__ = ["FineTuneResult", "__version__", "check_data", "fine_tune", "load"]
 
 
 def __getattr__(name: str) -> Any:

@@ -69,7 +69,12 @@ def check_epsilon(epsilon: float) -> float:
 
 
 def check_delta(delta: float) -> float:
-    """Return delta as a float, or raise if it is not in the open interval (0, 1)."""
+    """Return delta as a float, or raise if it is not a number in the open interval (0, 1)."""
+    if isinstance(delta, bool) or not isinstance(delta, int | float | np.integer | np.floating):
+        raise InvalidParameterError(
+            f"delta must be a number in (0, 1) in Gaussian-DP mode, got {delta!r}; choose delta "
+            "well below 1/N, for example 1e-5 (mode 'pure' takes no delta)."
+        )
     delta = float(delta)
     if not math.isfinite(delta) or not 0.0 < delta < 1.0:
         raise InvalidParameterError(
@@ -77,3 +82,20 @@ def check_delta(delta: float) -> float:
             "choose delta well below 1/N, for example 1e-5."
         )
     return delta
+
+
+def check_in_interval(
+    name: str, value: object, low: float, high: float, *, closed: str = "neither"
+) -> float:
+    """``value`` as a float, or an error unless it is a real number in the interval from
+    ``low`` to ``high``; ``closed`` names the ends included: "neither", "low", "high", "both"."""
+    with_low, with_high = closed in ("low", "both"), closed in ("high", "both")
+    interval = f"{'[' if with_low else '('}{low:g}, {high:g}{']' if with_high else ')'}"
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise InvalidParameterError(f"{name} must be a number in {interval}, got {value!r}.")
+    number = float(value)
+    above = number >= low if with_low else number > low
+    below = number <= high if with_high else number < high
+    if not (math.isfinite(number) and above and below):
+        raise InvalidParameterError(f"{name} must lie in {interval}, got {value!r}.")
+    return number

@@ -4,7 +4,9 @@ arguments, Hugging Face style) and targets is a Tensor.
 
 Accepted forms (``DataLike``):
 
-- a tuple (inputs, targets), inputs a Tensor or a dict of Tensors with one row per example;
+- a tuple (inputs, targets), inputs a Tensor or a dict of Tensors with one row per example
+  (numpy arrays are read as tensors; a list [inputs, targets] of two arrays with as many rows
+  is read as the tuple);
 - a dict of Tensors with a "labels" entry: the targets; the other entries are the inputs;
 - a map-style dataset (a ``torch.utils.data.Dataset``, or any object with ``__len__`` and
   ``__getitem__``, such as a Hugging Face ``datasets.Dataset`` in torch format) whose items are
@@ -23,9 +25,11 @@ A dict batch's targets are ``batch["labels"]`` and its inputs every other entry.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 from torch.utils.data.dataloader import default_collate
@@ -198,18 +202,43 @@ def as_dataset(data: DataLike, name: str = "data", *, addressable: bool = False)
         dataset = StoredBatches([as_batch(data, name)])
     elif isinstance(data, Mapping):
         dataset = StoredBatches([as_batch(data, name)])
+    elif _is_array_pair(data):  # [inputs, targets]: the pair as a list, read as the tuple
+        dataset = StoredBatches([as_batch(tuple(data), name)])
     elif isinstance(data, Dataset):
         dataset = data
-    elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and not torch.is_tensor(data):
+    elif (
+        hasattr(data, "__getitem__")
+        and hasattr(data, "__len__")
+        and not torch.is_tensor(data)
+        and not isinstance(data, str | bytes | os.PathLike)
+    ):
         dataset = CollatedDataset(data, default_collate)  # map-style, e.g. a Hugging Face Dataset
     else:
         raise DataError(
             f"{name}: unsupported type {type(data).__name__}; pass (inputs, targets) tensors, a "
-            f"dict of tensors with {LABELS!r}, a torch Dataset or a DataLoader."
+            f"dict of tensors with {LABELS!r}, a torch Dataset or a DataLoader"
+            + (
+                " (a file path is not data: read it first, for example with "
+                "qem.datasets.files.load_supervised_file)"
+                if isinstance(data, str | bytes | os.PathLike)
+                else ""
+            )
+            + "."
         )
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise DataError(f"{name} is empty: at least one example is needed.")
     return dataset
+
+
+def _is_array_pair(data: object) -> bool:
+    """A list [inputs, targets] of two arrays (tensors or numpy arrays) with the same number
+    of rows: the pair form, not a dataset of two examples."""
+    if not (isinstance(data, list) and len(data) == 2):
+        return False
+    arrays = [item for item in data if torch.is_tensor(item) or isinstance(item, np.ndarray)]
+    return (
+        len(arrays) == 2 and all(a.ndim >= 1 for a in arrays) and len(arrays[0]) == len(arrays[1])
+    )
 
 
 def _read_stream(loader: DataLoader, name: str, addressable: bool) -> StoredBatches:

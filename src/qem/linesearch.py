@@ -2,7 +2,9 @@
 
 In Gaussian-DP mode the release at weight lam is the release at lam = 1 divided by lam (§9),
 so choosing alpha in theta + alpha P w after the draw replaces tuning lam and costs no privacy:
-it is post-processing of w with public data.
+it is post-processing of w with public data. So is the acceptance test of the chosen step
+(``StepSearch.significant``): a step is taken only when the validation loss falls by more than
+its own paired standard error (docs/theory.md §9b).
 """
 
 from __future__ import annotations
@@ -10,16 +12,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from qem.data import DataLike
-from qem.metrics import evaluate_loss
-from qem.subspace.base import LossFn
+from qem.losses import LossFn
+from qem.metrics import example_losses
 
-MIN_STEP, MAX_STEP = 2.0**-8, 2.0**20
-"""Range of the positive step lengths alpha the search tries (besides alpha = 0)."""
+MIN_EXPONENT, MAX_EXPONENT = -16, 40
+"""The grid of positive step lengths: alpha = 2^(e/2) for integer e in [MIN_EXPONENT,
+MAX_EXPONENT], i.e. the powers of sqrt(2) from 2^-8 to 2^20 (besides alpha = 0)."""
+MIN_STEP, MAX_STEP = 2.0 ** (MIN_EXPONENT // 2), 2.0 ** (MAX_EXPONENT // 2)
 
 
 @contextmanager
@@ -46,6 +51,29 @@ def step_probe(model: nn.Module, direction: Mapping[str, torch.Tensor]) -> Itera
         move(0.0)
 
 
+@dataclass(frozen=True)
+class StepSearch:
+    """The outcome of a line search: the step length alpha (0: no step), the mean validation
+    loss there, the passes over the validation data it made, and the per-example validation
+    losses at theta and at theta + alpha d (float64), for the acceptance test."""
+
+    alpha: float
+    loss: float
+    passes: int
+    losses_at_zero: torch.Tensor
+    losses_at_alpha: torch.Tensor
+
+    def significant(self, z: float) -> bool:
+        """Whether the step lowers the mean validation loss by more than ``z`` paired standard
+        errors: with d_i = loss_i(theta + alpha d) - loss_i(theta) over the n validation
+        examples, mean(d) < -z sd(d) / sqrt(n) (a step of length 0 never is)."""
+        if self.alpha == 0.0:
+            return False
+        d = self.losses_at_alpha - self.losses_at_zero
+        spread = float(d.std(unbiased=True)) if len(d) > 1 else 0.0
+        return float(d.mean()) < -z * spread / math.sqrt(len(d))
+
+
 def line_search_step(
     model: nn.Module,
     loss_fn: LossFn,
@@ -53,62 +81,91 @@ def line_search_step(
     validation: DataLike,
     *,
     start: float = 1.0,
-) -> tuple[float, float, int]:
+    warm: bool = False,
+) -> StepSearch:
     """Pick the step length alpha minimising the public validation loss of theta + alpha d,
-    for a direction d in parameter space (the lifted release P w, or with momentum a
-    combination of releases: post-processing either way).
+    for a direction d in parameter space (the lifted release P w, or with momentum and carried
+    releases a combination of releases: post-processing either way).
 
-    Over {0} and the powers of sqrt(2) in [MIN_STEP, MAX_STEP], coarse to fine. From alpha =
-    ``start`` (the previous round's step: a warm start) it moves down by factors of 4 until a
-    step beats alpha = 0 (if ``start`` does not); from the best step so far it then walks by
-    factors of 4 up, or else down, while the loss falls; finally it tries the best alpha times
-    2 and 1/2, then sqrt(2) and 1/sqrt(2). For a loss unimodal along the line this returns the
-    minimum over the whole sqrt(2) grid in about eight passes from a good start, and from any
-    start within the range. Returns (alpha, validation loss at alpha, passes made); ``model``
-    is left at theta.
+    Over {0} and the grid 2^(e/2), e = MIN_EXPONENT..MAX_EXPONENT (exact powers: the search
+    moves on the integer e, so the ends of the range are reached exactly). From alpha = ``start``
+    (snapped to the grid) it moves down by factors of 4 until a step beats alpha = 0, then by
+    sqrt(2) down to MIN_STEP if none did; from the best step so far it then walks by factors of
+    4 up, or else down, while the loss falls; finally it tries the best alpha times 2 and 1/2,
+    then sqrt(2) and 1/sqrt(2). For a loss unimodal along the line this returns the minimum
+    over the whole grid in about eight passes from a good start, and from any start within the
+    range. ``warm`` (``start`` is the previous round's step, likely near this one's): when
+    ``start`` beats 0 it tries its neighbours times sqrt(2) and 1/sqrt(2) and walks by sqrt(2)
+    towards the better one while the loss falls (four passes when ``start`` is the minimum),
+    the full search otherwise. ``model`` is left at theta.
     """
-    losses: dict[float, float] = {}
+    losses: dict[int | None, torch.Tensor] = {}  # per-example losses keyed by e; None: alpha 0
     with step_probe(model, direction) as move:
 
-        def loss_at(alpha: float) -> float:
-            if alpha not in losses:
-                move(alpha)
-                losses[alpha] = evaluate_loss(model, loss_fn, validation)
-            return losses[alpha]
+        def loss_at(e: int | None) -> float:
+            if e not in losses:
+                move(_step(e))
+                losses[e] = example_losses(model, loss_fn, validation)
+            return float(losses[e].mean())
 
-        def best() -> float:
-            return min(losses, key=lambda alpha: (losses[alpha], alpha))
+        def best() -> int | None:
+            return min(losses, key=lambda e: (float(losses[e].mean()), _step(e)))
 
-        def walk(alpha: float, factor: float) -> None:
-            while (
-                MIN_STEP <= alpha * factor <= MAX_STEP and loss_at(alpha * factor) < losses[alpha]
-            ):
-                alpha *= factor
+        def on_grid(e: int) -> bool:
+            return MIN_EXPONENT <= e <= MAX_EXPONENT
 
-        loss_at(0.0)
-        alpha = _on_grid(start)
-        loss_at(alpha)
-        while best() == 0.0 and alpha * 0.25 >= MIN_STEP:
-            alpha *= 0.25
-            loss_at(alpha)
-        if best() > 0:
-            centre = best()
-            walk(centre, 4.0)
-            if best() == centre:
-                walk(centre, 0.25)
-        for factor in (2.0, math.sqrt(2.0)):
-            centre = best()
-            if centre > 0:
-                for alpha in (centre * factor, centre / factor):
-                    if MIN_STEP <= alpha <= MAX_STEP:
-                        loss_at(alpha)
-    alpha = best()
-    return float(alpha), losses[alpha], len(losses)
+        def walk(e: int, by: int) -> None:
+            while on_grid(e + by) and loss_at(e + by) < loss_at(e):
+                e += by
+
+        loss_at(None)
+        e = _exponent(start)
+        if warm and loss_at(e) < loss_at(None):
+            for neighbour in (e + 1, e - 1):
+                if on_grid(neighbour):
+                    loss_at(neighbour)
+            if best() != e:
+                walk(best(), 1 if best() > e else -1)
+        else:
+            _full_search(e, loss_at, best, on_grid, walk)
+    chosen = best()
+    return StepSearch(
+        _step(chosen), float(losses[chosen].mean()), len(losses), losses[None], losses[chosen]
+    )
 
 
-def _on_grid(alpha: float) -> float:
-    """The power of sqrt(2) nearest to ``alpha`` inside [MIN_STEP, MAX_STEP] (1 for alpha <= 0)."""
+def _full_search(e: int, loss_at, best, on_grid, walk) -> None:
+    """The coarse-to-fine search of ``line_search_step`` from grid index ``e``."""
+    loss_at(e)
+    while best() is None and on_grid(e - 4):
+        e -= 4
+        loss_at(e)
+    while best() is None and on_grid(e - 1):
+        e -= 1
+        loss_at(e)
+    if best() is not None:
+        centre = best()
+        walk(centre, 4)
+        if best() == centre:
+            walk(centre, -4)
+    for by in (2, 1):
+        centre = best()
+        if centre is not None:
+            for e in (centre + by, centre - by):
+                if on_grid(e):
+                    loss_at(e)
+
+
+def _step(e: int | None) -> float:
+    """alpha = 2^(e/2), exactly (0 for None)."""
+    if e is None:
+        return 0.0
+    return math.ldexp(math.sqrt(2.0) if e % 2 else 1.0, e // 2)
+
+
+def _exponent(alpha: float) -> int:
+    """The e of the grid step nearest to ``alpha`` (e = 0, alpha = 1, for alpha <= 0 or not
+    finite)."""
     if not alpha > 0 or not math.isfinite(alpha):
-        return 1.0
-    exponent = round(2.0 * math.log2(alpha))
-    return float(min(max(math.sqrt(2.0) ** exponent, MIN_STEP), MAX_STEP))
+        return 0
+    return min(max(round(2.0 * math.log2(alpha)), MIN_EXPONENT), MAX_EXPONENT)

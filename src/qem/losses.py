@@ -3,11 +3,15 @@ per example, never a batch mean, since per-example gradients are clipped one by 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from qem.errors import ShapeError
-from qem.subspace.base import LossFn
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A loss returning one value per example: loss_fn(outputs (B, ...), targets (B, ...)) -> (B,)."""
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

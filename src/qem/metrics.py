@@ -16,8 +16,8 @@ from torch import nn
 
 from qem.data import Batch, DataLike, as_dataset, batches, map_inputs
 from qem.errors import DataError, InvalidParameterError, NonFiniteError
+from qem.losses import LossFn
 from qem.model_calls import call_model, on_model_device
-from qem.subspace.base import LossFn
 
 
 def model_batches(
@@ -62,12 +62,19 @@ def evaluate_accuracy(model: nn.Module, data: DataLike, batch_size: int = 1000) 
     return (outputs.argmax(dim=1) == targets).double().mean().item()
 
 
+def example_losses(
+    model: nn.Module, loss_fn: LossFn, data: DataLike, batch_size: int = 1000
+) -> torch.Tensor:
+    """The per-example losses loss_fn(f(x_i), y_i) over ``data``, in order, float64 (n,)."""
+    outputs, targets = predict(model, data, batch_size)
+    return loss_fn(outputs, targets).double()
+
+
 def evaluate_loss(
     model: nn.Module, loss_fn: LossFn, data: DataLike, batch_size: int = 1000
 ) -> float:
     """Mean per-example loss (1/n) sum_i loss_fn(f(x_i), y_i), accumulated in float64."""
-    outputs, targets = predict(model, data, batch_size)
-    return loss_fn(outputs, targets).double().mean().item()
+    return example_losses(model, loss_fn, data, batch_size).mean().item()
 
 
 def evaluate_auroc(model: nn.Module, data: DataLike, batch_size: int = 1000) -> float:

@@ -5,12 +5,14 @@ style: input_ids, attention_mask, ...), passed as keyword arguments ``model(**in
 model may return a Tensor, a dict with a "logits" entry, or an object with a ``logits``
 attribute (a Hugging Face ``ModelOutput`` such as ``SequenceClassifierOutput``); qem uses the
 logits as the outputs f(theta; x) that the loss and the curvature see. Every pass moves a
-batch to the model's device first (``on_model_device``).
+batch to the model's device first (``on_model_device``); passes that must not train run the
+model under ``eval_mode``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -18,6 +20,9 @@ from torch.func import functional_call
 
 from qem.data import Inputs, map_inputs
 from qem.errors import InvalidParameterError, UnsupportedModelError
+
+ModelCall = Callable[[dict[str, torch.Tensor], Inputs], torch.Tensor]
+"""outputs = call(theta, inputs): a model with some of its parameters replaced by ``theta``."""
 
 
 def model_outputs(returned: object) -> torch.Tensor:
@@ -55,6 +60,18 @@ def call_functional(
     else:
         returned = functional_call(model, dict(tensors), (inputs,))
     return model_outputs(returned)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode for the duration; restore each one's flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.train(training)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -17,15 +17,14 @@ from typing import Any
 import platformdirs
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from qem.data import DataLike, as_dataset, fingerprint
 from qem.errors import DataError, InvalidParameterError, NonFiniteError
 from qem.io import read_state_dict, state_dict_bytes, write_atomically
-from qem.losses import cross_entropy
+from qem.losses import LossFn, cross_entropy
 from qem.metrics import model_batches
 from qem.model_calls import call_model
-from qem.subspace.base import LossFn
+from qem.progress import progress_bar
 
 CACHE_DIR_VARIABLE = "QEM_CACHE_DIR"
 """The environment variable that, when set, names the default cache directory."""
@@ -59,7 +58,7 @@ def pretrain(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * -(-len(dataset) // batch_size)
     model.train()
-    with tqdm(total=steps, desc="pretrain", disable=not progress, leave=False) as bar:
+    with progress_bar(total=steps, desc="pretrain", enabled=progress) as bar:
         for _ in range(epochs):
             for inputs, targets in model_batches(dataset, batch_size, model, generator):
                 loss = loss_fn(call_model(model, inputs), targets).mean()

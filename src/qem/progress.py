@@ -1,12 +1,19 @@
 """Progress bars: the one place qem builds them (tqdm), so that every long pass (curvature,
-clip norm, private pass, rounds, pretraining, baselines, audits) shows the same kind of bar and
-the same rule decides when one is shown."""
+clip norm, private pass, rounds, pretraining, baselines, audits, sweeps) shows the same kind of
+bar, and one rule decides when one is shown: when asked for and stderr is a terminal (a bar
+written to a log file or a pipe is a stream of escape codes)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 from tqdm.auto import tqdm
+
+
+def on_terminal() -> bool:
+    """Whether stderr, where the bars go, is a terminal."""
+    return sys.stderr.isatty()
 
 
 def progress_bar(
@@ -17,7 +24,17 @@ def progress_bar(
     unit: str = "it",
     enabled: bool = True,
     leave: bool = False,
+    initial: int = 0,
 ) -> tqdm:
-    """A tqdm bar over ``iterable`` (or a manual one of ``total`` steps), hidden unless
-    ``enabled``; ``leave=False`` bars vanish when done (the passes inside a round)."""
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=leave)
+    """A tqdm bar over ``iterable`` (or a manual one of ``total`` steps), shown only when
+    ``enabled`` and stderr is a terminal; ``leave=False`` bars vanish when done (the passes
+    inside a round)."""
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=not (enabled and on_terminal()),
+        leave=leave,
+        initial=initial,
+    )

@@ -9,6 +9,7 @@ vmap over grad, or the Kronecker shortcut), batch by batch: memory is O(batch x 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,15 +20,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from qem.curvature.base import eval_mode
 from qem.data import DataLike, Inputs, as_dataset, batch_size_of, batches, take_rows
 from qem.errors import DataError, InvalidParameterError
 from qem.labels import label_errors
+from qem.losses import LossFn
 from qem.mechanism.clipping import clip_gradients
-from qem.model_calls import call_model, on_model_device
+from qem.model_calls import call_model, eval_mode, on_model_device
 from qem.privacy.sensitivity import ClipNorm
 from qem.progress import progress_bar
-from qem.subspace.base import LossFn, Subspace
+from qem.subspace.base import Subspace
 
 
 class InvalidRecords(StrEnum):
@@ -50,11 +51,13 @@ Reducer = Callable[[Callable[[], np.ndarray], int], np.ndarray]
 
 @dataclass(frozen=True)
 class GradientStatistics:
-    """Result of the private pass. Every field is a private value: never report it."""
+    """Result of the private pass. Every field is a private value: never put it in a privacy
+    report (the counts may be shown to the person running qem, who holds the data)."""
 
     gradient_sum: np.ndarray
     count: int
     clipped_count: int
+    invalid_count: int
 
 
 def whitening(
@@ -83,14 +86,21 @@ def private_gradient_batches(
     batch_size: int,
     invalid: InvalidRecords = InvalidRecords.ZERO,
     progress: bool = False,
-) -> Iterator[torch.Tensor]:
-    """Yield g per batch of PRIVATE data (float64 (B, k)), model in eval mode, with the
-    invalid-record policy applied: under ``zero`` a record with an out-of-range label, a
-    non-finite gradient, or a gradient that raises when computed gets a zero row; under
-    ``raise`` the error names neither the record nor its values. An empty ``data`` yields
-    nothing (a Poisson round may sample no record)."""
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """Yield (g, invalid count) per batch of PRIVATE data (g float64 (B, k)), model in eval
+    mode, with the invalid-record policy applied: under ``zero`` a record with an out-of-range
+    label, a non-finite gradient, or a gradient that raises when computed gets a zero row;
+    under ``raise`` the error names neither the record nor its values. An empty ``data`` yields
+    nothing (a Poisson round may sample no record).
+
+    Timing (docs/theory.md, sharp edges): every batch takes the same path whatever its records
+    hold: the gradients of all rows are computed, then the invalid rows are masked to zero by
+    one ``torch.where`` (no branch on the mask), and subnormal floats are flushed to zero during
+    the pass (arithmetic on them is slow on x86). Only a batch whose computation raises falls
+    back to one record at a time, which is slower and visible."""
     with (
         eval_mode(model),
+        _flushed_denormals(),
         progress_bar(total=len(data), desc="private data", unit="ex", enabled=progress) as bar,
     ):
         if len(data) == 0:
@@ -106,13 +116,25 @@ def private_gradient_batches(
                 if invalid is InvalidRecords.RAISE:
                     raise DataError(_STRICT_MESSAGE) from _without_message(error)
                 grads = _one_by_one(subspace, model, loss_fn, inputs, safe_targets)
-            bad |= ~torch.isfinite(grads).all(dim=1).to(bad.device)
-            if bad.any():
-                if invalid is InvalidRecords.RAISE:
-                    raise DataError(_STRICT_MESSAGE)
-                grads[bad.to(grads.device)] = 0.0
-            yield grads
+            bad = bad.to(grads.device) | ~torch.isfinite(grads).all(dim=1)
+            if invalid is InvalidRecords.RAISE and bad.any():
+                raise DataError(_STRICT_MESSAGE)
+            grads = torch.where(bad.unsqueeze(1), torch.zeros((), dtype=grads.dtype), grads)
+            yield grads, int(bad.sum())
             bar.update(len(grads))
+
+
+@contextlib.contextmanager
+def _flushed_denormals() -> Iterator[None]:
+    """Flush subnormal floats to zero for the duration (where the CPU supports it), restoring
+    the previous setting afterwards."""
+    smallest = torch.tensor([5e-324], dtype=torch.float64)
+    previous = bool((smallest * 1.0)[0] == 0.0)  # already flushed (torch has no getter)
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(previous)
 
 
 _STRICT_MESSAGE = (
@@ -177,12 +199,12 @@ def private_gradient_sum(
 
     ``cholesky`` is the lower Cholesky factor L of A (A = L L^T), required for dual-norm
     clipping ||g||_{A^-1} = ||L^-1 g||_2. ``private_data`` may be empty (sum zero).
-    ``all_reduce`` (qem.distributed) sums the local statistic, the k + 2 float64 values
-    (sum_i uh_i, count, clipped count) of this process's rows, over the ranks of a process
-    group before gh = L uh is formed, so that every rank multiplies the same sum by L.
+    ``all_reduce`` (qem.distributed) sums the local statistic, the k + 3 float64 values
+    (sum_i uh_i, count, clipped count, invalid count) of this process's rows, over the ranks of
+    a process group before gh = L uh is formed, so that every rank multiplies the same sum by L.
     """
     clipping = ClipNorm(clipping)
-    invalid = InvalidRecords(invalid_records)
+    policy = InvalidRecords(invalid_records)
     data = (
         private_data
         if isinstance(private_data, Dataset)
@@ -192,14 +214,14 @@ def private_gradient_sum(
     def local() -> np.ndarray:
         whiten = whitening(cholesky, clipping)
         whitened_total = np.zeros(subspace.k, dtype=np.float64)
-        count = clipped = 0
-        for grads in private_gradient_batches(
+        count = clipped = invalid = 0
+        for grads, n_invalid in private_gradient_batches(
             model,
             loss_fn,
             subspace,
             data,
             batch_size=batch_size,
-            invalid=invalid,
+            invalid=policy,
             progress=progress,
         ):
             # Clipping u = L^-1 g in the Euclidean norm is clipping g in ||.||_{A^-1}: the
@@ -208,9 +230,12 @@ def private_gradient_sum(
             whitened_total += clipped_batch.sum(axis=0)
             count += len(grads)
             clipped += n_clipped
-        return np.concatenate([whitened_total, [count, clipped]])
+            invalid += n_invalid
+        return np.concatenate([whitened_total, [count, clipped, invalid]])
 
-    totals = local() if all_reduce is None else all_reduce(local, subspace.k + 2)
-    whitened_total, count, clipped = totals[:-2], int(totals[-2]), int(totals[-1])
+    totals = local() if all_reduce is None else all_reduce(local, subspace.k + 3)
+    whitened_total, (count, clipped, invalid) = totals[:-3], totals[-3:].astype(int)
     total = whitened_total if clipping is ClipNorm.EUCLIDEAN else cholesky @ whitened_total
-    return GradientStatistics(gradient_sum=total, count=count, clipped_count=clipped)
+    return GradientStatistics(
+        gradient_sum=total, count=int(count), clipped_count=int(clipped), invalid_count=int(invalid)
+    )

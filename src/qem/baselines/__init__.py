@@ -17,7 +17,6 @@ import torch
 
 import qem
 from qem.checks import check_delta, check_epsilon
-from qem.errors import InvalidParameterError
 from qem.finetune import FineTuneResult
 from qem.report import BaselineReport, Diagnostics
 from qem.seeds import child_seeds
@@ -30,13 +29,6 @@ def check_requested_budget(epsilon: float | None, delta: float | None) -> dict:
         "epsilon": None if epsilon is None else check_epsilon(epsilon),
         "delta": None if delta is None else check_delta(delta),
     }
-
-
-def check_count(name: str, value: int) -> int:
-    """Return ``value`` as an int, or raise if it is not an integer >= 1."""
-    if isinstance(value, bool) or not float(value).is_integer() or value < 1:
-        raise InvalidParameterError(f"{name} must be an integer >= 1, got {value!r}.")
-    return int(value)
 
 
 def seed_info(seed: int | None) -> dict:

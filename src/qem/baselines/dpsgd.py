@@ -44,18 +44,21 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from qem.baselines import (
-    baseline_result,
-    check_count,
-    torch_generators,
-)
+from qem.baselines import baseline_result, torch_generators
 from qem.baselines.nonprivate import train_epochs
-from qem.checks import check_delta, check_epsilon, check_positive, parse_option
+from qem.checks import (
+    check_count,
+    check_delta,
+    check_epsilon,
+    check_in_interval,
+    check_positive,
+    parse_option,
+)
 from qem.data import DataLike, as_dataset, batches, training_loader
 from qem.errors import InvalidParameterError, UnsupportedModelError
 from qem.extras import import_extra
 from qem.finetune import FineTuneResult
-from qem.losses import check_per_example_loss
+from qem.losses import LossFn, check_per_example_loss
 from qem.model_calls import call_model
 from qem.parameters import check_finite_parameters
 from qem.privacy.calibration import (
@@ -67,7 +70,6 @@ from qem.privacy.gdp import warn_large_delta
 from qem.privacy.ledger import accountant_block
 from qem.privacy.pld import PLD_DISCRETIZATION, neighboring_relation
 from qem.privacy.sensitivity import Adjacency
-from qem.subspace.base import LossFn
 from qem.timing import PhaseTimer
 
 if TYPE_CHECKING:
@@ -152,8 +154,7 @@ def dpsgd(
         raise InvalidParameterError(
             f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {optimizer!r}."
         )
-    if not 0.0 <= momentum < 1.0:
-        raise InvalidParameterError(f"momentum must lie in [0, 1), got {momentum!r}.")
+    check_in_interval("momentum", momentum, 0.0, 1.0, closed="low")
     check_finite_parameters(model)
     _check_opacus_compatible(model)
     private = as_dataset(private_data, "private data", addressable=True)

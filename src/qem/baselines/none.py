@@ -14,8 +14,8 @@ from qem.baselines import (
 from qem.checks import parse_option
 from qem.data import DataLike, as_dataset
 from qem.finetune import FineTuneResult
+from qem.losses import LossFn
 from qem.privacy.sensitivity import Adjacency
-from qem.subspace.base import LossFn
 from qem.timing import PhaseTimer
 
 

@@ -17,24 +17,18 @@ import copy
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from qem.baselines import (
-    baseline_result,
-    check_count,
-    check_requested_budget,
-    torch_generators,
-)
-from qem.checks import check_positive, parse_option
+from qem.baselines import baseline_result, check_requested_budget, torch_generators
+from qem.checks import check_count, check_positive, parse_option
 from qem.data import DataLike, as_dataset, batches, map_inputs, training_loader
 from qem.errors import InvalidParameterError
 from qem.finetune import FineTuneResult
-from qem.losses import check_per_example_loss
+from qem.losses import LossFn, check_per_example_loss
 from qem.metrics import evaluate_loss
 from qem.model_calls import call_model
 from qem.parameters import check_finite_parameters
 from qem.privacy.sensitivity import Adjacency
-from qem.subspace.base import LossFn
+from qem.progress import progress_bar
 from qem.timing import PhaseTimer
 
 
@@ -65,7 +59,7 @@ def train_epochs(
         best_loss = evaluate_loss(model.eval(), loss_fn, validation)
         best_state = copy.deepcopy(model.state_dict())
         history.append({"epoch": 0, "train_loss": None, "validation_loss": best_loss})
-    for epoch in tqdm(range(1, epochs + 1), desc=desc, disable=not progress):
+    for epoch in progress_bar(range(1, epochs + 1), desc=desc, enabled=progress, leave=True):
         model.train()
         total, count = 0.0, 0
         for inputs, targets in loader:

@@ -24,7 +24,7 @@ from qem.baselines.nonprivate import nonprivate
 from qem.data import DataLike
 from qem.errors import InvalidParameterError
 from qem.finetune import FineTuneResult, fine_tune
-from qem.subspace.base import LossFn
+from qem.losses import LossFn
 
 Method = Callable[..., FineTuneResult]
 

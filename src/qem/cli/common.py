@@ -1,16 +1,26 @@
 """Helpers shared by the subcommands: output formatting, the privacy report's table, and saving
-a run before anything after its release can fail."""
+a run before anything after its release can fail. Imports no torch."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from qem.errors import SpentBudgetError
+from qem.jsonfiles import json_text
 from qem.report import PrivacyReport
+
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT, as a shell reports it)."""
+
+EXPORT_RECIPE = (
+    "model.eval(); torch.export.save(torch.export.export(model, (x,), "
+    "dynamic_shapes=({0: torch.export.Dim('batch')},)), 'm.pt2') with x a batch of at least "
+    "2 inputs"
+)
+"""How to write a ``.pt2`` that qem can fine-tune: eval mode, any batch size."""
 
 LIST_HEAD, LIST_TAIL = 3, 2
 """A list longer than LIST_HEAD + LIST_TAIL + 1 numbers prints as its first LIST_HEAD, "...",
@@ -19,7 +29,7 @@ its last LIST_TAIL and its length."""
 
 def print_json(obj: object) -> None:
     """Print one JSON object (NaN/inf are not valid JSON and are refused)."""
-    print(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False))
+    print(json_text(obj))
 
 
 def format_value(value: object) -> str:
@@ -85,7 +95,7 @@ class ReleaseSaver:
     """Saves a run to ``out`` as soon as noise has been drawn, before anything else can fail
     (a spent budget is never lost): ``run(fine_tune, ...)`` passes itself as ``on_release``,
     saves every partial result and the final one, and on SpentBudgetError saves the partial
-    result it carries and re-raises with the saved path in the message."""
+    result it carries and re-raises with the saved path in the message (on Ctrl-C too)."""
 
     def __init__(self, out: Path, overwrite: bool) -> None:
         self.out, self.overwrite, self.saved = Path(out), overwrite, False
@@ -95,7 +105,8 @@ class ReleaseSaver:
         self.saved = True
 
     def run(self, fine_tune: Callable, *args, **kwargs):
-        """``fine_tune(*args, on_release=self, **kwargs)``, its result saved."""
+        """``fine_tune(*args, on_release=self, **kwargs)``, its result saved. Ctrl-C re-raises
+        KeyboardInterrupt with what was saved (the releases drawn so far, as a partial run)."""
         try:
             result = fine_tune(*args, on_release=self, **kwargs)
         except SpentBudgetError as error:
@@ -103,6 +114,15 @@ class ReleaseSaver:
             raise SpentBudgetError(
                 f"{error} The releases so far are saved in {self.out}.", error.result
             ) from error
+        except KeyboardInterrupt:
+            if not self.saved:
+                raise KeyboardInterrupt(
+                    "nothing was saved (it came before the first release was saved)"
+                ) from None
+            raise KeyboardInterrupt(
+                f"the releases drawn so far are saved in {self.out} as a partial run (its "
+                "report says PARTIAL RUN); rerunning spends the budget again"
+            ) from None
         self(result)
         return result
 

@@ -15,12 +15,10 @@ import sys
 from pathlib import Path
 
 from qem.cli.commands import summary
+from qem.cli.common import INTERRUPTED
 from qem.experiments.config import load_config
 from qem.experiments.report import cell_coverage, write_report
 from qem.experiments.runner import CELLS_DIR, RESULTS_FILE, run_experiment
-
-INTERRUPTED = 130
-"""Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
 
 
 def add_parser(subparsers) -> None:

@@ -12,6 +12,8 @@ import sys
 
 from qem import __version__
 from qem.cli.commands import COMMANDS
+from qem.cli.common import INTERRUPTED
+from qem.cli.options import cli_spelling
 from qem.errors import QemError
 
 LOG_LEVELS = (logging.WARNING, logging.INFO, logging.DEBUG)
@@ -90,15 +92,21 @@ def configure_logging(verbosity: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``qem``; a QemError becomes a one-line message and exit status 2."""
+    """Run ``qem``; a QemError becomes a one-line message in the command line's spellings
+    (options, not keywords) and exit status 2; Ctrl-C a one-line message (what the command
+    saved, when it says) and exit status 130."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(invoked_command(argv)).parse_args(argv)
     configure_logging(args.verbose)
     try:
         return int(args.handler(args) or 0)
     except QemError as error:
-        print(f"qem {args.command}: error: {error}", file=sys.stderr)
+        print(f"qem {args.command}: error: {cli_spelling(str(error))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        said = f": {interrupt}" if str(interrupt) else "."
+        print(f"\nqem {args.command}: interrupted{said}", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

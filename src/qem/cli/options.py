@@ -4,12 +4,15 @@
 type, choices and help); ``SCHEDULE_OPTIONS`` the parameters of the round schedules
 (qem.schedules) beyond ``rounds``; ``NOT_EXPOSED`` the keywords deliberately left out, each
 with the reason. ``qem finetune`` and ``qem demo`` generate their arguments from these tables
-(:func:`add_fine_tune_arguments`) and collect the keywords for ``fine_tune`` from them
-(:func:`fine_tune_kwargs`), with the defaults read from ``fine_tune``'s signature; a test checks
-that every keyword of ``fine_tune`` is either exposed or listed in ``NOT_EXPOSED``.
+(:func:`add_fine_tune_arguments`), check their values (:func:`check_values`) and collect the
+keywords for ``fine_tune`` from them (:func:`fine_tune_kwargs`), with the defaults of the
+recipe table qem.defaults; a test checks that every keyword of ``fine_tune`` is either exposed
+or listed in ``NOT_EXPOSED``.
 
-This module imports nothing heavy: ``qem preview`` and ``qem audit`` declare their privacy
-budget arguments from the same table (:func:`add_budget_arguments`).
+This module imports nothing heavy (no torch, numpy or dp-accounting until a value is checked
+or --layers names a type), so that ``--help`` and argument errors answer at once; ``qem
+preview`` and ``qem audit`` declare their privacy budget arguments from the same table
+(:func:`add_budget_arguments`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from qem.defaults import COMMAND_LINE_DEFAULTS, FINE_TUNE_DEFAULTS, SUBSPACE_K
 from qem.errors import InvalidParameterError
 
 
@@ -59,7 +64,8 @@ class Option:
 def layer_spec(text: str) -> Any:
     """One --layers entry: a torch.nn class name (``Linear``) or a dotted path to an nn.Module
     subclass (``torch.nn.Linear``, ``mypackage.blocks.Adapter``) is that type; anything else
-    is a module name (``classifier``, ``bert.encoder.layer.0``). Imports torch."""
+    is a module name (``classifier``, ``bert.encoder.layer.0``). Imports torch, so it runs in
+    :func:`fine_tune_kwargs`, not while parsing."""
     from torch import nn
 
     if "." in text:
@@ -137,8 +143,8 @@ FINE_TUNE_OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "k",
-        "subspace dimension (default 512 for dense/srht/kronecker; fixed by the parameters for "
-        "identity/last_layer/biases)",
+        f"subspace dimension (default {SUBSPACE_K} for dense/srht/kronecker; fixed by the "
+        "parameters for identity/last_layer/biases)",
         METHOD,
         int,
     ),
@@ -149,7 +155,7 @@ FINE_TUNE_OPTIONS: tuple[Option, ...] = (
         "types (Linear, torch.nn.Conv2d: every module of that type); kronecker spans their "
         "Linear/Conv2d layers, the other subspaces their trainable parameters (default: all)",
         METHOD,
-        layer_spec,
+        str,
         nargs="+",
     ),
     Option(
@@ -197,10 +203,19 @@ FINE_TUNE_OPTIONS: tuple[Option, ...] = (
         STEP,
         int,
     ),
+    Option(
+        "step_significance",
+        "keep a step only when the validation loss falls by more than this many paired "
+        "standard errors; a release not applied joins the next round's direction",
+        STEP,
+        float,
+    ),
     Option("radius", "pure mode: radius R (default: chosen)", STEP, float),
     Option(
         "seed",
-        "reproducible noise, recorded in the report (default: operating-system entropy)",
+        "reproducible noise and sampling: the report then says the release is NOT private "
+        "against anyone who knows the seed, which goes to diagnostics.json only (default: "
+        "operating-system entropy)",
         RUN,
         int,
     ),
@@ -266,25 +281,16 @@ NOT_EXPOSED: dict[str, str] = {
 PENDING: dict[str, str] = {}
 """Options planned for keywords ``fine_tune`` does not take yet (a test fails once it does)."""
 
-BUDGET_DEFAULTS: dict[str, object] = {
-    "delta": 1e-5,
-    "mode": "gdp",
-    "adjacency": "replace_one",
-    "clipping": "dual",
-}
-"""fine_tune's defaults of the budget options, for the commands that do not import fine_tune
-(``qem preview``, ``qem audit``); a test checks them against its signature."""
+BUDGET_KEYWORDS = ("delta", "mode", "adjacency", "clipping")
+"""The budget options beside --epsilon that ``qem preview`` and ``qem audit`` share."""
+BUDGET_DEFAULTS: dict[str, object] = {name: FINE_TUNE_DEFAULTS[name] for name in BUDGET_KEYWORDS}
+"""fine_tune's defaults of the budget options (qem.defaults)."""
 
 
 def fine_tune_defaults() -> dict[str, object]:
-    """The defaults of ``fine_tune``'s keywords, read from its signature (imports torch)."""
-    from qem.finetune import fine_tune
-
-    return {
-        name: parameter.default
-        for name, parameter in inspect.signature(fine_tune).parameters.items()
-        if parameter.default is not inspect.Parameter.empty
-    }
+    """The command line's defaults of fine_tune's keywords (qem.defaults: the library's
+    recipe, with progress bars on)."""
+    return dict(COMMAND_LINE_DEFAULTS)
 
 
 def add_options(
@@ -295,7 +301,7 @@ def add_options(
 ) -> None:
     """Declare ``options`` on ``parser`` in their groups. An option without an entry in
     ``defaults`` is required; ``overrides[keyword]`` replaces argparse settings of one option
-    (default, choices, help)."""
+    (default, choices, help, and "flags": its option strings)."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for option in options:
         if option.group not in groups:
@@ -315,10 +321,11 @@ def add_options(
         else:
             settings["required"] = True
         settings.update((overrides or {}).get(option.keyword, {}))
+        flags = settings.pop("flags", option.flags)
         default = settings.get("default")
         if not option.is_switch and default is not None:
             settings["help"] += f" (default {default})"
-        groups[option.group].add_argument(*option.flags, **settings)
+        groups[option.group].add_argument(*flags, **settings)
 
 
 def add_budget_arguments(parser: argparse.ArgumentParser, epsilon: float | None = None) -> None:
@@ -334,34 +341,50 @@ def add_fine_tune_arguments(
     defaults: Mapping[str, object] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
-    """Every option of FINE_TUNE_OPTIONS and SCHEDULE_OPTIONS, with fine_tune's defaults
-    updated by ``defaults`` (progress bars are on at the command line)."""
-    merged = {**fine_tune_defaults(), "progress": True, **(defaults or {})}
+    """Every option of FINE_TUNE_OPTIONS and SCHEDULE_OPTIONS, with the command line's defaults
+    (:func:`fine_tune_defaults`) updated by ``defaults``."""
+    merged = {**fine_tune_defaults(), **(defaults or {})}
     merged.update({option.keyword: None for option in SCHEDULE_OPTIONS})
     add_options(parser, FINE_TUNE_OPTIONS + SCHEDULE_OPTIONS, merged, overrides)
 
 
 def fine_tune_kwargs(args: argparse.Namespace) -> dict[str, object]:
-    """The keywords for ``fine_tune`` from parsed options. With ``--schedule`` the schedule's
-    JSON form is built from ``--rounds`` and the schedule options given; without it, those
-    options are refused and ``--rounds`` goes to fine_tune's shortcut."""
-    from qem.schedules import SCHEDULES, make_schedule
-
+    """The keywords for ``fine_tune`` from parsed options, their values checked first
+    (:func:`check_values`). With ``--schedule`` the schedule's JSON form
+    (:func:`schedule_spec`) replaces ``--rounds``; without it ``--rounds`` goes to fine_tune's
+    shortcut. --layers entries that name types become the types (:func:`layer_spec`)."""
+    check_values(args)
     kwargs = {option.keyword: getattr(args, option.keyword) for option in FINE_TUNE_OPTIONS}
+    if kwargs["layers"] is not None:
+        kwargs["layers"] = [layer_spec(entry) for entry in kwargs["layers"]]
+    spec = schedule_spec(args)
+    del kwargs["schedule"]
+    if spec is None:
+        return kwargs
+    del kwargs["rounds"]
+    return {**kwargs, "schedule": spec}
+
+
+def schedule_spec(args: argparse.Namespace) -> dict[str, object] | None:
+    """The JSON form of ``--schedule`` (qem.schedules.make_schedule) from ``--rounds`` and the
+    schedule options given, checked by the schedule itself; None without ``--schedule``, where
+    the schedule options are refused."""
     given = {
         option.keyword: getattr(args, option.keyword)
         for option in SCHEDULE_OPTIONS
         if getattr(args, option.keyword) is not None
     }
-    kind = kwargs.pop("schedule")
+    kind = args.schedule
     if kind is None:
         if given:
             raise InvalidParameterError(
                 f"{_flags(given)}: only with --schedule (sequential, partitioned or poisson); "
                 "give one."
             )
-        return kwargs
-    spec = {"kind": kind, "rounds": kwargs.pop("rounds"), **given}
+        return None
+    from qem.schedules import SCHEDULES, make_schedule
+
+    spec = {"kind": kind, "rounds": args.rounds, **given}
     parameters = inspect.signature(SCHEDULES[kind]).parameters
     missing = [
         name
@@ -374,8 +397,71 @@ def fine_tune_kwargs(args: argparse.Namespace) -> dict[str, object]:
     if unknown:
         raise InvalidParameterError(f"--schedule {kind} takes no {_flags(unknown)}.")
     make_schedule(spec)  # the schedule's own checks, before any data is read
-    return {**kwargs, "schedule": spec}
+    return spec
 
 
 def _flags(keywords) -> str:
     return ", ".join("--" + keyword.replace("_", "-") for keyword in keywords)
+
+
+POSITIVE = ("damping", "clip_norm", "prior_weight", "radius", "sampling_rate")
+"""Options that must be finite numbers > 0 when given."""
+COUNTS = (
+    "rounds", "k", "N", "curvature_every", "public_sample_size", "line_search_size",
+    "batch_size", "epochs", "expected_batch",
+)  # fmt: skip
+"""Options that must be integers >= 1 when given."""
+
+
+def check_values(args: argparse.Namespace) -> None:
+    """The checks of fine_tune's options that need neither data nor torch, by the library's
+    own checkers (so with its messages and typical ranges), before anything heavy is imported:
+    the budget, positive numbers, counts, the quantile and momentum ranges (the seed's rules
+    are fine_tune's: qem.finetune)."""
+    from qem.checks import (
+        check_count,
+        check_delta,
+        check_epsilon,
+        check_in_interval,
+        check_positive,
+    )
+
+    check_epsilon(args.epsilon)
+    if args.mode == "gdp":
+        check_delta(args.delta)
+    given = {keyword: getattr(args, keyword, None) for keyword in (*POSITIVE, *COUNTS)}
+    for keyword, value in given.items():
+        if value is not None:
+            check = check_positive if keyword in POSITIVE else check_count
+            check(_flags([keyword]), value)
+    resample = getattr(args, "resample_subspace", None)
+    if resample is not None and resample is not True:
+        check_count("--resample-subspace", resample)
+    check_in_interval("--clip-quantile", args.clip_quantile, 0.0, 1.0, closed="high")
+    check_in_interval("--momentum", args.momentum, 0.0, 1.0, closed="low")
+
+
+CLI_ONLY_SPELLINGS = {"validation_data": "--validation", "overwrite": "--overwrite"}
+"""Library keywords whose command-line option is not their name in dashes."""
+
+
+def cli_spelling(message: str) -> str:
+    """A library error's ``message`` in the command line's spellings: ``name=value`` of a
+    keyword becomes ``--name-in-dashes value`` (``--name`` for ``=True``), and a bare keyword
+    that is an identifier (``clip_norm``, ``validation_data``) its option; plain words
+    (``mode``, ``k``) are left alone, since prose uses them too."""
+    keywords = {o.keyword for o in FINE_TUNE_OPTIONS + SCHEDULE_OPTIONS} | set(CLI_ONLY_SPELLINGS)
+
+    def flag(keyword: str) -> str:
+        return CLI_ONLY_SPELLINGS.get(keyword) or _flags([keyword])
+
+    def assignment(match: re.Match) -> str:
+        keyword, value = match.group(1), match.group(2).strip("'\"")
+        return flag(keyword) if value == "True" else f"{flag(keyword)} {value}"
+
+    alone = r"(?<![-\w./:])"  # not part of a path, a module:factory or a longer name
+    names = "|".join(sorted(keywords, key=len, reverse=True))
+    value = r"('[^']*'|\"[^\"]*\"|[\w.+-]+)"
+    message = re.sub(rf"{alone}({names})={value}", assignment, message)
+    identifiers = "|".join(sorted((k for k in keywords if "_" in k), key=len, reverse=True))
+    return re.sub(rf"{alone}({identifiers})\b(?!\.\w|/)", lambda m: flag(m.group(1)), message)

@@ -1,6 +1,7 @@
 """The user's model at the command line: built from ``module:factory`` (the module found as
-``python -m`` finds it) or loaded from a torch.export ``.pt2`` file (qem.model_files), probed on
-public rows before any private data is read, and written back as a ``.pt2``.
+``python -m`` finds it; the same mechanism builds data sets, qem.cli.user_data) or loaded from a
+torch.export ``.pt2`` file (qem.model_files), with pretrained weights from ``--state-dict``,
+probed on public rows before any private data is read, and written back as a ``.pt2``.
 
 An exported program is a fixed graph: torch refuses ``train()``/``eval()`` on it, since the
 flags no longer change what it computes. qem therefore checks that the graph was exported in
@@ -12,24 +13,22 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from qem.curvature.base import eval_mode
+from qem.cli.common import EXPORT_RECIPE
+from qem.data import Inputs, batch_size_of, take_rows
 from qem.errors import DataError, InvalidParameterError, UnsupportedModelError
+from qem.io import read_state_dict
+from qem.model_calls import call_model, eval_mode
 from qem.model_files import load_exported_model
-
-EXPORT_RECIPE = (
-    "model.eval(); torch.export.save(torch.export.export(model, (x,), "
-    "dynamic_shapes=({0: torch.export.Dim('batch')},)), 'm.pt2') with x a batch of at least "
-    "2 inputs"
-)
-"""How to write a ``.pt2`` that qem can fine-tune: eval mode, any batch size."""
 
 PROBE_ROWS = (2, 3)
 """Batch sizes of the public probe: a program exported with a fixed batch fails one of them."""
@@ -46,8 +45,7 @@ def load_model(spec: str, state_dict: str | None = None) -> nn.Module:
             raise DataError(f"model file {spec} does not exist.")
         model = usable_exported_module(load_exported_model(spec), spec)
     elif ":" in spec:
-        with current_directory_importable():
-            model = import_factory(spec)()
+        model = call_factory(spec, "--model")
     elif Path(spec).is_file():
         raise UnsupportedModelError(
             f"{spec}: TorchScript models cannot be differentiated per example with torch.func. "
@@ -61,8 +59,92 @@ def load_model(spec: str, state_dict: str | None = None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"{spec} did not give a torch.nn.Module.")
     if state_dict:
-        model.load_state_dict(torch.load(state_dict, map_location="cpu", weights_only=True))
+        load_weights(model, state_dict)
     return model
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load the state dict file ``path`` (safetensors, or a torch ``.pt`` read with
+    ``weights_only=True``) into ``model``; an unreadable file, or one whose tensors do not fit
+    the model (missing, unexpected or differently shaped entries), raises DataError naming it."""
+    if not Path(path).is_file():
+        raise DataError(f"--state-dict {path} does not exist.")
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if path.endswith(".safetensors"):
+        state, _ = read_state_dict(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch.load of arbitrary bytes fails in many ways
+            reason = (
+                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            )
+            raise DataError(
+                f"--state-dict {path} is not a readable state dict (torch.save of "
+                f"model.state_dict(), or a .safetensors file; it begins with {head[:8]!r}): "
+                f"{reason}"
+            ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(
+            f"--state-dict {path} holds a {type(state).__name__}, not a state dict of tensors "
+            "(save model.state_dict())."
+        )
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [
+        f"{name} {tuple(state[name].shape)} (the model's is {tuple(expected[name].shape)})"
+        for name in sorted(set(state) & set(expected))
+        if state[name].shape != expected[name].shape
+    ]
+    problems = [
+        *([f"missing {_listed(missing)}"] if missing else []),
+        *([f"unexpected {_listed(unexpected)}"] if unexpected else []),
+        *([f"shapes differ: {_listed(shapes)}"] if shapes else []),
+    ]
+    if problems:
+        raise DataError(f"--state-dict {path} does not fit the model: {'; '.join(problems)}.")
+    model.load_state_dict(state)
+
+
+def _listed(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def call_factory(spec: str, option: str) -> Any:
+    """What the callable of ``module:factory`` returns when called without arguments (the
+    module importable from the current directory); a factory that needs arguments, or raises,
+    gives a one-line error naming ``option`` and ``spec``."""
+    with current_directory_importable():
+        factory = import_factory(spec, option)
+    required = _required_parameters(factory)
+    if required:
+        raise InvalidParameterError(
+            f"{option} {spec}: the factory needs the arguments {', '.join(required)}, but qem "
+            "calls it without any; give them defaults, or point to a function without "
+            "parameters that calls it."
+        )
+    try:
+        return factory()
+    except Exception as error:  # the user's code: any error type
+        raise InvalidParameterError(
+            f"{option} {spec}: the factory raised {type(error).__name__}: {error}"
+        ) from error
+
+
+def _required_parameters(factory: Any) -> list[str]:
+    """Parameters of ``factory`` without a default (none when its signature is unknown)."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [
+        p.name
+        for p in parameters
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
 
 
 @contextlib.contextmanager
@@ -80,7 +162,7 @@ def current_directory_importable() -> Iterator[None]:
             sys.path.remove(cwd)
 
 
-def import_factory(spec: str):
+def import_factory(spec: str, option: str = "--model"):
     """The callable ``factory`` of ``module:factory``; the error says how to make the module
     importable."""
     module_name, _, factory_name = spec.partition(":")
@@ -90,21 +172,25 @@ def import_factory(spec: str):
         top = module_name.split(".")[0]
         if error.name is not None and (module_name + ".").startswith(error.name + "."):
             raise InvalidParameterError(
-                f"--model {spec}: module {module_name!r} not found in the current directory "
+                f"{option} {spec}: module {module_name!r} not found in the current directory "
                 f"({os.getcwd()}) or on PYTHONPATH; run qem from the directory holding {top}.py "
                 f"(or the package {top}/), or set PYTHONPATH to that directory."
             ) from None
         raise InvalidParameterError(
-            f"--model {spec}: importing {module_name} failed: {error}"
+            f"{option} {spec}: importing {module_name} failed: {error}"
         ) from error
     except ImportError as error:
         raise InvalidParameterError(
-            f"--model {spec}: importing {module_name} failed: {error}"
+            f"{option} {spec}: importing {module_name} failed: {error}"
+        ) from error
+    except Exception as error:  # the module's own code failed while it was imported
+        raise InvalidParameterError(
+            f"{option} {spec}: importing {module_name} raised {type(error).__name__}: {error}"
         ) from error
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise InvalidParameterError(
-            f"--model {spec}: module {module_name} ({module.__file__}) has no callable "
+            f"{option} {spec}: module {module_name} ({module.__file__}) has no callable "
             f"{factory_name!r}."
         )
     return factory
@@ -141,17 +227,16 @@ def _check_eval_mode_node(node: torch.fx.Node, where: str) -> None:
             )
 
 
-def probe_public(model: nn.Module, inputs: torch.Tensor, spec: str) -> None:
-    """Run ``model`` in eval mode on the first 2 and the first 3 PUBLIC inputs, before any
-    private data is read: a program exported with a fixed batch size, or a model that does not
-    take these inputs, gets a qem error here rather than halfway through a run."""
-    reference = next(iter(model.parameters()), None)
-    if reference is not None and inputs.is_floating_point():
-        inputs = inputs.to(reference.dtype)
+def probe_public(model: nn.Module, inputs: Inputs, spec: str) -> None:
+    """Run ``model`` in eval mode on the first 2 and the first 3 PUBLIC inputs (a Tensor, or a
+    dict of Tensors passed as keyword arguments), before any private data is read: a program
+    exported with a fixed batch size, or a model that does not take these inputs, gets a qem
+    error here rather than halfway through a run."""
     with eval_mode(model), torch.no_grad():
-        for rows in sorted({min(n, len(inputs)) for n in PROBE_ROWS}):
+        for rows in sorted({min(n, batch_size_of(inputs)) for n in PROBE_ROWS}):
+            batch = take_rows(inputs, slice(0, rows))
             try:
-                model(inputs[:rows])
+                call_model(model, batch)
             except Exception as error:  # guard failures and shape errors have many types
                 cause = f"{type(error).__name__}: {error}".strip()
                 if spec.endswith(".pt2"):
@@ -161,9 +246,29 @@ def probe_public(model: nn.Module, inputs: torch.Tensor, spec: str) -> None:
                         f"batch dimension: {EXPORT_RECIPE}."
                     ) from None
                 raise UnsupportedModelError(
-                    f"--model {spec} fails on a public batch of {rows} rows of shape "
-                    f"{tuple(inputs[:rows].shape)} ({cause})."
+                    f"--model {spec} fails on a public batch of {rows} rows of "
+                    f"{_described(batch)} ({cause}){_dtype_hint(batch, cause)}."
                 ) from None
+
+
+def _described(batch: Inputs) -> str:
+    """The shapes and dtypes of a batch's inputs, for an error message."""
+    entries = [(key, t) for key, t in sorted(batch.items())] if isinstance(batch, dict) else []
+    if not entries:
+        return f"shape {tuple(batch.shape)} ({batch.dtype})"
+    return ", ".join(f"{key} {tuple(t.shape)} ({t.dtype})" for key, t in entries)
+
+
+def _dtype_hint(batch: Inputs, cause: str) -> str:
+    """A hint when integer inputs reach a model that computes in floating point."""
+    tensors = batch.values() if isinstance(batch, dict) else [batch]
+    integer = any(not (t.is_floating_point() or t.dtype == torch.bool) for t in tensors)
+    if integer and ("Long" in cause or "dtype" in cause):
+        return (
+            "; integer inputs stay integers: pass --scale-uint8 for image bytes (uint8), or "
+            "store floating features as floats"
+        )
+    return ""
 
 
 def export_program(model: nn.Module, example: torch.Tensor, path: Path) -> Path:

@@ -12,7 +12,6 @@ the result, and fingerprints the public data it used for the privacy report.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -20,9 +19,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from qem.checks import check_positive
+from qem.checks import check_count, check_positive
 from qem.data import (
     Batch,
     DataHasher,
@@ -33,24 +31,13 @@ from qem.data import (
     num_examples,
     take_rows,
 )
-from qem.errors import CurvatureError, InvalidParameterError, NonFiniteError
-from qem.losses import check_per_example_loss
-from qem.model_calls import call_model
+from qem.errors import CurvatureError, NonFiniteError
+from qem.losses import LossFn, check_per_example_loss
+from qem.model_calls import call_model, eval_mode
 from qem.parameters import check_finite_parameters
+from qem.progress import progress_bar
 from qem.quadratic import PublicQuadratic
-from qem.subspace.base import LossFn, Subspace
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode for the duration; restore each one's flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.train(training)
+from qem.subspace.base import Subspace
 
 
 class Curvature(ABC):
@@ -65,9 +52,7 @@ class Curvature(ABC):
         self.damping = check_positive(
             "damping gamma", damping, "Pass a positive damping so that A is positive definite."
         )
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-            raise InvalidParameterError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
-        self.batch_size = int(batch_size)
+        self.batch_size = check_count("batch_size", batch_size)
         self.progress = bool(progress)
         self.n_public: int | None = None
         self.public_data_fingerprint: str | None = None
@@ -128,13 +113,12 @@ class Curvature(ABC):
         checked to be per-example on the first batch. Call it with the model in eval mode."""
         n_batches = math.ceil(num_examples(public_data) / self.batch_size)
         stream = batches(public_data, self.batch_size, name="public data")
-        bar = tqdm(
+        bar = progress_bar(
             stream,
             total=n_batches,
             desc=f"curvature ({self.kind})",
             unit="batch",
-            disable=not self.progress,
-            leave=False,
+            enabled=self.progress,
         )
         for index, (inputs, targets) in enumerate(bar):
             hasher.update(inputs, targets)

@@ -12,7 +12,8 @@ from torch import nn
 
 from qem.curvature.base import DataCurvature
 from qem.data import Inputs
-from qem.subspace.base import LossFn, Subspace
+from qem.losses import LossFn
+from qem.subspace.base import Subspace
 
 
 class EmpiricalFisher(DataCurvature):

@@ -16,8 +16,9 @@ from torch.func import hessian, vmap
 
 from qem.curvature.base import DataCurvature
 from qem.data import Inputs, batch_size_of
+from qem.losses import LossFn
 from qem.model_calls import call_model
-from qem.subspace.base import LossFn, Subspace
+from qem.subspace.base import Subspace
 
 
 class GaussNewton(DataCurvature):

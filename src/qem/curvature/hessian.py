@@ -13,11 +13,12 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vmap
 
+from qem.checks import check_count
 from qem.curvature.base import DataCurvature
 from qem.data import Inputs
-from qem.errors import InvalidParameterError
+from qem.losses import LossFn
 from qem.parameters import flatten
-from qem.subspace.base import LossFn, Subspace
+from qem.subspace.base import Subspace
 
 
 class Hessian(DataCurvature):
@@ -33,11 +34,7 @@ class Hessian(DataCurvature):
         self, damping: float, batch_size: int = 64, progress: bool = True, basis_chunk: int = 16
     ) -> None:
         super().__init__(damping, batch_size, progress)
-        if isinstance(basis_chunk, bool) or int(basis_chunk) != basis_chunk or basis_chunk < 1:
-            raise InvalidParameterError(
-                f"basis_chunk must be an integer >= 1, got {basis_chunk!r}."
-            )
-        self.basis_chunk = int(basis_chunk)
+        self.basis_chunk = check_count("basis_chunk", basis_chunk)
         self.clamped_eigenvalues: int | None = None
         self.most_negative_eigenvalue: float | None = None
 

@@ -7,7 +7,8 @@ from torch import nn
 
 from qem.curvature.base import Curvature
 from qem.data import DataLike
-from qem.subspace.base import LossFn, Subspace
+from qem.losses import LossFn
+from qem.subspace.base import Subspace
 
 
 class IdentityCurvature(Curvature):

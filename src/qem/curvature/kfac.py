@@ -2,11 +2,11 @@
 estimated on public data, kept across rounds and projected into each round's Kronecker subspace
 without a data pass (docs/theory.md §13).
 
-Per spanned layer l (nn.Linear or nn.Conv2d, gradient matrix [grad W | grad b] as in
-``qem.subspace.kronecker``), with per-position inputs a_{i,t} (in_dim; a trailing 1 when the bias
-is trained) and output backprops u_{i,c,t} = d <s_{i,c}, f(x_i)> / d out_{i,t}, where
-H_L,i = S_i S_i^T is the loss Hessian in the outputs and s_{i,c} the columns of its symmetric
-square root:
+Per spanned layer l (a layer type of qem.per_example.layers: nn.Linear, nn.Conv2d; gradient
+matrix [grad W | grad b] as in ``qem.subspace.kronecker``), with per-position inputs a_{i,t}
+(in_dim; a trailing 1 when the bias is trained) and output backprops
+u_{i,c,t} = d <s_{i,c}, f(x_i)> / d out_{i,t}, where H_L,i = S_i S_i^T is the loss Hessian in the
+outputs and s_{i,c} the columns of its symmetric square root:
 
     GGN_l  ~  G_l (x) F_l,
     G_l = 1/(sum_i L_i) sum_i sum_c sum_t u_{i,c,t} u_{i,c,t}^T    (out x out),
@@ -34,13 +34,21 @@ import torch
 from torch import nn
 from torch.func import hessian, vmap
 
-from qem.curvature.base import Curvature, check_finite, damped, eval_mode
+from qem.curvature.base import Curvature, check_finite, damped
 from qem.data import DataHasher, DataLike, Inputs, batch_size_of
-from qem.errors import InvalidParameterError, UnsupportedModelError
-from qem.model_calls import call_model
+from qem.errors import InvalidParameterError
+from qem.losses import LossFn
+from qem.model_calls import call_model, eval_mode
 from qem.parameters import check_finite_parameters
-from qem.subspace.base import LossFn, Subspace
-from qem.subspace.kronecker import Kronecker, KroneckerLayer, conv_patches
+from qem.per_example import (
+    backpropagate,
+    check_recording,
+    record_calls,
+    shared_machine_threads,
+)
+from qem.per_example.layers import layer_type
+from qem.subspace.base import Subspace
+from qem.subspace.kronecker import Kronecker, KroneckerLayer
 
 F64 = torch.float64
 
@@ -142,7 +150,8 @@ class KFAC(Curvature):
             for inputs, targets in self.public_batches(
                 model, loss_fn, reference, public_data, hasher
             ):
-                _accumulate(model, loss_fn, layers, inputs, targets, sums, positions)
+                with shared_machine_threads():
+                    _accumulate(model, loss_fn, layers, inputs, targets, sums, positions)
         for name, factors in sums.items():
             check_finite(factors.output, self.kind)
             check_finite(factors.input, self.kind)
@@ -172,73 +181,34 @@ def _accumulate(
     positions: dict[str, int],
 ) -> None:
     """Add one batch's sum_i sum_t a a^T and sum_i sum_c sum_t u u^T (float64) to ``sums``
-    and its positions sum_i L_i to ``positions``: one forward, m backward passes."""
+    and its positions sum_i L_i to ``positions``: one forward, m backward passes (the inputs
+    and backprops per position from qem.per_example)."""
     modules = dict(model.named_modules())
-    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m.module: [] for m in layers}
-
-    def record(name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            calls[name].append((args[0].detach(), output))
-
-        return hook
-
-    handles = [modules[m.module].register_forward_hook(record(m.module)) for m in layers]
-    try:
-        with torch.enable_grad():
-            outputs = call_model(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with record_calls(model, [m.module for m in layers]) as recording, torch.enable_grad():
+        outputs = call_model(model, inputs)
     batch = batch_size_of(inputs)
-    tracked = []  # (layer, output tensor) of every call whose output reaches the loss
+    check_recording(recording, batch, "K-FAC needs its inputs and outputs.")
     for layer in layers:
-        if not calls[layer.module]:
-            raise UnsupportedModelError(
-                f"layer {layer.module!r} was not called through its forward(); K-FAC needs "
-                "its inputs and outputs."
-            )
         module = modules[layer.module]
-        for activation, output in calls[layer.module]:
-            if activation.shape[0] != batch:
-                raise UnsupportedModelError(
-                    f"layer {layer.module!r} received a tensor of shape "
-                    f"{tuple(activation.shape)} whose first dimension is not the batch "
-                    f"({batch}); K-FAC needs layers applied per example."
-                )
-            a = _positions(module, activation, output_side=False)
+        for call in recording[layer.module]:
+            a = layer_type(module).inputs(module, call.activation)
             if layer.bias is not None:
                 a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
             a = a.reshape(-1, layer.in_dim).to(F64)
             sums[layer.module].input += a.T @ a
             positions[layer.module] += a.shape[0]
-            if output.requires_grad:
-                tracked.append((layer, output))
     roots = _loss_hessian_roots(loss_fn, outputs.detach(), targets).to(outputs)
     flat = outputs.reshape(batch, -1)
     for c in range(flat.shape[1]):
         column = (flat * roots[:, :, c]).sum()  # sum_i <s_{i,c}, f(x_i)>
-        grads = torch.autograd.grad(
-            column,
-            [output for _, output in tracked],
-            retain_graph=c < flat.shape[1] - 1,
-            allow_unused=True,
-        )
-        for (layer, _), grad in zip(tracked, grads, strict=True):
-            if grad is not None:
-                u = _positions(modules[layer.module], grad, output_side=True)
-                u = u.reshape(-1, layer.out_dim).to(F64)
-                sums[layer.module].output += u.T @ u
-
-
-def _positions(module: nn.Module, tensor: torch.Tensor, *, output_side: bool) -> torch.Tensor:
-    """A layer call's inputs (Conv2d: unfolded patches) or output gradients per position,
-    (B, L, features), both in the same order of positions."""
-    batch = tensor.shape[0]
-    if isinstance(module, nn.Conv2d):
-        if output_side:
-            return tensor.reshape(batch, tensor.shape[1], -1).transpose(1, 2)
-        return conv_patches(module, tensor).transpose(1, 2)
-    return tensor.reshape(batch, -1, tensor.shape[-1])
+        backpropagate(column, recording, retain_graph=c < flat.shape[1] - 1)
+        for layer in layers:
+            module = modules[layer.module]
+            for call in recording[layer.module]:
+                if call.backprop is not None:
+                    u = layer_type(module).backprops(module, call.backprop)
+                    u = u.reshape(-1, layer.out_dim).to(F64)
+                    sums[layer.module].output += u.T @ u
 
 
 def _loss_hessian_roots(

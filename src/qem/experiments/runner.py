@@ -49,8 +49,7 @@ from qem.experiments.cells import (
 from qem.experiments.config import ExperimentConfig, ScenarioSpec, load_config, parse_config
 from qem.experiments.records import read_json, write_json_atomic
 from qem.experiments.registry import Registry, check_registry, default_registry
-from qem.losses import LOSSES
-from qem.subspace.base import LossFn
+from qem.losses import LOSSES, LossFn
 
 CELLS_DIR = "cells"
 TUNING_DIR = "tuning"

@@ -9,13 +9,14 @@ and runs the round engine (qem.finetune.engine); ``run_rounds`` takes the object
 from qem.finetune.api import fine_tune
 from qem.finetune.config import Noise, Performance, PrivatePass, StepRule
 from qem.finetune.engine import run_rounds
-from qem.finetune.result import FineTuneResult, ZeroStepWarning
+from qem.finetune.result import FineTuneResult, InvalidRecordsWarning, ZeroStepWarning
 from qem.privacy.budget import Budget
 from qem.public.config import PublicSide
 
 __all__ = [
     "Budget",
     "FineTuneResult",
+    "InvalidRecordsWarning",
     "Noise",
     "Performance",
     "PrivatePass",

@@ -16,11 +16,12 @@ from qem.errors import InvalidParameterError
 from qem.finetune.config import Noise, Performance, PrivatePass, StepRule
 from qem.finetune.engine import run_rounds
 from qem.finetune.result import FineTuneResult
+from qem.losses import LossFn
 from qem.parameters import Layers
 from qem.privacy.budget import Budget
 from qem.public.config import PublicSide
 from qem.schedules import Schedule, make_schedule, partitioned, sequential
-from qem.subspace.base import LossFn, Subspace
+from qem.subspace.base import Subspace
 
 
 def fine_tune(
@@ -52,6 +53,7 @@ def fine_tune(
     N: int | None = None,
     validation_data: DataLike | None = None,
     line_search_size: int | None = None,
+    step_significance: float | None = 1.0,
     public_sample_size: int | None = None,
     radius: float | None = None,
     seed: int | None = None,
@@ -111,7 +113,10 @@ def fine_tune(
         prior_weight: a fixed quadratic weight lam (no line search; alpha = 1).
         momentum: m in [0, 1): steps along d_t = P_t w_t + m alpha_{t-1} d_{t-1}.
         validation_data: public data whose loss picks each step length (default: a held-out
-            public split); line_search_size: at most that many of its examples. StepRule.
+            public split); line_search_size: at most that many of its examples.
+        step_significance: z; a searched step is kept only when the validation loss falls by
+            more than z paired standard errors (None: any decrease); a release whose step is not
+            kept joins the next round's direction (§9b). StepRule.
         batch_size, device, distributed, progress: how the work runs (Performance: none of
             them changes a release); device "cpu" | "cuda" | "auto"; distributed "auto" | True |
             False runs one release over the ranks of a torch.distributed group (each rank reads
@@ -141,7 +146,7 @@ def fine_tune(
         public=public_side,
         private=PrivatePass(clipping=clipping, invalid_records=invalid_records),
         noise=Noise(seed=seed, secure=secure_noise, enabled=noise),
-        step=StepRule(prior_weight, momentum, validation_data, line_search_size),
+        step=StepRule(prior_weight, momentum, validation_data, line_search_size, step_significance),
         performance=Performance(batch_size, device, distributed, progress),
         on_release=on_release,
     )

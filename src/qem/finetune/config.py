@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qem.checks import check_count, check_positive, parse_option
+from qem.checks import check_count, check_in_interval, check_positive, parse_option
 from qem.data import DataLike
 from qem.errors import InvalidParameterError
 from qem.privacy.sensitivity import ClipNorm
@@ -63,18 +63,23 @@ class StepRule:
     theta <- theta + alpha d_t with d_t = P_t w_t + m alpha_{t-1} d_{t-1} (``momentum`` m in
     [0, 1)); alpha from a line search on public ``validation_data`` (a held-out public split
     when None; ``line_search_size`` examples of it at most), or alpha = 1 at the fixed quadratic
-    weight lam = ``prior_weight`` (also pure mode, where lam is not free)."""
+    weight lam = ``prior_weight`` (also pure mode, where lam is not free). A searched step is
+    kept only when the validation loss falls by more than ``step_significance`` paired
+    standard errors (None: any decrease); a release whose step is not kept is carried into the
+    next round's direction (qem.finetune.step, docs/theory.md §9b)."""
 
     prior_weight: float | None = None
     momentum: float = 0.0
     validation_data: DataLike | None = None
     line_search_size: int | None = None
+    step_significance: float | None = 1.0
 
     def __post_init__(self) -> None:
+        if self.step_significance is not None:
+            check_in_interval("step_significance", self.step_significance, 0.0, 10.0, closed="low")
         if self.prior_weight is not None:
             check_positive("prior_weight lam", self.prior_weight)
-        if not (isinstance(self.momentum, int | float) and 0.0 <= self.momentum < 1.0):
-            raise InvalidParameterError(f"momentum must lie in [0, 1), got {self.momentum!r}.")
+        check_in_interval("momentum", self.momentum, 0.0, 1.0, closed="low")
         if self.line_search_size is not None:
             check_count("line_search_size", self.line_search_size)
 

@@ -35,16 +35,19 @@ from torch.utils.data import Subset
 
 from qem.data import DataLike
 from qem.distributed import process_group
-from qem.errors import SpentBudgetError
+from qem.errors import PrivacyWarning, SpentBudgetError
 from qem.finetune.config import Noise, Performance, PrivatePass, StepRule
 from qem.finetune.inputs import RunData
+from qem.finetune.preflight import preflight
 from qem.finetune.record import RunRecord
-from qem.finetune.result import FineTuneResult, ZeroStepWarning
-from qem.finetune.round_log import log_round, zero_step_message
+from qem.finetune.result import FineTuneResult, InvalidRecordsWarning, ZeroStepWarning
+from qem.finetune.round_log import invalid_records_message, log_round, zero_step_message
 from qem.finetune.step import Stepper
+from qem.losses import LossFn
 from qem.mechanism import QuadraticExponentialMechanism, SecureNoise
 from qem.model_calls import resolve_device
 from qem.parameters import check_finite_parameters
+from qem.per_example import shared_machine_threads
 from qem.privacy.budget import Budget
 from qem.privacy.ledger import PrivacyLedger
 from qem.progress import progress_bar
@@ -53,7 +56,6 @@ from qem.public.side import PublicSideState, RoundPublic
 from qem.schedules import Round, Schedule
 from qem.seeds import SeedTree
 from qem.statistics import GradientStatistics, private_gradient_sum
-from qem.subspace.base import LossFn
 from qem.timing import PhaseTimer
 
 
@@ -102,6 +104,14 @@ class RoundEngine:
         on_release: Callable[[FineTuneResult], None] | None,
     ) -> None:
         check_finite_parameters(model)
+        if noise.seed is not None and noise.enabled:
+            warnings.warn(
+                f"seed={noise.seed}: the noise (and Poisson sampling) is reproducible, so the "
+                "release is NOT private against anyone who knows the seed; the report says so, "
+                "and the seed is kept in diagnostics.json only. Drop the seed for a private run.",
+                PrivacyWarning,
+                stacklevel=4,
+            )
         redraw_every = public.redraw_every(schedule.same_records_every_round)
         self.searches = step.searches(budget.mode)
         self.data = RunData.build(
@@ -120,7 +130,7 @@ class RoundEngine:
         self.batch_size = performance.batch_size
         target = resolve_device(performance.device, model)
         self.model = copy.deepcopy(model).to(target).eval()
-        self.data.probe(self.model, loss_fn)
+        preflight(self.model, loss_fn, self.data)
         self.ledger = PrivacyLedger(self.plan)
         self.record = RunRecord(
             plan=self.plan, ledger=self.ledger, clipping=private.clipping, damping=public.damping,
@@ -134,7 +144,7 @@ class RoundEngine:
             clipping=private.clipping, batch_size=self.batch_size, progress=self.progress,
         )  # fmt: skip
         validation = self.data.validation if self.searches else None
-        self.stepper = Stepper(loss_fn, validation, float(step.momentum))
+        self.stepper = Stepper(loss_fn, validation, float(step.momentum), step.step_significance)
 
     def run(self) -> FineTuneResult:
         """The rounds, in order (module docstring); the whole run's result."""
@@ -145,24 +155,32 @@ class RoundEngine:
         )
         for executed in rounds:
             rounds.set_description(f"qem round {executed.index + 1}/{total}")
-            timer = PhaseTimer()
-            public = self.public_side.prepare(executed.index, self.model, timer, self.group)
-            statistics = self._private_pass(executed, public)
-            timer.lap("private_pass")
-            mechanism, preview = self._mechanism(executed, public)
-            w = self._draw(mechanism, statistics, public.basis.k)
-            del statistics  # nothing private outlives the draw
-            self.ledger.record(executed)
-            timer.lap("mechanism")
-            self.record.add_release(executed, w, public, preview, mechanism, self.lam)
-            if self.on_release is not None and self.group.is_root:
-                self.on_release(self.record.result(self.model, self.public_side, done=False))
-            alpha, val_loss = self._step(executed, public, w)
-            timer.lap("line_search")
-            self.record.finish_round(alpha, val_loss, timer.seconds)
-            if self.group.is_root:
-                self._tell(executed, alpha, total, timer)
+            with shared_machine_threads():  # the cores other processes leave free
+                self._round(executed, total)
+        if self.group.is_root:
+            self._warn_once()
         return self.record.result(self.model, self.public_side, done=True)
+
+    def _round(self, executed: Round, total: int) -> None:
+        """One round: the five steps of the module docstring, in order."""
+        timer = PhaseTimer()
+        public = self.public_side.prepare(executed.index, self.model, timer, self.group)
+        statistics = self._private_pass(executed, public)
+        timer.lap("private_pass")
+        mechanism, preview = self._mechanism(executed, public)
+        w = self._draw(mechanism, statistics, public.basis.k)
+        invalid = statistics.invalid_count  # for the curator's diagnostics only
+        del statistics  # nothing private outlives the draw
+        self.ledger.record(executed)
+        timer.lap("mechanism")
+        self.record.add_release(executed, w, public, preview, mechanism, self.lam)
+        if self.on_release is not None and self.group.is_root:
+            self.on_release(self.record.result(self.model, self.public_side, done=False))
+        alpha, val_loss, releases = self._step(executed, public, w)
+        timer.lap("line_search")
+        self.record.finish_round(alpha, val_loss, releases, timer.seconds, invalid)
+        if self.group.is_root:
+            log_round(self.record.records[-1], total, timer.seconds)
 
     def _private_pass(self, executed: Round, public: RoundPublic) -> GradientStatistics:
         """Step 2, the only one that reads private data: the clipped sum over the round's rows
@@ -203,14 +221,14 @@ class RoundEngine:
 
     def _step(
         self, executed: Round, public: RoundPublic, w: np.ndarray
-    ) -> tuple[float, float | None]:
+    ) -> tuple[float, float | None, int]:
         """Step 5 on rank 0, broadcast; an error raises SpentBudgetError with the run so far."""
         try:
-            alpha, val_loss = self.group.from_root(
+            alpha, val_loss, releases = self.group.from_root(
                 (lambda: self.stepper.step(self.model, public.basis, w))
                 if self.group.is_root
                 else None,
-                2,
+                3,
             ).tolist()
             self.group.broadcast_parameters(self.model, public.basis.parameter_names)
         except Exception as error:
@@ -220,14 +238,17 @@ class RoundEngine:
                 "the releases: save it (result.save(directory)) rather than rerunning.",
                 self.record.result(self.model, self.public_side, done=False),
             ) from error
-        return alpha, None if np.isnan(val_loss) else val_loss
+        return alpha, None if np.isnan(val_loss) else val_loss, int(releases)
 
-    def _tell(self, executed: Round, alpha: float, total: int, timer: PhaseTimer) -> None:
-        """The round's log lines, and the warning when its release was not applied."""
-        log_round(self.record.records[-1], total, timer.seconds)
-        if alpha == 0.0 and self.searches:
-            warnings.warn(
-                zero_step_message(executed.index + 1, self.data.validation_source),
-                ZeroStepWarning,
-                stacklevel=5,  # the caller of fine_tune
-            )
+    def _warn_once(self) -> None:
+        """At the end of the run, one warning per kind: the rounds whose release was not applied
+        (step length 0), and the private records that were invalid (their count is shown to the
+        person running qem, who holds the data, and written to diagnostics.json; it is never
+        part of the privacy report)."""
+        zero = [r.round for r in self.record.records if r.step_length == 0.0]
+        if zero and self.searches:
+            message = zero_step_message(zero, len(self.record.records), self.data.validation_source)
+            warnings.warn(message, ZeroStepWarning, stacklevel=5)  # the caller of fine_tune
+        invalid = self.record.diagnostics.invalid_records
+        if any(invalid):
+            warnings.warn(invalid_records_message(invalid), InvalidRecordsWarning, stacklevel=5)

@@ -6,16 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from qem.data import DataLike, as_dataset, batches, known_targets
+from qem.data import DataLike, as_dataset
 from qem.errors import InvalidParameterError
-from qem.labels import check_targets
-from qem.losses import check_per_example_loss
-from qem.model_calls import call_model, on_model_device
-from qem.subspace.base import LossFn
 
 HOLDOUT_FRACTION, HOLDOUT_MAX = 0.2, 2000
 """Without validation data, the last min(20%, 2000) public examples are held out for the
@@ -54,18 +48,6 @@ class RunData:
         if public_sample_size is not None:
             public = _head(public, public_sample_size)
         return cls(public, private, validation, source)
-
-    def probe(self, model: nn.Module, loss_fn: LossFn) -> None:
-        """Shape, label and loss checks on PUBLIC examples (never on private ones): a bad
-        private record is handled by the invalid-record policy, not by an error naming it."""
-        probe_x, probe_y = on_model_device(model, *next(iter(batches(self.public, 2))))
-        with torch.no_grad():
-            outputs = call_model(model, probe_x)
-        for data in (self.public, self.validation):
-            targets = None if data is None else known_targets(data)
-            if targets is not None:
-                check_targets(outputs, targets)
-        check_per_example_loss(loss_fn, outputs, probe_y)
 
 
 def _head(data: Dataset, size: int) -> Dataset:

@@ -46,6 +46,9 @@ class RunRecord:
     records: list[RoundRecord] = field(default_factory=list)
     diagnostics: Diagnostics = field(default_factory=Diagnostics)
 
+    def __post_init__(self) -> None:
+        self.diagnostics.seed = self.noise.seed
+
     def accountant_epsilon_upfront(self) -> float:
         """The accountant's epsilon of the whole planned run, computed from public numbers
         before any private data is read, so that an accounting failure cannot lose a
@@ -89,23 +92,32 @@ class RunRecord:
         )
         if self.noise_source is None:
             info = mechanism.noise.describe()
-            info.pop("seed")  # a round's own child seed; the report records the user's seed
+            info.pop("seed")  # a seed is a diagnostic (diagnostics.json), never publishable
             self.noise_source = {
                 "source": info.pop("seed_source"),
-                "seed": self.noise.seed,
                 **info,
-                "round_seeds": "numpy SeedSequence(seed).spawn(T + 1): child t for round t's "
-                "noise, child T for Poisson sampling"
+                "round_seeds": "numpy SeedSequence(the user's seed).spawn(T + 1): child t for "
+                "round t's noise, child T for Poisson sampling (the seed is in diagnostics.json, "
+                "not here: anyone who knows it can regenerate the noise)"
                 if self.noise.seed is not None
                 else None,
                 "snapped": mechanism.snap,
             }
 
-    def finish_round(self, alpha: float, val_loss: float | None, seconds: dict) -> None:
-        """Record the step taken with the pending release, and the round's timings."""
+    def finish_round(
+        self, alpha: float, val_loss: float | None, releases: int, seconds: dict, invalid: int
+    ) -> None:
+        """Record the step taken with the pending release, and the round's diagnostics: its
+        timings and how many of its private records were invalid (for the curator only)."""
+        self.diagnostics.invalid_records.append(invalid)
         entry = self.pending.pop()
         self.records.append(
-            RoundRecord(**entry, step_length=float(alpha), public_validation_loss=val_loss)
+            RoundRecord(
+                **entry,
+                step_length=float(alpha),
+                public_validation_loss=val_loss,
+                releases_in_step=int(releases),
+            )
         )
         self.diagnostics.round_seconds.append(seconds)
         for phase, value in seconds.items():
@@ -127,11 +139,18 @@ class RunRecord:
             releases=list(self.releases),
         )
 
+    def _unapplied(self, records: list[RoundRecord]) -> int:
+        """Releases no step has applied yet: those carried out of the last round whose step
+        was 0 (each earlier zero-step release went into a later step), and pending ones."""
+        finished = self.records
+        carried = finished[-1].releases_in_step if finished and finished[-1].step_length == 0 else 0
+        return carried + len(records) - len(finished)
+
     def _noise_description(self) -> dict:
         """Where the normals came from (the first round's source; every round uses the same
         kind). The test-only exact-mean path says NOT PRIVATE."""
         if not self.noise.enabled:
-            return {"source": "DISABLED (test-only path): NOT PRIVATE", "seed": self.noise.seed}
+            return {"source": "DISABLED (test-only path): NOT PRIVATE"}
         return dict(self.noise_source)
 
     def _report(
@@ -157,6 +176,11 @@ class RunRecord:
                 f"pure {self.spent(len(records)):.6g}-DP for {budget.adjacency.value} neighbours: "
                 "exponential mechanism restricted to {w : ||w||_A <= R} (McSherry & Talwar "
                 "2007), basic composition; the number of rejections is a timing side channel"
+            )
+        if self.noise.seed is not None and self.noise.enabled:
+            guarantee += (
+                "; REPRODUCIBLE RUN: the noise was drawn from a user seed, so the release is NOT "
+                "private against anyone who knows the seed"
             )
         if not done:
             guarantee = f"PARTIAL RUN ({len(records)} round(s) released): " + guarantee
@@ -187,6 +211,7 @@ class RunRecord:
             rounds=records,
             step_lengths=steps,
             zero_step_rounds=sum(1 for s in steps[: len(self.records)] if s == 0.0),
+            unapplied_releases=self._unapplied(records),
             noise=self._noise_description(),
             invalid_records=self.invalid.value,
             momentum=self.momentum,

@@ -13,7 +13,13 @@ from qem.report import Diagnostics, PrivacyReport
 
 
 class ZeroStepWarning(UserWarning):
-    """A round's release did not lower the public validation loss and was not applied."""
+    """Rounds whose release did not lower the public validation loss were not applied (one
+    warning per run, naming them)."""
+
+
+class InvalidRecordsWarning(UserWarning):
+    """Private records whose gradient could not be computed contributed zero (one warning per
+    run, with their count: for the person running qem, never in the privacy report)."""
 
 
 @dataclass

@@ -36,7 +36,8 @@ def log_round(record: RoundRecord, total: int, seconds: dict[str, float]) -> Non
     )
 
 
-def zero_step_message(round_number: int, validation_source: dict) -> str:
+def zero_step_message(rounds: list[int], total: int, validation_source: dict) -> str:
+    """The one warning of a run whose releases in ``rounds`` (1-based) were not applied."""
     causes = [
         "the budget is too small for the number of private records (the release is mostly "
         "noise: try a larger epsilon, fewer rounds, or a schedule with fewer, larger rounds)",
@@ -49,8 +50,23 @@ def zero_step_message(round_number: int, validation_source: dict) -> str:
             "on, where theta0 is already near the minimum: pass validation_data resembling the "
             "private data"
         )
+    which = ", ".join(map(str, rounds[:10])) + (", ..." if len(rounds) > 10 else "")
     return (
-        f"round {round_number}: the release did not lower the public validation loss, so its "
-        "step length is 0 and the model is unchanged by it (its budget is spent all the same). "
-        "Likely causes: " + "; ".join(causes) + "."
+        f"{len(rounds)} of {total} round(s) (round {which}): the release did not lower the "
+        "public validation loss, so its step length is 0 and the model is unchanged by it (its "
+        "budget is spent all the same). Likely causes: " + "; ".join(causes) + "."
+    )
+
+
+def invalid_records_message(per_round: list[int]) -> str:
+    """The one warning of a run some of whose private records were invalid (for the curator:
+    the count is private and goes nowhere near the privacy report)."""
+    rounds = sum(1 for count in per_round if count)
+    return (
+        f"{sum(per_round)} private record reads in {rounds} of {len(per_round)} round(s) were "
+        "invalid (a label outside the model's outputs, a wrong label dtype, or a loss or "
+        "gradient that is not finite) and contributed zero (invalid_records='zero'); a record "
+        "read by several rounds counts once per round. This count is for you, who hold the "
+        "data (diagnostics.json), not for publication. List them with qem.check_data(...) or "
+        "`qem check` and fix the data pipeline."
     )

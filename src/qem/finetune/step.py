@@ -1,7 +1,15 @@
-"""Step 4 of a round, post-processing of the release with public data (docs/theory.md §9):
-theta <- theta + alpha d_t, d_t = P_t w_t (+ m alpha_{t-1} d_{t-1} with momentum m), alpha from
-a line search on the public validation data, warm-started at the previous positive step, or
-alpha = 1 without one."""
+"""Step 5 of a round, post-processing of the releases with public data (docs/theory.md §9):
+theta <- theta + alpha d_t with
+
+    d_t = P_t w_t  +  m alpha_{t-1} d_{t-1}  +  c_t ,
+
+momentum m, and c_t the releases not applied so far (the sum of the directions of the rounds
+since the last step taken, §9b): a release whose step was not taken is still a public vector,
+and the next round's search runs along it plus its own. alpha comes from a line search on the
+public validation data (warm-started at the previous positive step) and is kept only when the
+validation loss falls by more than ``accept_z`` paired standard errors; without validation data
+alpha = 1. Every input of the rule is public or a release, so the rule costs no privacy.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +22,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from qem.linesearch import line_search_step
-from qem.subspace.base import LossFn, Subspace, add_to_parameters
+from qem.losses import LossFn
+from qem.subspace.base import Subspace, add_to_parameters
+
+Direction = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -24,22 +35,44 @@ class Stepper:
     loss_fn: LossFn
     validation: Dataset | None
     momentum: float
-    previous_step: float = 1.0
-    velocity: dict[str, torch.Tensor] | None = None
+    accept_z: float | None = 1.0
+    previous_step: float | None = None
+    velocity: Direction | None = None
+    carried: Direction | None = None
+    carried_releases: int = 0
 
     def step(self, model: nn.Module, basis: Subspace, w: np.ndarray) -> np.ndarray:
         """Apply the step to ``model``; return [alpha, public validation loss (NaN without a
-        search)]."""
+        search), releases in the step tried (1 + those carried)]."""
         step = basis.direction(model, torch.as_tensor(w, dtype=torch.float64))
+        step = _plus(step, self.carried)
         if self.momentum and self.velocity is not None:
-            step = {n: d + self.momentum * self.velocity.get(n, 0.0) for n, d in step.items()}
-        if self.validation is not None:
-            alpha, val_loss, _ = line_search_step(
-                model, self.loss_fn, step, self.validation, start=self.previous_step
-            )
-        else:
+            step = _plus(step, {n: self.momentum * v for n, v in self.velocity.items()})
+        releases = 1 + self.carried_releases
+        if self.validation is None:
             alpha, val_loss = 1.0, math.nan
+        else:
+            search = line_search_step(
+                model, self.loss_fn, step, self.validation,
+                start=self.previous_step or 1.0, warm=self.previous_step is not None,
+            )  # fmt: skip
+            accepted = self.accept_z is None or search.significant(self.accept_z)
+            alpha = search.alpha if accepted else 0.0
+            val_loss = search.loss if accepted else float(search.losses_at_zero.mean())
         add_to_parameters(model, step, alpha)
         self.velocity = {name: alpha * d for name, d in step.items()}
-        self.previous_step = alpha if alpha > 0 else self.previous_step
-        return np.array([alpha, val_loss])
+        if alpha > 0:
+            self.previous_step, self.carried, self.carried_releases = alpha, None, 0
+        else:  # nothing applied: the releases in ``step`` are carried into the next round's
+            self.carried = {n: d for n, d in step.items()}
+            self.carried_releases = releases
+        return np.array([alpha, val_loss, releases])
+
+
+def _plus(a: Direction, b: Direction | None) -> Direction:
+    """a + b, parameter by parameter (b may name a subset of a's parameters, or be None)."""
+    if b is None:
+        return a
+    return {name: value + b[name] if name in b else value for name, value in a.items()} | {
+        name: value for name, value in b.items() if name not in a
+    }

@@ -22,8 +22,7 @@ import math
 
 from dp_accounting import dp_event, mechanism_calibration
 
-from qem.checks import check_delta, check_epsilon, check_positive
-from qem.errors import InvalidParameterError
+from qem.checks import check_delta, check_epsilon, check_in_interval
 from qem.privacy.gdp import calibrate_gdp_mu
 from qem.privacy.pld import PLD_DISCRETIZATION, neighboring_relation, pld_accountant
 from qem.privacy.sensitivity import Adjacency
@@ -80,9 +79,7 @@ def calibrate_noise_multiplier(
     """
     epsilon, delta = check_epsilon(epsilon), check_delta(delta)
     adjacency = Adjacency(adjacency)
-    check_positive("sampling rate q", sample_rate)
-    if sample_rate > 1.0:
-        raise InvalidParameterError(f"the sampling rate q must lie in (0, 1], got {sample_rate!r}.")
+    check_in_interval("the sampling rate q", sample_rate, 0.0, 1.0, closed="high")
     mu = calibrate_gdp_mu(epsilon, delta) / adjacency.multiplier
     guess = 1.0 / math.sqrt(math.log1p(mu * mu / (sample_rate * sample_rate * steps)))
 

@@ -20,17 +20,14 @@ from collections.abc import Iterable
 import numpy as np
 from scipy import special
 
-from qem.checks import check_delta, check_epsilon
+from qem.checks import check_delta, check_epsilon, check_positive
 from qem.errors import InvalidParameterError, PrivacyWarning
 
 _SQRT_HALF = math.sqrt(0.5)
 
 
 def _check_mu(mu: float) -> float:
-    mu = float(mu)
-    if not math.isfinite(mu) or mu <= 0:
-        raise InvalidParameterError(f"mu must be a finite number > 0, got {mu!r}.")
-    return mu
+    return check_positive("mu", mu)
 
 
 def warn_large_delta(delta: float, N: float) -> None:

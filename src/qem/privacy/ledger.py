@@ -180,17 +180,23 @@ def dp_event_from_json(data: dict) -> dp_event.DpEvent:
     if not isinstance(data, dict) or data.get("class_name") not in _EVENT_CLASSES:
         raise InvalidParameterError(f"not a serialised dp-accounting event: {data!r}")
     fields = {k: decode(v) for k, v in data.items() if k != "class_name"}
-    return _EVENT_CLASSES[data["class_name"]](**fields)
+    try:
+        return _EVENT_CLASSES[data["class_name"]](**fields)
+    except TypeError as error:  # a known class with missing or unknown fields
+        raise InvalidParameterError(
+            f"a serialised {data['class_name']} has the wrong fields {sorted(fields)}: {error}"
+        ) from None
 
 
 def total_spent(reports: list[dict], delta: float) -> dict:
     """The budget a list of releases spent together (e.g. every point of a tuning grid, each a
     release on the same private data): their DpEvents (``accountant.dp_event`` of each report)
     composed by dp-accounting's PLD accountant under their common relation. Releases under
-    different relations are composed by summing their epsilons (basic composition, a valid
-    but loose bound); a release without an event (not private) makes the total None; one that
-    reads no private data costs nothing."""
-    events, relations, epsilons = [], set(), []
+    different relations are composed by basic composition (a valid but loose bound): each
+    event's epsilon at delta / m under its own relation, summed, for a total delta of delta;
+    a release without an event (not private) makes the total None; one that reads no private
+    data costs nothing."""
+    events, relations, epsilons = [], [], []
     for report in reports:
         accountant = report.get("accountant") or {}
         if report.get("epsilon") == 0.0 and not accountant:
@@ -198,18 +204,27 @@ def total_spent(reports: list[dict], delta: float) -> dict:
         if "dp_event" not in accountant:
             return {"epsilon": None, "delta": delta, "method": "a release is not private"}
         events.append(dp_event_from_json(accountant["dp_event"]))
-        relations.add(accountant["neighboring_relation"])
+        relations.append(dp_accounting.NeighboringRelation[accountant["neighboring_relation"]])
         epsilons.append(float(accountant.get("epsilon", report.get("epsilon"))))
     if not events:
         return {"epsilon": 0.0, "delta": delta, "method": "no private data read"}
-    if len(relations) > 1:
+    delta = check_delta(delta)
+    if len(set(relations)) > 1:
+        share = delta / len(events)
+        parts = [
+            pld_accountant(relation, epsilon=min(stated, MAX_EPSILON))
+            .compose(event)
+            .get_epsilon(share)
+            for event, relation, stated in zip(events, relations, epsilons, strict=True)
+        ]
         return {
-            "epsilon": math.fsum(epsilons),
-            "delta": delta * len(epsilons),
-            "method": "basic composition (releases under different neighbouring relations)",
+            "epsilon": math.fsum(parts),
+            "delta": delta,
+            "method": "basic composition (releases under different neighbouring relations: "
+            "each at delta / m)",
         }
-    relation = dp_accounting.NeighboringRelation[relations.pop()]
+    relation = relations[0]
     accountant = pld_accountant(relation, epsilon=min(max(epsilons) * len(epsilons), MAX_EPSILON))
-    total = accountant.compose(dp_event.ComposedDpEvent(events)).get_epsilon(check_delta(delta))
+    total = accountant.compose(dp_event.ComposedDpEvent(events)).get_epsilon(delta)
     method = f"dp_accounting PLD, {relation.name}"
     return {"epsilon": float(total), "delta": delta, "method": method}

@@ -20,10 +20,9 @@ worst case over all datasets of at most n_max records is computable from public 
 from __future__ import annotations
 
 import math
-import numbers
 
-from qem.checks import check_epsilon, check_positive
-from qem.errors import InvalidParameterError, RejectionSamplingError
+from qem.checks import check_count, check_epsilon, check_in_interval, check_positive
+from qem.errors import RejectionSamplingError
 from qem.privacy.sensitivity import Sensitivity
 
 MIN_ACCEPTANCE = 1e-3
@@ -31,9 +30,7 @@ MIN_ACCEPTANCE = 1e-3
 
 
 def _check_dimension(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise InvalidParameterError(f"the subspace dimension k must be an integer >= 1, got {k!r}.")
-    return int(k)
+    return check_count("the subspace dimension k", k)
 
 
 def pure_beta(epsilon: float, radius: float, sensitivity: Sensitivity) -> float:
@@ -99,10 +96,7 @@ def choose_radius(
     shrinks like 1/R, so acceptance increases with R; a smaller R means a larger beta (less
     noise), hence the smallest R that is fast enough.
     """
-    if not 0.0 < target_acceptance < 1.0:
-        raise InvalidParameterError(
-            f"target_acceptance must lie in (0, 1), got {target_acceptance!r}."
-        )
+    check_in_interval("target_acceptance", target_acceptance, 0.0, 1.0)
 
     def gap(log_r: float) -> float:
         acc = acceptance_at_radius(epsilon, k, math.exp(log_r), N, lam, sensitivity, n_max)

@@ -10,15 +10,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from qem.curvature.base import eval_mode
+from qem.checks import check_in_interval
 from qem.data import DataLike, as_dataset, batches, take_rows
 from qem.errors import DataError, NonFiniteError
 from qem.labels import check_targets
-from qem.model_calls import call_model, on_model_device
+from qem.losses import LossFn
+from qem.model_calls import call_model, eval_mode, on_model_device
 from qem.privacy.sensitivity import ClipNorm
 from qem.progress import progress_bar
 from qem.statistics import projected_gradients, whitening
-from qem.subspace.base import LossFn, Subspace
+from qem.subspace.base import Subspace
 
 
 def public_gradient_batches(
@@ -72,8 +73,7 @@ def public_clip_norm(
 ) -> float:
     """A clipping bound chosen without private data: the ``quantile`` of the per-example
     subspace-gradient norms (dual or Euclidean, as clipping will use) on PUBLIC data."""
-    if not 0.0 < quantile <= 1.0:
-        raise DataError(f"clip quantile must lie in (0, 1], got {quantile!r}.")
+    check_in_interval("clip quantile", quantile, 0.0, 1.0, closed="high")
     whiten = whitening(cholesky, ClipNorm(clipping))
     batches_of_gradients = public_gradient_batches(
         model, loss_fn, subspace, public_data, batch_size=batch_size, progress=progress

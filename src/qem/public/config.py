@@ -25,7 +25,7 @@ class PublicSide:
     public estimate every ``curvature_every`` rounds (a curvature that ``reprojects`` projects
     its stored estimate into each new subspace without a data pass; any other is re-estimated
     whenever the subspace changes). The clip norm C: ``clip_norm``, or the ``clip_quantile`` of
-    public per-example gradient norms, recomputed with every new quadratic.
+    public per-example gradient norms, recomputed every ``curvature_every`` rounds too.
     ``public_sample_size`` limits the curvature and clip passes to that many public examples.
     """
 

@@ -8,7 +8,8 @@ not read private data. Round t gets
   (K-FAC) projects its stored estimate into every round's subspace without a data pass, any
   other is re-estimated when the subspace changes;
 * the clip norm C_t: given, or the public quantile of per-example gradient norms in the norm
-  clipping uses, recomputed with every new quadratic.
+  clipping uses, recomputed on the curvature's cadence (every ``curvature_every`` rounds; in
+  between the last public value is kept, valid whatever the subspace since it is public).
 
 Under a process group (qem.distributed) the subspace is rebuilt on every rank from its public
 seed, and rank 0 alone computes the quadratic and C, which are broadcast.
@@ -24,11 +25,12 @@ from torch.utils.data import Dataset
 from qem.curvature.base import Curvature
 from qem.curvature.factory import make_curvature
 from qem.distributed import LocalProcess
+from qem.losses import LossFn
 from qem.privacy.sensitivity import ClipNorm
 from qem.public.clip_norm import public_clip_norm
 from qem.public.config import PublicSide
 from qem.quadratic import PublicQuadratic
-from qem.subspace.base import LossFn, Subspace
+from qem.subspace.base import Subspace
 from qem.subspace.factory import make_subspace
 from qem.timing import PhaseTimer
 
@@ -90,9 +92,10 @@ class PublicSideState:
         due = t % self.config.curvature_every == 0
         reprojects = self.curvature.reprojects
         if self.quadratic is None or new_basis or due or reprojects:
-            refresh = self.quadratic is None or due or not reprojects
+            first = self.quadratic is None
+            refresh = first or due or not reprojects
             self.quadratic, self.clip_norm = group.quadratic_from_root(
-                (lambda: self._quadratic_and_clip_norm(model, refresh, timer))
+                (lambda: self._quadratic_and_clip_norm(model, refresh, first or due, timer))
                 if group.is_root
                 else None,
                 self.basis.k,
@@ -121,14 +124,18 @@ class PublicSideState:
         return True
 
     def _quadratic_and_clip_norm(
-        self, model: nn.Module, refresh: bool, timer: PhaseTimer
+        self, model: nn.Module, refresh: bool, clip: bool, timer: PhaseTimer
     ) -> tuple[PublicQuadratic, float]:
+        """The round's quadratic (a data pass when ``refresh``) and clip norm (a public pass
+        when ``clip``, else the last one: any public C is valid)."""
         quadratic = self.curvature.quadratic(
             model, self.loss_fn, self.basis, self.public, refresh=refresh
         )
         timer.lap("curvature")
         if self.config.clip_norm is not None:
             return quadratic, float(self.config.clip_norm)
+        if not clip:
+            return quadratic, self.clip_norm
         C = public_clip_norm(
             model,
             self.loss_fn,

@@ -7,14 +7,13 @@ N_t = q N is the public EXPECTED size, never the realised one; z is calibrated f
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import dp_accounting
 import numpy as np
 from dp_accounting import dp_event
 
-from qem.checks import check_count
+from qem.checks import check_count, check_in_interval
 from qem.errors import InvalidParameterError
 from qem.privacy.budget import Budget
 from qem.privacy.calibration import calibrate_noise_multiplier
@@ -45,11 +44,7 @@ class Poisson(Schedule):
                 "a Poisson schedule needs exactly one of sampling_rate (q) and expected_batch."
             )
         if sampling_rate is not None:
-            q = float(sampling_rate)
-            if not (math.isfinite(q) and 0.0 < q <= 1.0):
-                raise InvalidParameterError(
-                    f"the Poisson sampling rate q must lie in (0, 1], got {sampling_rate!r}."
-                )
+            q = check_in_interval("the Poisson sampling rate q", sampling_rate, 0, 1, closed="high")
         else:
             q = None
             check_count("expected_batch", expected_batch)

@@ -1,6 +1,6 @@
 """Public bases P of the fine-tuning subspace (one class per file)."""
 
-from qem.subspace.base import LossFn, Subspace, check_examples_independent
+from qem.subspace.base import Subspace
 from qem.subspace.dense import DenseGaussian
 from qem.subspace.factory import KINDS, make_subspace
 from qem.subspace.identity import Identity
@@ -14,11 +14,9 @@ __all__ = [
     "DenseGaussian",
     "Identity",
     "Kronecker",
-    "LossFn",
     "ParameterSubset",
     "Subspace",
     "biases",
-    "check_examples_independent",
     "last_layer",
     "make_subspace",
 ]

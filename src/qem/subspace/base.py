@@ -9,47 +9,18 @@ seed only, never of data.
 from __future__ import annotations
 
 import secrets
-import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.func import grad, vmap
 
-from qem.data import Inputs, batch_size_of, map_inputs, take_rows
+from qem.data import Inputs
 from qem.errors import InvalidParameterError, ShapeError, UnsupportedModelError
-from qem.model_calls import call_functional
+from qem.losses import LossFn
+from qem.model_calls import ModelCall, call_functional
 from qem.parameters import Layers, describe_layers, flatten, select_parameters, unflatten
-
-ModelCall = Callable[[dict[str, torch.Tensor], Inputs], torch.Tensor]
-"""outputs = call(theta, inputs): the model with the spanned parameters replaced by ``theta``."""
-
-_NOT_VMAPPABLE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-"""Models whose forward pass torch.func.vmap cannot batch (data-dependent control flow, such as
-Hugging Face's check whether an attention mask pads anything): their per-example gradients are
-computed one example at a time. Whether vmap fails depends on the code, not on the values."""
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""A loss returning one value per example: loss_fn(outputs (B, ...), targets (B, ...)) -> (B,)."""
-
-
-def check_examples_independent(model: nn.Module) -> None:
-    """Raise UnsupportedModelError if a module mixes examples of a batch.
-
-    Per-example gradients exist only when example i's loss depends on example i alone. A
-    BatchNorm that normalises with batch statistics (train mode, or no running statistics)
-    couples the examples; put it in eval mode or replace it (for example by GroupNorm).
-    """
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
-            module.training or module.running_mean is None
-        ):
-            raise UnsupportedModelError(
-                f"module {name!r} ({type(module).__name__}) normalises with batch statistics, "
-                "which mixes examples, so per-example gradients are undefined; call model.eval() "
-                "(with running statistics) or replace it by GroupNorm/LayerNorm."
-            )
+from qem.per_example import check_examples_independent, shared_machine_threads, vmapped_gradients
 
 
 class Subspace(ABC):
@@ -183,34 +154,17 @@ class Subspace(ABC):
     ) -> torch.Tensor:
         """g_i = P^T grad_theta loss(theta; z_i) for a batch, shape (B, k), float64.
 
-        Generic path: ``torch.func.vmap`` over ``grad`` of the one-example loss (the other
-        parameters and buffers are held fixed; dict inputs are mapped entry by entry),
-        flattened and projected. A model vmap cannot batch (data-dependent control flow) gets
-        ``grad`` one example at a time instead: the same numbers, B calls. Subclasses with a
-        cheaper structure (Kronecker) override this.
+        Generic path (qem.per_example.vmapped_gradients): ``torch.func.vmap`` over ``grad``
+        of the one-example loss, the other parameters and buffers held fixed, or ``grad`` one
+        example at a time for a model vmap cannot batch; flattened and projected, on the
+        threads other processes leave free (qem.per_example.shared_machine_threads).
+        Subclasses with a cheaper structure (Kronecker) override this.
         """
         check_examples_independent(model)
-        spanned, call = self.functional(model)
-
-        def one_loss(theta: dict[str, torch.Tensor], x: Inputs, y: torch.Tensor):
-            batch_of_one = map_inputs(lambda t: t.unsqueeze(0), x)
-            return loss_fn(call(theta, batch_of_one), y.unsqueeze(0)).sum()
-
-        one_grad = grad(one_loss)
-        if model not in _NOT_VMAPPABLE:
-            try:
-                grads = vmap(one_grad, in_dims=(None, 0, 0))(spanned, inputs, targets)
-                return self.project_parameter_dict(grads, batch_dims=1)
-            except RuntimeError as error:
-                if "data-dependent control flow" not in str(error):
-                    raise
-                _NOT_VMAPPABLE.add(model)
-        rows = [
-            one_grad(spanned, take_rows(inputs, i), targets[i])
-            for i in range(batch_size_of(inputs))
-        ]
-        grads = {name: torch.stack([row[name] for row in rows]) for name in spanned}
-        return self.project_parameter_dict(grads, batch_dims=1)
+        theta, call = self.functional(model)
+        with shared_machine_threads():
+            grads = vmapped_gradients(model, call, theta, loss_fn, inputs, targets)
+            return self.project_parameter_dict(grads, batch_dims=1)
 
 
 def add_to_parameters(

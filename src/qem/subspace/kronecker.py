@@ -1,31 +1,35 @@
-"""Per-layer Kronecker basis for nn.Linear and nn.Conv2d: the gradient G of [W | b] of each layer
-is projected as P_out^T G P_in, and per-example projections cost about one forward/backward."""
+"""Per-layer Kronecker basis over the layer types of the per-example engine (qem.per_example.layers:
+nn.Linear, nn.Conv2d): the gradient G of [W | b] of each layer is projected as P_out^T G P_in,
+and per-example projections cost about one forward/backward."""
 
 from __future__ import annotations
 
 import math
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import vmap
 
-from qem.data import Inputs, batch_size_of, input_entries, inputs_from_entries, signature_of
+from qem.data import Inputs, batch_size_of
 from qem.errors import InvalidParameterError, ShapeError, UnsupportedModelError
+from qem.losses import LossFn
 from qem.model_calls import call_model
 from qem.parameters import Layers, describe_layers, layer_list, select_modules
-from qem.subspace.base import LossFn, Subspace, check_examples_independent
+from qem.per_example import (
+    LayerCall,
+    LossesOf,
+    MixingCheck,
+    backpropagate,
+    check_examples_independent,
+    check_recording,
+    per_example_losses,
+    record_calls,
+    shared_machine_threads,
+)
+from qem.per_example.layers import check_layer, layer_type, supported_names
+from qem.subspace.base import Subspace
 from qem.subspace.dense import orthonormal_gaussian
-
-_SUPPORTED = (nn.Linear, nn.Conv2d)
-PROBE_SIZE = 32
-"""Examples in the synthetic batch that checks a model does not mix examples."""
-PROBE_SEED = 20_240_508
-"""Public seed of the synthetic probe batch (its inputs and loss weights)."""
 
 
 @dataclass
@@ -43,15 +47,25 @@ class KroneckerLayer:
     k_in: int = 0
     p_out: torch.Tensor | None = None
     p_in: torch.Tensor | None = None
+    _cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False
+    )
 
     @property
     def weight_cols(self) -> int:
         """Columns of G that come from the weight."""
         return self.in_dim - (self.bias is not None)
 
+    def factors_as(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P_in, P_out) in ``dtype``, converted once per dtype (the model's precision)."""
+        if dtype not in self._cast:
+            self._cast[dtype] = (self.p_in.to(dtype), self.p_out.to(dtype))
+        return self._cast[dtype]
+
 
 class Kronecker(Subspace):
-    """P = blockdiag_l (P_out,l (x) P_in,l) over the Linear and Conv2d layers, in module order.
+    """P = blockdiag_l (P_out,l (x) P_in,l) over the Linear and Conv2d layers (every layer type
+    qem.per_example.layers registers), in module order.
 
     For layer l with gradient matrix G_l = [grad W | grad b] (out x in_dim, conv weights
     flattened as out x (in*kh*kw)), the block of P^T g is vec_row(P_out^T G_l P_in) (k_out*k_in
@@ -65,14 +79,14 @@ class Kronecker(Subspace):
     plus the rounding error carried from the previous layers. The achieved total is ``self.k``
     (usually the requested k; ``describe()`` reports both).
 
-    Per-example gradients (``per_example_gradients``): forward hooks record each layer's input
-    a_i (Conv2d: unfolded, (in*kh*kw, L) with L output positions), tensor hooks the backprop
-    delta_i = d loss_i / d output_i (out, L), obtained from one backward pass of the SUM of the
-    per-example losses. This is exact only when examples do not interact: BatchNorm with batch
-    statistics is refused, and any other mixing (batch-mean centring, attention across the
-    batch) is refused by a data-independent check on a synthetic probe batch (see
-    ``_check_no_mixing``), run once per model configuration; the loss is applied to each
-    example as a batch of one (``per_example_losses``). Then P_out^T G_i P_in =
+    Per-example gradients (``per_example_gradients``, qem.per_example): forward hooks record
+    each layer's input a_i (Conv2d: unfolded, (in*kh*kw, L) with L output positions), and one
+    backward pass of the SUM of the per-example losses gives the backprops
+    delta_i = d loss_i / d output_i (out, L). This is exact only when examples do not interact:
+    BatchNorm with batch statistics is refused, and any other mixing (batch-mean centring,
+    attention across the batch) is refused by a data-independent check on a synthetic probe
+    batch (qem.per_example.MixingCheck), run once per model configuration; the loss is applied
+    to each example as a batch of one (``per_example_losses``). Then P_out^T G_i P_in =
     sum_L (P_out^T delta_i)(P_in^T a_i)^T: both sides are projected first, the d-dimensional
     gradient is never formed. Memory is that of the unfolded activations, O(B in_dim L) per
     Conv2d.
@@ -127,9 +141,7 @@ class Kronecker(Subspace):
             layer.p_out = orthonormal_gaussian(layer.out_dim, k_out, generator).to(self.device)
             layer.p_in = orthonormal_gaussian(layer.in_dim, k_in, generator).to(self.device)
         self.k = sum(a * b for a, b in shapes)
-        self._verified: weakref.WeakKeyDictionary[nn.Module, set[tuple]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._mixing = MixingCheck()
 
     def _matrices(self, x: torch.Tensor, layer: KroneckerLayer) -> torch.Tensor:
         """G_l (..., out, in_dim) from flat vectors x (..., d)."""
@@ -174,163 +186,63 @@ class Kronecker(Subspace):
     ) -> torch.Tensor:
         """g_i = P^T grad loss_i, (B, k) float64, from hooked activations and backprops, after
         checking (once per model configuration) that the model does not mix examples; the loss
-        cannot mix them either (``per_example_losses``)."""
+        cannot mix them either (``per_example_losses``); on the threads other processes leave
+        free (qem.per_example.shared_machine_threads)."""
         check_examples_independent(model)
-        self._check_no_mixing(model, inputs)
-        return self._hooked_gradients(
-            model, lambda outputs: per_example_losses(loss_fn, outputs, targets), inputs
-        )
+        dtype = next(iter(self.parameters_of(model).values())).dtype
+        with shared_machine_threads():
+            self._mixing(model, inputs, partial(self._hooked_gradients, model), dtype)
+            return self._hooked_gradients(
+                model, lambda outputs: per_example_losses(loss_fn, outputs, targets), inputs
+            )
 
     def _hooked_gradients(
-        self,
-        model: nn.Module,
-        losses_of: Callable[[torch.Tensor], torch.Tensor],
-        inputs: Inputs,
+        self, model: nn.Module, losses_of: LossesOf, inputs: Inputs
     ) -> torch.Tensor:
         """(B, k) float64: per layer, sum over calls and positions of (P_out^T delta_i)
-        (P_in^T a_i)^T, with a_i recorded by forward hooks and delta_i by tensor hooks during one
-        backward pass of sum_i losses_of(model(inputs))_i."""
-        modules = dict(model.named_modules())
-        params = dict(model.named_parameters())
-        calls: dict[str, list[list[torch.Tensor | None]]] = {m.module: [] for m in self.layers}
-
-        def record(name: str):
-            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                entry: list[torch.Tensor | None] = [args[0].detach(), None]
-                calls[name].append(entry)
-                if output.requires_grad:
-                    output.register_hook(lambda grad: entry.__setitem__(1, grad.detach()))
-
-            return hook
-
+        (P_in^T a_i)^T, with a_i and delta_i recorded (qem.per_example.capture) during one
+        forward and one backward pass of sum_i losses_of(model(inputs))_i."""
         batch = batch_size_of(inputs)
-        handles = [modules[m.module].register_forward_hook(record(m.module)) for m in self.layers]
-        try:
+        with record_calls(model, [m.module for m in self.layers]) as recording:
             with torch.enable_grad():
                 losses = losses_of(call_model(model, inputs))
-                if losses.shape != (batch,):
-                    raise ShapeError(
-                        f"the loss returned shape {tuple(losses.shape)} for a batch of "
-                        f"{batch}; qem needs one loss per example."
-                    )
-                weights = [params[m.weight] for m in self.layers]
-                torch.autograd.grad(losses.sum(), weights, allow_unused=True)
-        finally:
-            for handle in handles:
-                handle.remove()
-        blocks = []
+            if losses.shape != (batch,):
+                raise ShapeError(
+                    f"the loss returned shape {tuple(losses.shape)} for a batch of {batch}; "
+                    "qem needs one loss per example."
+                )
+        check_recording(recording, batch, "restrict with layers= or use 'srht' or 'dense'.")
+        backpropagate(losses.sum(), recording)
+        modules = dict(model.named_modules())
+        grads = torch.zeros(batch, self.k, dtype=torch.float64, device=self.device)
+        start = 0
         for layer in self.layers:
-            if not calls[layer.module]:
-                raise UnsupportedModelError(
-                    f"layer {layer.module!r} was not called through its forward() (its parent "
-                    "may use its weights directly); restrict with layers= or use 'srht'."
-                )
-            module = modules[layer.module]
-            blocks.append(self._layer_projection(module, layer, calls[layer.module], batch))
-        return torch.cat(blocks, dim=-1)
+            size = layer.k_out * layer.k_in
+            block = grads[:, start : start + size].view(batch, layer.k_out, layer.k_in)
+            self._add_layer_projection(modules[layer.module], layer, recording[layer.module], block)
+            start += size
+        return grads
 
-    def _check_no_mixing(self, model: nn.Module, inputs: Inputs) -> None:
-        """Raise UnsupportedModelError if example i's hooked gradient depends on example j.
-
-        The hooked path differentiates the SUM of the batch's losses, so a layer that mixes
-        examples (batch-mean centring, a batch normaliser, attention across the batch) makes
-        "g_i" carry the other examples' data and voids the sensitivity bound. The check runs
-        on a synthetic probe, never on the batch's values, so whether it raises does not
-        depend on the data (only on the model and the form of the inputs: each entry's trailing
-        shape, dtype and device): ``min(B, PROBE_SIZE)`` inputs drawn from a public seed
-        (``_probe_entries``: standard normal, 0/1 for integer inputs, attention masks 0/1 with
-        the first position on) and the per-example loss <r_i, f(x_i)> with public random r_i.
-        A probe whose gradients are not finite verifies nothing and is refused. The
-        hooked gradients are computed twice, the second time with a public random half of the
-        examples given new inputs AND new r_i; the other half must not move beyond rounding
-        (sqrt of the dtype's epsilon, relative). A change of x_j catches mixing in the forward
-        pass and in the backward Jacobian, a change of r_j (standing for a change of the label
-        or of the loss value) catches mixing in the backward pass only. Both passes replay
-        the same random state, so dropout masks agree. Cost: two hooked passes over the probe
-        once per (model, modes of its submodules, input shape and dtype) per subspace.
-        """
-        size = min(batch_size_of(inputs), PROBE_SIZE)
-        if size < 2:  # a batch of one cannot mix
-            return
-        signature = (tuple(m.training for m in model.modules()), signature_of(inputs))
-        verified = self._verified.setdefault(model, set())
-        if signature in verified:
-            return
-        generator = torch.Generator(device="cpu").manual_seed(PROBE_SEED)
-        changed = torch.randperm(size, generator=generator)[: size // 2]
-        kept = torch.ones(size, dtype=torch.bool)
-        kept[changed] = False
-        form = dict(input_entries(inputs))
-        probe, other = (_probe_entries(form, size, generator) for _ in range(2))
-        perturbed = {key: t.clone() for key, t in probe.items()}
-        for key, t in perturbed.items():
-            t[changed] = other[key][changed]
-
-        def linear_loss(change: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-            def losses_of(outputs: torch.Tensor) -> torch.Tensor:
-                flat = outputs.reshape(size, -1)
-                weights = torch.Generator(device="cpu").manual_seed(PROBE_SEED + 1)
-                r, r_new = (torch.randn(flat.shape, generator=weights) for _ in range(2))
-                if change:
-                    r[changed] = r_new[changed]
-                return (flat * r.to(flat)).sum(dim=1)
-
-            return losses_of
-
-        results = []
-        for change, batch in ((False, probe), (True, perturbed)):
-            with _replayed_randomness():
-                synthetic = inputs_from_entries(
-                    {key: t.to(form[key].device) for key, t in batch.items()}
-                )
-                results.append(self._hooked_gradients(model, linear_loss(change), synthetic)[kept])
-        before, after = results
-        if not (torch.isfinite(before).all() and torch.isfinite(after).all()):
-            raise UnsupportedModelError(
-                "the synthetic probe batch that checks the model does not mix examples gave "
-                "non-finite gradients, so the check cannot pass. Use 'srht' or 'dense', whose "
-                "torch.func path runs each example as a batch of one."
-            )
-        scale = float(before.abs().max())
-        moved = float((after - before).abs().max())
-        dtype = next(iter(self.parameters_of(model).values())).dtype
-        if moved > math.sqrt(torch.finfo(dtype).eps) * scale:
-            raise UnsupportedModelError(
-                "the model mixes examples within a batch: changing half the examples of a "
-                f"synthetic probe batch moved the others' projected gradients by {moved:.3g} "
-                f"(largest entry {scale:.3g}). The Kronecker shortcut takes per-example "
-                "gradients from one backward pass of the summed loss, which is exact only when "
-                "example i's loss depends on example i alone (batch-mean centring, batch "
-                "normalisers and attention across the batch break this). Remove that layer, or "
-                "use 'srht' or 'dense', whose torch.func path runs each example as a batch of one."
-            )
-        verified.add(signature)
-
-    def _layer_projection(
-        self,
-        module: nn.Module,
-        layer: KroneckerLayer,
-        calls: list[list[torch.Tensor | None]],
-        batch: int,
-    ) -> torch.Tensor:
-        """sum over calls and positions of (P_out^T delta)(P_in^T a)^T, flattened: (B, k_l)."""
-        total = torch.zeros(batch, layer.k_out, layer.k_in, dtype=torch.float64, device=self.device)
-        for activation, backprop in calls:
-            if activation.shape[0] != batch:
-                raise UnsupportedModelError(
-                    f"layer {layer.module!r} received a tensor of shape "
-                    f"{tuple(activation.shape)} whose first dimension is not the batch ({batch}); "
-                    "Kronecker needs layers applied per example. Use 'srht' or 'dense'."
-                )
-            if backprop is None:  # this call's output did not reach the loss
+    def _add_layer_projection(
+        self, module: nn.Module, layer: KroneckerLayer, calls: list[LayerCall], block: torch.Tensor
+    ) -> None:
+        """block (B, k_out, k_in), float64 += sum over calls and positions of
+        (P_out^T delta)(P_in^T [a; 1])^T."""
+        rule = layer_type(module)
+        for call in calls:
+            if call.backprop is None:  # this call's output did not reach the loss
                 continue
             # Projected in the model's precision (the per-example gradients themselves are no
             # more precise); clipping and sums downstream are float64.
-            activation = activation.to(device=self.device)
-            backprop = backprop.to(device=self.device, dtype=activation.dtype)
-            p_delta, p_a = _projected_call(module, layer, activation, backprop)
-            total += (p_delta.transpose(1, 2) @ p_a).to(torch.float64)  # (B, k_out, k_in)
-        return total.flatten(1)
+            activation = call.activation.to(device=self.device)
+            backprop = call.backprop.to(device=self.device, dtype=activation.dtype)
+            p_in, p_out = layer.factors_as(activation.dtype)
+            cols = layer.weight_cols
+            p_a = rule.projected_inputs(module, activation, p_in[:cols])
+            p_delta = rule.projected_backprops(module, backprop, p_out)
+            if layer.bias is not None:
+                p_a = p_a + p_in[cols]
+            block += p_delta.transpose(1, 2) @ p_a  # (B, k_out, k_in), summed in float64
 
     def describe(self) -> dict:
         """The base description plus the requested k and each layer's factor shapes."""
@@ -350,140 +262,28 @@ class Kronecker(Subspace):
         }
 
 
-def _projected_call(
-    module: nn.Module, layer: KroneckerLayer, activation: torch.Tensor, backprop: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """P_out^T delta (B, L, k_out) and P_in^T [a; 1] (B, L, k_in) per position of one layer
-    call, so that the example's projected gradient is their product summed over the L positions.
-
-    Conv2d: a = unfold(input) (B, in*kh*kw, L), delta = d loss / d output as (B, out, L).
-    Linear on (B, ..., in): the middle dimensions are the positions.
-    """
-    batch, cols = activation.shape[0], layer.weight_cols
-    p_in, p_out = layer.p_in.to(activation.dtype), layer.p_out.to(activation.dtype)
-    p_weight = p_in[:cols]
-    if isinstance(module, nn.Conv2d):
-        a = conv_patches(module, activation)
-        delta = backprop.reshape(batch, layer.out_dim, -1)
-        p_a = (p_weight.T @ a).transpose(1, 2)
-        p_delta = (p_out.T @ delta).transpose(1, 2)
-    else:
-        if activation.dim() < 2:
-            raise UnsupportedModelError(
-                f"Linear input of shape {tuple(activation.shape)}: Kronecker needs a batch "
-                "dimension."
-            )
-        p_a = activation.reshape(batch, -1, cols) @ p_weight
-        p_delta = backprop.reshape(batch, -1, layer.out_dim) @ p_out
-    if layer.bias is not None:
-        p_a = p_a + p_in[cols]
-    return p_delta, p_a
-
-
-def per_example_losses(
-    loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor | None
-) -> torch.Tensor:
-    """(B,) losses, ``loss_fn`` applied to each example as a batch of one (torch.func.vmap, as
-    the generic path does), so that a loss mixing the examples of a batch (a batch mean
-    subtracted, weights normalised over the batch) cannot carry one example into another's
-    gradient."""
-
-    def one(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-        value = loss_fn(output.unsqueeze(0), None if target is None else target.unsqueeze(0))
-        if value.shape != (1,):
-            raise ShapeError(
-                f"the loss returned shape {tuple(value.shape)} for a batch of 1; qem needs one "
-                "loss per example."
-            )
-        return value[0]
-
-    return vmap(one, in_dims=(0, None if targets is None else 0))(outputs, targets)
-
-
-def conv_patches(module: nn.Conv2d, activation: torch.Tensor) -> torch.Tensor:
-    """The unfolded patches of a Conv2d's (padded) input, (B, in*kh*kw, L) with L output
-    positions, so that the output at position t is W_flat a[:, :, t] (+ b)."""
-    if activation.dim() != 4:
-        raise UnsupportedModelError(
-            f"Conv2d input of shape {tuple(activation.shape)}: Kronecker needs batched "
-            "(B, C, H, W) inputs."
-        )
-    padded = F.pad(
-        activation,
-        _conv_padding(module),
-        mode="constant" if module.padding_mode == "zeros" else module.padding_mode,
-    )
-    return F.unfold(padded, module.kernel_size, dilation=module.dilation, stride=module.stride)
-
-
-def _probe_entries(
-    form: dict[str, torch.Tensor], size: int, generator: torch.Generator
-) -> dict[str, torch.Tensor]:
-    """Synthetic inputs of a public seed: ``size`` examples of each entry of ``form`` (key ->
-    tensor, qem.data.input_entries), same trailing shape and dtype, on the CPU. Floating
-    entries are standard normal; integer and bool entries 0/1 (valid indices for any embedding
-    with two or more rows: token ids, token types); an entry whose key contains "mask" is 0/1
-    in its dtype with each example's first position 1, so that an attention mask keeps at least
-    one position of every example."""
-    probe = {}
-    for key, tensor in form.items():
-        shape, dtype = (size, *tensor.shape[1:]), tensor.dtype
-        if "mask" in key:
-            values = torch.randint(0, 2, shape, generator=generator)
-            values.reshape(size, -1)[:, 0] = 1
-            probe[key] = values.to(dtype)
-        elif dtype.is_floating_point:
-            probe[key] = torch.randn(shape, generator=generator, dtype=dtype)
-        else:
-            probe[key] = torch.randint(0, 2, shape, generator=generator).to(dtype)
-    return probe
-
-
-@contextmanager
-def _replayed_randomness() -> Iterator[None]:
-    """Run the block from a fixed random state and restore the caller's state afterwards."""
-    with torch.random.fork_rng():
-        torch.manual_seed(PROBE_SEED)
-        yield
-
-
-def _conv_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) padding of a Conv2d, as F.pad takes it (torch's 'same' puts
-    the odd pixel on the right/bottom)."""
-    if module.padding == "valid":
-        return (0, 0, 0, 0)
-    if module.padding == "same":
-        pads = []
-        for dilation, size in zip(module.dilation, module.kernel_size, strict=True):
-            total = dilation * (size - 1)
-            pads.append((total // 2, total - total // 2))
-        (top, bottom), (left, right) = pads
-        return (left, right, top, bottom)
-    ph, pw = module.padding
-    return (pw, pw, ph, ph)
-
-
 def _chosen_layers(model: nn.Module, layers: Layers | None) -> list[str]:
-    """Names of the Linear/Conv2d modules to span, in module order: every one with a trainable
-    weight (``layers`` None), or those among and inside the modules ``layers`` chooses, frozen
-    ones skipped. A chosen module without a Linear/Conv2d in it, or a layer named explicitly
-    whose weight is frozen, is an error."""
+    """Names of the modules of a registered layer type (Linear, Conv2d) to span, in module
+    order: every one with a trainable weight (``layers`` None), or those among and inside the
+    modules ``layers`` chooses, frozen ones skipped. A chosen module without such a layer in
+    it, or a layer named explicitly whose weight is frozen, is an error."""
     modules = dict(model.named_modules())
     if layers is None:
         return [
-            n for n, m in modules.items() if isinstance(m, _SUPPORTED) and m.weight.requires_grad
+            n for n, m in modules.items() if layer_type(m) is not None and m.weight.requires_grad
         ]
     named = {spec for spec in layer_list(layers) if isinstance(spec, str)}
     chosen: set[str] = set()
     for name in select_modules(model, layers):
         module = modules[name]
-        inside = [n for n, m in module.named_modules(prefix=name) if isinstance(m, _SUPPORTED)]
+        inside = [n for n, m in module.named_modules(prefix=name) if layer_type(m) is not None]
         if not inside:
             raise UnsupportedModelError(
-                f"module {name!r} is a {type(module).__name__}; Kronecker spans only nn.Linear "
-                "and nn.Conv2d layers."
+                f"module {name!r} is a {type(module).__name__}; Kronecker spans only "
+                f"{supported_names()} layers."
             )
-        if name in named and isinstance(module, _SUPPORTED) and not module.weight.requires_grad:
+        is_layer = layer_type(module) is not None
+        if name in named and is_layer and not module.weight.requires_grad:
             raise UnsupportedModelError(f"the weight of {name!r} is frozen; nothing to span.")
         chosen.update(n for n in inside if modules[n].weight.requires_grad)
     return [n for n in modules if n in chosen]
@@ -497,11 +297,7 @@ def _find_layers(model: nn.Module, layers: Layers | None) -> list[KroneckerLayer
     spanned, seen = [], set()
     for name in _chosen_layers(model, layers):
         module = modules[name]
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            raise UnsupportedModelError(
-                f"Conv2d {name!r} has groups={module.groups}; Kronecker supports groups=1 only. "
-                "Use 'srht' or 'dense', or exclude it with layers=."
-            )
+        check_layer(name, module)
         bias = module.bias if module.bias is not None and module.bias.requires_grad else None
         tensors = [module.weight] if bias is None else [module.weight, bias]
         if any(id(t) in seen for t in tensors):
@@ -535,13 +331,13 @@ def _find_layers(model: nn.Module, layers: Layers | None) -> list[KroneckerLayer
         ]
         if others:
             raise UnsupportedModelError(
-                f"Kronecker spans only nn.Linear and nn.Conv2d weights and biases, but the "
+                f"Kronecker spans only {supported_names()} weights and biases, but the "
                 f"trainable parameters {others} belong to other modules. Freeze them "
                 "(requires_grad=False), pass layers=[...] to span chosen layers only, or use "
                 "'srht' or 'dense'."
             )
     if not spanned:
-        raise UnsupportedModelError("the model has no trainable nn.Linear or nn.Conv2d layer.")
+        raise UnsupportedModelError(f"the model has no trainable {supported_names()} layer.")
     return spanned
 
 
