@@ -26,13 +26,13 @@ from qem.experiments import registry as registry_module
 from qem.experiments import report as report_module
 from qem.experiments import runner as runner_module
 from qem.experiments.config import load_config, parse_config
-from qem.experiments.records import write_json_atomic
 from qem.experiments.registry import Registry, accepted_hyperparameters, default_registry
 from qem.experiments.releases import CellFailedError
 from qem.experiments.report import write_report
 from qem.experiments.runner import run_experiment
 from qem.finetune import FineTuneResult, fine_tune
-from qem.io import read_run as load_saved_run
+from qem.io import read_run
+from qem.jsonfiles import write_json_atomic
 from qem.privacy.accounting import ADD_OR_REMOVE, gdp_dp_event
 from qem.privacy.gdp import calibrate_gdp_mu, gdp_epsilon
 from qem.privacy.ledger import accountant_block
@@ -516,7 +516,7 @@ def test_releases_reach_disk_before_scoring_and_a_failed_cell_names_them(tmp_pat
     targets = [torch.zeros(CLASSES, FEATURES, dtype=torch.float64), fakes.scenario.true_weight]
     seconds = []
     for index, target in enumerate(targets):
-        saved = load_saved_run(partial / f"point{index}")  # the released model and report
+        saved = read_run(partial / f"point{index}")  # the released model and report
         assert torch.equal(saved.state_dict["weight"], target)
         assert saved.report["noise"] == fakes.calls[index]["noise"]
         record = json.loads((partial / f"point{index}.json").read_text())

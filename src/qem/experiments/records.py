@@ -1,30 +1,12 @@
-"""Cell records on disk: strict JSON written atomically, read back, and values made JSON-able."""
+"""Cell records made JSON-able (written and read by qem.jsonfiles, the one strict-JSON writer)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-from qem.io import write_atomically
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as strict JSON (no NaN) to ``path`` with :func:`qem.io.write_atomically`:
-    readers see the old file or the whole new one; serialised first, so an object JSON cannot
-    hold leaves nothing behind."""
-    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
-    write_atomically(path, (text + "\n").encode())
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON record written by :func:`write_json_atomic`."""
-    return json.loads(path.read_text())
 
 
 def jsonable(value: Any) -> Any:

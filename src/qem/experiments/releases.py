@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from qem.errors import OutputExistsError
-from qem.experiments.records import jsonable, read_json, write_json_atomic
-from qem.io import load as load_saved_run
-from qem.io import save_run
+from qem.experiments.records import jsonable
+from qem.io import read_run, save_run
+from qem.jsonfiles import read_json, write_json_atomic
 
 if TYPE_CHECKING:
     from qem.experiments.cells import Cell
@@ -86,7 +86,7 @@ class SavedReleases:
                 f"{index} of {self.cell.key}; move it away, or delete it to recompute (which "
                 "spends that release's privacy budget again)."
             )
-        stored = load_saved_run(run)
+        stored = read_run(run)
         model = stored.into(copy.deepcopy(pretrained))
         self.points.append(index)
         return Release(model, stored.report, record["seconds"], noise_seed, stored.diagnostics)

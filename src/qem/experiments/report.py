@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, Any
 from qem.errors import DataError
 from qem.experiments.cells import plan_cells, plan_tuning_cells
 from qem.experiments.config import load_config
-from qem.experiments.records import write_json_atomic
 from qem.experiments.runner import CELLS_DIR, CONFIG_FILE, TUNING_DIR
 from qem.extras import import_extra
+from qem.jsonfiles import write_json_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from tqdm.auto import tqdm
 
 from qem.errors import OutputExistsError
 from qem.experiments.cells import (
@@ -47,9 +46,10 @@ from qem.experiments.cells import (
     tuning_cell_for,
 )
 from qem.experiments.config import ExperimentConfig, ScenarioSpec, load_config, parse_config
-from qem.experiments.records import read_json, write_json_atomic
 from qem.experiments.registry import Registry, check_registry, default_registry
+from qem.jsonfiles import read_json, write_json_atomic
 from qem.losses import LOSSES, LossFn
+from qem.progress import progress_bar
 
 CELLS_DIR = "cells"
 TUNING_DIR = "tuning"
@@ -101,7 +101,8 @@ def run_experiment(
     total = len(cells) + len(tuning_cells)
     done = len(tuning_cells) - len(pending_tuning)
     done += sum((cells_dir / f"{cell.key}.json").exists() for cell in cells)
-    with tqdm(total=total, initial=done, desc=config.name, disable=not progress) as bar:
+    bar = progress_bar(total=total, initial=done, desc=config.name, enabled=progress, leave=True)
+    with bar:
         for spec in config.scenarios:
             tuning_todo = [cell for cell in pending_tuning if cell.scenario is spec]
             if not tuning_todo and not pending(spec):
