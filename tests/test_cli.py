@@ -35,10 +35,12 @@ def test_preview_json_gives_the_exact_mu(capsys):
             "2048",
             "--gamma",
             "0.01",
+            "--rounds",
+            "1",
             "--json",
         ],
     )
-    assert round(out["mu"], 4) == 0.2681
+    assert round(out["mu"], 4) == 0.2681  # one sequential round: the whole budget's mu
     assert out["k"] == 2048 and out["N"] == 49000
     assert out["expected_excess_loss"] == pytest.approx(2048 / (2 * out["beta"] * 49000))
 

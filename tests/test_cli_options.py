@@ -51,7 +51,8 @@ def test_every_schedule_parameter_is_exposed():
 
 def test_choices_are_the_librarys_names():
     choices = {o.keyword: set(o.choices) for o in FINE_TUNE_OPTIONS if o.choices}
-    assert choices["subspace"] == set(KINDS) - {"subset"}  # subset needs parameter names
+    # subset needs parameter names; auto is resolved for the model (PublicSide.for_model)
+    assert choices["subspace"] == set(KINDS) - {"subset"} | {"auto"}
     assert choices["curvature"] == set(CURVATURES)
     assert choices["adjacency"] == {a.value for a in Adjacency}
     assert choices["clipping"] == {c.value for c in ClipNorm}
@@ -168,11 +169,18 @@ def test_an_unknown_name_lists_the_choices(capsys):
 def test_demo_offers_the_same_options_with_its_own_defaults():
     args = parse(["mnist", "--schedule", "partitioned", "--rounds", "4", "--epochs", "2"], "demo")
     kwargs = fine_tune_kwargs(args)
-    assert kwargs["epsilon"] == 1.0 and kwargs["subspace"] == "kronecker" and kwargs["k"] == 2048
+    assert kwargs["epsilon"] == 1.0 and kwargs["subspace"] == "kronecker" and kwargs["k"] is None
     assert kwargs["schedule"] == {"kind": "partitioned", "rounds": 4, "epochs": 2}
     assert kwargs["progress"] is True
     mimic = fine_tune_kwargs(parse(["mimic", "--secure-noise"], "demo"))
-    assert mimic["subspace"] == "auto" and mimic["secure_noise"] and mimic["rounds"] == 1
+    assert mimic["subspace"] == "auto" and mimic["secure_noise"] and mimic["rounds"] is None
+    default = fine_tune_kwargs(parse(["mnist"], "demo"))
+    assert {key: default.get(key) for key in ("k", "rounds", "curvature", "schedule")} == {
+        "k": None,
+        "rounds": None,
+        "curvature": None,
+        "schedule": None,
+    }  # the library's recipe: the schedule follows from n (qem.defaults.default_schedule)
 
 
 def test_the_recipe_table_is_fine_tunes_signature():

@@ -205,8 +205,9 @@ def test_allocation_rules_and_explicit_shapes():
         Kronecker(model, seed=0, shapes=[(1, 1)])
     with pytest.raises(InvalidParameterError, match="disagrees"):
         Kronecker(model, 5, seed=0, shapes=[(1, 1), (1, 1)])
-    with pytest.raises(InvalidParameterError, match="needs k"):
-        Kronecker(model, seed=0)
+    # no k, no shapes: every spanned entry, bias columns included, up to SUBSPACE_K
+    # (here 6 x (4 + 1) + 3 x (6 + 1) = 51 < 1024)
+    assert Kronecker(model, seed=0).k == 51
 
 
 class BatchCentre(nn.Module):

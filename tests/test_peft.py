@@ -11,14 +11,16 @@ import torch
 from torch import nn
 
 import qem
+from qem.defaults import SUBSPACE_K
 from qem.losses import cross_entropy
 
 peft = pytest.importorskip("peft")
 
 WIDTH, RANK, ALPHA, CLASSES = 32, 8, 16, 3
 TARGETS = ("fc1", "fc2")
-"""LoRA on two layers: 2 * (8 * 32 + 32 * 8) = 1024 adapter weights, more than the default
-subspace dimension (512), so that fine_tune's defaults apply unchanged."""
+"""LoRA on two layers: 2 * (8 * 32 + 32 * 8) = 1024 adapter weights, the default subspace
+dimension (qem.defaults.SUBSPACE_K), so that fine_tune's defaults (a Kronecker subspace over the
+adapters' Linear layers, K-FAC) apply unchanged and span every adapter weight."""
 
 
 class MLP(nn.Module):
@@ -111,7 +113,7 @@ def test_a_peft_lora_model_moves_only_its_adapters_and_matches_the_plain_model()
     assert moved == adapters and len(adapters) == 2 * len(TARGETS)
     # The same subspace, curvature, clip norm and noise on the same trainable coordinates: the
     # releases agree up to float64 rounding of the two graphs (they are the same arithmetic).
-    assert result.report.k == plain.report.k == 512
+    assert result.report.k == plain.report.k == SUBSPACE_K
     assert pytest.approx(plain.report.C, rel=1e-12) == result.report.C
     for w_lora, w_plain in zip(result.releases, plain.releases, strict=True):
         torch.testing.assert_close(

@@ -153,3 +153,32 @@ def test_the_preview_says_when_c_is_assumed(capsys):
     assert "C = 1 is assumed" in capsys.readouterr().out
     assert main(["preview", "--epsilon", "1", "--n", "1000", "--k", "10", "-C", "2"]) == 0
     assert "assumed" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("adjacency", ["replace_one", "add_remove"])
+def test_noise_dominated_rounds_is_where_the_round_noise_reaches_n_c(adjacency):
+    """At T* the noise norm of a sequential round, z C sqrt(k) (z = s sqrt(T) / mu), equals the
+    largest clipped sum n C; mu checked against the exact Gaussian-DP profile
+    delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) (docs/theory.md §2)."""
+    from scipy.stats import norm
+
+    from qem.preview import noise_dominated_rounds
+
+    epsilon, delta, n, k = 1.0, 1e-5, 300, 1024
+    limit = noise_dominated_rounds(epsilon, delta, adjacency, n, k)
+    z = sequential_round(epsilon, delta, "gdp", adjacency, n, rounds=1).noise_multiplier
+    assert z * np.sqrt(limit) * np.sqrt(k) == pytest.approx(n, rel=1e-12)
+    s = Adjacency(adjacency).multiplier
+    mu = s * np.sqrt(k * limit) / n  # T* = (n mu / (s sqrt k))^2 solved for mu
+    profile = norm.cdf(-epsilon / mu + mu / 2) - np.exp(epsilon) * norm.cdf(-epsilon / mu - mu / 2)
+    assert profile == pytest.approx(delta, rel=1e-6)
+
+
+def test_the_preview_prints_the_rounds_regime_and_the_default_schedule(capsys):
+    assert main(["preview", "--epsilon", "1", "--n", "300", "--k", "1024", "--json"]) == 0
+    fields = json.loads(capsys.readouterr().out)
+    assert fields["rounds"] == 1  # n <= 2048: the default is one sequential round
+    assert 1 < fields["noise_dominated_rounds"] < 2  # (300 mu / (2 * 32))^2 with mu ~ 0.27
+    assert main(["preview", "--epsilon", "8", "--n", "49000", "--k", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "poisson with 48 round(s) of 1024 expected records" in " ".join(out.split())

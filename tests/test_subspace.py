@@ -276,7 +276,9 @@ def test_factory():
     with pytest.raises(InvalidParameterError, match="fixed"):
         make_subspace("identity", model, k=10)
     with pytest.raises(InvalidParameterError, match="k=512 must lie between"):
-        make_subspace("srht", model)  # the default k exceeds this model's d = 66
+        make_subspace("srht", model, k=512)  # an explicit k beyond this model's d = 66
+    assert make_subspace("srht", model).k == 66  # the default: min(d, SUBSPACE_K = 1024)
+    assert make_subspace("dense", model, seed=0).k == 66
 
 
 def test_batchnorm_in_train_mode_is_refused_by_the_generic_path():

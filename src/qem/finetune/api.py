@@ -33,14 +33,14 @@ def fine_tune(
     epsilon: float,
     delta: float | None = 1e-5,
     schedule: Schedule | dict | None = None,
-    rounds: int = 1,
+    rounds: int | None = None,
     resample_subspace: bool | int | None = None,
     partition_rounds: bool = False,
-    subspace: str | Subspace = "srht",
+    subspace: str | Subspace = "auto",
     k: int | None = None,
     subspace_seed: int = 0,
     layers: Layers | None = None,
-    curvature: str | Curvature = "ggn",
+    curvature: str | Curvature | None = None,
     damping: float = 1e-2,
     curvature_every: int = 1,
     clip_norm: float | None = None,
@@ -90,17 +90,22 @@ def fine_tune(
         schedule: which records each round reads and how the budget is spent
             (qem.schedules.sequential / partitioned / poisson, or its JSON form
             {"kind": "poisson", "sampling_rate": q, "rounds": T}); without it ``rounds`` and
-            ``partition_rounds`` build a sequential or partitioned one.
+            ``partition_rounds`` build a sequential or partitioned one, and without those the
+            schedule follows from the number of private records (qem.defaults.default_schedule:
+            one round up to 2,048 records, else Poisson rounds of 1,024 expected records over
+            one expected epoch, at most 100).
         resample_subspace: a new public subspace every round (True), every R rounds (R), never
             (False), or None: every round when rounds read different records (partitioned,
             Poisson), never when they all read every record (sequential).
         subspace, k, subspace_seed, layers: the subspace P (a kind or a built Subspace; its
             dimension, public seed, and the modules it spans: names and nn.Module types;
-            'kronecker' spans their Linear/Conv2d layers). requires_grad=False parameters are
-            never changed.
+            'kronecker' spans their Linear/Conv2d layers; the default 'auto' is Kronecker when
+            that spans every trainable parameter, SRHT otherwise; k defaults to min(d, 1024)).
+            requires_grad=False parameters are never changed.
         curvature, damping, curvature_every: A = P^T H0 P + gamma I on public data (a kind or a
-            built Curvature), one estimate every R rounds (K-FAC projects its factors into each
-            round's subspace in between). PublicSide (qem.public.config).
+            built Curvature; default K-FAC in a Kronecker subspace, the exact GGN otherwise),
+            one estimate every R rounds (K-FAC projects its factors into each round's
+            subspace in between). PublicSide (qem.public.config).
         clip_norm, clip_quantile, clipping: C, given or the public quantile of per-example
             gradient norms; clipping in the dual norm ("dual") or the Euclidean one.
         public_sample_size: at most that many public examples in the curvature and clip passes.
@@ -162,14 +167,17 @@ def _resample_every(resample_subspace: bool | int | None) -> int | str | None:
 
 
 def _resolve_schedule(
-    schedule: Schedule | dict | None, rounds: int, partition_rounds: bool
-) -> Schedule:
-    """``schedule`` itself, or the one the shortcuts describe."""
+    schedule: Schedule | dict | None, rounds: int | None, partition_rounds: bool
+) -> Schedule | None:
+    """``schedule`` itself, the one the shortcuts describe, or None: the engine's default for
+    the number of private records (qem.defaults.default_schedule)."""
     if schedule is not None:
-        if rounds != 1 or partition_rounds:
+        if rounds is not None or partition_rounds:
             raise InvalidParameterError(
                 "give either schedule= or the shortcuts rounds=/partition_rounds=, not both."
             )
         return make_schedule(schedule)
-    rounds = check_count("rounds", rounds)
+    if rounds is None and not partition_rounds:
+        return None
+    rounds = check_count("rounds", 1 if rounds is None else rounds)
     return partitioned(rounds) if partition_rounds else sequential(rounds)

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from qem.data import DataLike
+from qem.defaults import default_schedule
 from qem.distributed import process_group
 from qem.errors import PrivacyWarning, SpentBudgetError
 from qem.finetune.config import Noise, Performance, PrivatePass, StepRule
@@ -53,7 +54,7 @@ from qem.privacy.ledger import PrivacyLedger
 from qem.progress import progress_bar
 from qem.public.config import PublicSide
 from qem.public.side import PublicSideState, RoundPublic
-from qem.schedules import Round, Schedule
+from qem.schedules import Round, Schedule, make_schedule
 from qem.seeds import SeedTree
 from qem.statistics import GradientStatistics, private_gradient_sum
 from qem.timing import PhaseTimer
@@ -66,7 +67,7 @@ def run_rounds(
     private_data: DataLike,
     *,
     budget: Budget,
-    schedule: Schedule,
+    schedule: Schedule | None = None,
     public: PublicSide | None = None,
     private: PrivatePass | None = None,
     noise: Noise | None = None,
@@ -74,7 +75,8 @@ def run_rounds(
     performance: Performance | None = None,
     on_release: Callable[[FineTuneResult], None] | None = None,
 ) -> FineTuneResult:
-    """Fine-tune ``model`` on ``private_data`` under ``budget`` by the rounds of ``schedule``,
+    """Fine-tune ``model`` on ``private_data`` under ``budget`` by the rounds of ``schedule``
+    (None: qem.defaults.default_schedule for the public dataset size N and the mode),
     from the configuration objects (qem.finetune.config; ``fine_tune`` is the keyword facade
     over this). Everything that can fail without reading private data fails here, first."""
     engine = RoundEngine(
@@ -95,7 +97,7 @@ class RoundEngine:
         public_data: DataLike,
         private_data: DataLike,
         budget: Budget,
-        schedule: Schedule,
+        schedule: Schedule | None,
         public: PublicSide,
         private: PrivatePass,
         noise: Noise,
@@ -104,6 +106,7 @@ class RoundEngine:
         on_release: Callable[[FineTuneResult], None] | None,
     ) -> None:
         check_finite_parameters(model)
+        public = public.for_model(model)  # subspace "auto": Kronecker where it spans the model
         if noise.seed is not None and noise.enabled:
             warnings.warn(
                 f"seed={noise.seed}: the noise (and Poisson sampling) is reproducible, so the "
@@ -112,12 +115,15 @@ class RoundEngine:
                 PrivacyWarning,
                 stacklevel=4,
             )
-        redraw_every = public.redraw_every(schedule.same_records_every_round)
         self.searches = step.searches(budget.mode)
         self.data = RunData.build(
             public_data, private_data, step.validation_data, searches=self.searches,
             line_search_size=step.line_search_size, public_sample_size=public.public_sample_size,
         )  # fmt: skip
+        if schedule is None:
+            public_size = budget.for_records(len(self.data.private)).N  # add/remove: declared N
+            schedule = make_schedule(default_schedule(public_size, budget.mode))
+        redraw_every = public.redraw_every(schedule.same_records_every_round)
         self.seeds = SeedTree(noise.seed, schedule.total_rounds)
         self.plan = schedule.plan(budget, len(self.data.private), seed=self.seeds.sampling)
         self.budget, self.private, self.noise, self.on_release = (

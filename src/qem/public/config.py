@@ -3,14 +3,17 @@ on which cadence (the configuration that qem.public.side carries out)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
+
+from torch import nn
 
 from qem.checks import check_count, check_positive
 from qem.curvature.base import Curvature
 from qem.errors import InvalidParameterError
 from qem.parameters import Layers
 from qem.subspace.base import Subspace
+from qem.subspace.kronecker import Kronecker, spans_every_trainable_parameter
 
 
 @dataclass(frozen=True)
@@ -18,9 +21,10 @@ class PublicSide:
     """What every round computes from public data and earlier releases, and on which cadence.
 
     The subspace: a kind (``make_subspace``) or a built ``Subspace``, its ``k``, public seed
-    and ``layers``; ``resample_every`` R draws a new one every R rounds (seed ``subspace_seed +
-    t // R``), None keeps one for the run, "auto" draws one per round when rounds read different
-    records (partitioned, Poisson) and keeps one when every round reads all of them. The
+    and ``layers``; "auto" (the default) is resolved for the model by :meth:`for_model`;
+    ``resample_every`` R draws a new one every R rounds (seed ``subspace_seed + t // R``), None
+    keeps one for the run, "auto" draws one per round when rounds read different records
+    (partitioned, Poisson) and keeps one when every round reads all of them. The
     curvature: a kind (``make_curvature``) or a built ``Curvature``, damped by gamma; one
     public estimate every ``curvature_every`` rounds (a curvature that ``reprojects`` projects
     its stored estimate into each new subspace without a data pass; any other is re-estimated
@@ -29,19 +33,33 @@ class PublicSide:
     ``public_sample_size`` limits the curvature and clip passes to that many public examples.
     """
 
-    subspace: str | Subspace = "srht"
+    subspace: str | Subspace = "auto"
     k: int | None = None
     subspace_seed: int = 0
     layers: Layers | None = None
     resample_every: int | Literal["auto"] | None = "auto"
-    curvature: str | Curvature = "ggn"
+    curvature: str | Curvature | None = None
     damping: float = 1e-2
     curvature_every: int = 1
     clip_norm: float | None = None
     clip_quantile: float = 0.9
     public_sample_size: int | None = None
 
+    def for_model(self, model: nn.Module) -> PublicSide:
+        """This configuration with subspace "auto" resolved for ``model``: Kronecker when it
+        spans every trainable parameter of ``layers`` (each in an untied nn.Linear or
+        nn.Conv2d), SRHT otherwise (an exported program's modules, embeddings, norms); then the
+        curvature follows (K-FAC in a Kronecker subspace, GGN otherwise). Public: it reads only
+        the model's structure."""
+        if self.subspace != "auto":
+            return self
+        kronecker = spans_every_trainable_parameter(model, self.layers)
+        return replace(self, subspace="kronecker" if kronecker else "srht")
+
     def __post_init__(self) -> None:
+        if self.curvature is None and self.subspace != "auto":
+            kronecker = self.subspace == "kronecker" or isinstance(self.subspace, Kronecker)
+            object.__setattr__(self, "curvature", "kfac" if kronecker else "ggn")
         check_positive("damping gamma", self.damping, "Typical values are 1e-3 to 1.")
         object.__setattr__(
             self, "curvature_every", check_count("curvature_every", self.curvature_every)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from qem.data import Inputs
+from qem.defaults import SUBSPACE_K
 from qem.errors import InvalidParameterError, ShapeError, UnsupportedModelError
 from qem.losses import LossFn
 from qem.model_calls import ModelCall, call_functional
@@ -39,7 +40,7 @@ class Subspace(ABC):
     def __init__(
         self,
         model: nn.Module,
-        k: int,
+        k: int | None,
         parameter_names: list[str] | None = None,
         seed: int | None = None,
         layers: Layers | None = None,
@@ -50,6 +51,8 @@ class Subspace(ABC):
         self.parameter_shapes: dict[str, torch.Size] = {n: p.shape for n, p in params.items()}
         self.d: int = sum(p.numel() for p in params.values())
         self.device: torch.device = next(iter(params.values())).device
+        if k is None:
+            k = min(self.d, SUBSPACE_K)
         if isinstance(k, bool) or int(k) != k:
             raise InvalidParameterError(f"subspace dimension k={k!r} must be an integer.")
         k = int(k)

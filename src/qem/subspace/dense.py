@@ -34,7 +34,7 @@ class DenseGaussian(Subspace):
     def __init__(
         self,
         model: nn.Module,
-        k: int,
+        k: int | None = None,
         seed: int | None = None,
         parameter_names: list[str] | None = None,
         *,

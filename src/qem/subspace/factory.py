@@ -28,8 +28,6 @@ _RANDOM: dict[str, Callable[..., Subspace]] = {
 }
 KINDS: tuple[str, ...] = (*_FIXED, *_RANDOM)
 FIXED_SIZE_KINDS: tuple[str, ...] = tuple(_FIXED)
-DEFAULT_K = 512
-"""Dimension of a random subspace when none is given."""
 
 
 def make_subspace(
@@ -43,10 +41,11 @@ def make_subspace(
     """The subspace ``kind`` over ``model``; ``options`` go to its constructor.
 
     identity, last_layer, biases, subset: P is a coordinate embedding, k is its size (a given k
-    must equal it) and the seed is not used. dense, srht, kronecker: k defaults to DEFAULT_K
-    (Kronecker also accepts shapes= instead) and P is drawn from ``seed``. ``layers`` (module
-    names and types, qem.parameters) restricts every kind to the chosen modules: Kronecker
-    spans their Linear/Conv2d layers, the others their trainable parameters.
+    must equal it) and the seed is not used. dense, srht, kronecker: k defaults to
+    min(d, qem.defaults.SUBSPACE_K) (Kronecker also accepts shapes= instead) and P is drawn
+    from ``seed``. ``layers`` (module names and types, qem.parameters) restricts every kind
+    to the chosen modules: Kronecker spans their Linear/Conv2d layers, the others their
+    trainable parameters.
     """
     if layers is not None:
         options["layers"] = layers
@@ -59,7 +58,5 @@ def make_subspace(
             )
         return subspace
     if kind in _RANDOM:
-        if k is None and not (kind == "kronecker" and "shapes" in options):
-            k = DEFAULT_K
         return _RANDOM[kind](model, k, seed, **options)
     raise InvalidParameterError(f"unknown subspace kind {kind!r}; choose one of {list(KINDS)}.")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from qem.data import Inputs, batch_size_of
+from qem.defaults import SUBSPACE_K
 from qem.errors import InvalidParameterError, ShapeError, UnsupportedModelError
 from qem.losses import LossFn
 from qem.model_calls import call_model
@@ -123,7 +124,7 @@ class Kronecker(Subspace):
                 )
             k = total
         elif k is None:
-            raise InvalidParameterError("Kronecker needs k (total dimension) or shapes=.")
+            k = min(sum(out_dim * in_dim for out_dim, in_dim in dims), SUBSPACE_K)
         names = [n for layer in self.layers for n in (layer.weight, layer.bias) if n]
         super().__init__(model, k, parameter_names=names, seed=seed)
         self.layer_selection = describe_layers(layers)
@@ -339,6 +340,16 @@ def _find_layers(model: nn.Module, layers: Layers | None) -> list[KroneckerLayer
     if not spanned:
         raise UnsupportedModelError(f"the model has no trainable {supported_names()} layer.")
     return spanned
+
+
+def spans_every_trainable_parameter(model: nn.Module, layers: Layers | None = None) -> bool:
+    """Whether a Kronecker subspace can span ``model`` (restricted to ``layers``): its trainable
+    parameters all sit, untied, in the layer types it supports."""
+    try:
+        _find_layers(model, layers)
+    except UnsupportedModelError:
+        return False
+    return True
 
 
 def _check_shapes(
