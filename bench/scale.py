@@ -11,7 +11,7 @@ pretrained: only costs are measured here. For each (layers, k) one ``qem.fine_tu
 
 Targets (issue 11): one round <= 3 x the plain epoch; peak memory <= 2 x (model + one batch of
 activations) + the k x k float64 matrices qem holds. Memory is resident memory (VmHWM, reset
-per run, :class:`qem.experiments.runner.PeakMemory`). What a run adds is its peak minus the
+per run, :class:`qem.experiments.memory.PeakMemory`). What a run adds is its peak minus the
 resident memory before it (``base``: interpreter, libraries, model and data already loaded);
 "qem MiB" = that increment + the model's bytes (qem's copy of it is inside the increment, the
 caller's is in ``base``). The reference: "model" = parameter and buffer bytes, "one batch of
@@ -46,7 +46,7 @@ from torch import nn
 from qem.data import batches
 from qem.datasets.scenarios import Scenario
 from qem.datasets.text import text_transfer
-from qem.experiments.runner import PeakMemory
+from qem.experiments.memory import PeakMemory
 from qem.finetune import ZeroStepWarning, fine_tune
 from qem.losses import cross_entropy
 from qem.model_calls import on_model_device, resolve_device

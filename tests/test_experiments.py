@@ -21,20 +21,21 @@ from qem.baselines.registry import METHODS
 from qem.cli import experiment as experiment_cli
 from qem.datasets.scenarios import Scenario
 from qem.errors import InvalidParameterError, OutputExistsError
+from qem.experiments import cells as cells_module
+from qem.experiments import registry as registry_module
 from qem.experiments import report as report_module
 from qem.experiments import runner as runner_module
 from qem.experiments.config import load_config, parse_config
+from qem.experiments.registry import Registry, accepted_hyperparameters, default_registry
+from qem.experiments.releases import CellFailedError
 from qem.experiments.report import write_report
-from qem.experiments.runner import (
-    CellFailedError,
-    Registry,
-    accepted_hyperparameters,
-    default_registry,
-    run_experiment,
-    write_json_atomic,
-)
+from qem.experiments.runner import run_experiment
 from qem.finetune import FineTuneResult, fine_tune
-from qem.io import read_run as load_saved_run
+from qem.io import read_run
+from qem.jsonfiles import write_json_atomic
+from qem.privacy.accounting import ADD_OR_REMOVE, gdp_dp_event
+from qem.privacy.gdp import calibrate_gdp_mu, gdp_epsilon
+from qem.privacy.ledger import accountant_block
 
 FIXTURES = Path(__file__).parent / "fixtures" / "experiments"
 REPO = Path(__file__).parent.parent
@@ -85,6 +86,22 @@ class Fakes:
         report = {"epsilon": epsilon, "delta": delta, "seed": seed, "noise": noise}
         return FineTuneResult(model, report)
 
+    def picky(self, model, loss_fn, public_data, private_data, *, epsilon, delta, adjacency,
+              validation_data, seed, progress, threshold):  # fmt: skip
+        """The true weights when epsilon <= threshold (zeros otherwise), so the best threshold
+        depends on epsilon; the report accounts a mu-GDP Gaussian release calibrated to
+        (epsilon, delta), as qem's reports do."""
+        self.calls.append({"epsilon": epsilon, "seed": seed, "threshold": threshold})
+        with torch.no_grad():
+            good = epsilon <= threshold
+            model.weight.copy_(
+                self.scenario.true_weight if good else torch.zeros_like(model.weight)
+            )
+        mu = calibrate_gdp_mu(epsilon, delta)
+        accountant = accountant_block(gdp_dp_event(mu), ADD_OR_REMOVE, name="fake", epsilon=epsilon,
+                                      delta=delta)  # fmt: skip
+        return FineTuneResult(model, {"epsilon": epsilon, "delta": delta, "accountant": accountant})
+
     def none(self, model, loss_fn, public_data, private_data, **kwargs):
         self.calls.append({"epsilon": kwargs["epsilon"], "seed": kwargs["seed"], "model": model})
         return FineTuneResult(model, {"epsilon": None})
@@ -98,7 +115,7 @@ class Fakes:
     def registry(self) -> Registry:
         return Registry(
             scenarios={"toy": lambda **options: self.scenario},
-            methods={"fake": self.method, "none": self.none},
+            methods={"fake": self.method, "picky": self.picky, "none": self.none},
             pretrainer=self.pretrainer,
         )
 
@@ -199,7 +216,7 @@ def test_default_pretrainer_caches_the_public_model_once_per_scenario(tmp_path):
     registry = Registry(
         scenarios={"toy": lambda **options: fakes.scenario},
         methods={"none": fakes.none},
-        pretrainer=runner_module.cached_pretrainer,
+        pretrainer=registry_module.cached_pretrainer,
     )
     logreg = {"name": "logreg", "options": {"in_features": FEATURES, "out_features": CLASSES}}
     config = toy_config(methods=[{"name": "none"}], model=logreg)
@@ -309,7 +326,7 @@ def parse_tables(markdown: str) -> dict[tuple[str, str], dict[str, dict[str, str
     header: list[str] = []
     for line in markdown.splitlines():
         if line.startswith("## "):
-            scenario = line[3:].split(" ")[0]
+            scenario, title, header = line[3:].split(" ")[0], None, []
         elif line.startswith("### "):
             title, header = line[4:], []
         elif line.startswith("|"):
@@ -336,8 +353,8 @@ def fixture_cells() -> list[dict]:
 def test_report_tables_equal_the_fixture_cells_and_plots_are_png(tmp_path):
     written = write_report(FIXTURES, tmp_path)
     assert {p.name for p in written} == {
-        "results.md", "privacy_utility_mnist_s1.png", "privacy_utility_mimic_mort_icu.png",
-        "seconds.png", "metric_vs_seconds.png",
+        "results.md", "summary.json", "privacy_utility_mnist_s1.png",
+        "privacy_utility_mimic_mort_icu.png", "seconds.png", "metric_vs_seconds.png",
     }  # fmt: skip
     markdown = (tmp_path / "results.md").read_text()
     tables = parse_tables(markdown)
@@ -362,6 +379,11 @@ def test_report_tables_equal_the_fixture_cells_and_plots_are_png(tmp_path):
                     assert text == "—"
                     continue
                 mean, sd = parse_mean_sd(text)
+                if field == "fine_tune":  # the median, no spread
+                    assert sd is None
+                    assert mean == pytest.approx(statistics.median(finite), abs=0.6e-2)
+                    checked += 1
+                    continue
                 assert mean == pytest.approx(statistics.fmean(finite), abs=0.6 * 10**-digits)
                 if len(finite) > 1:
                     assert sd == pytest.approx(statistics.stdev(finite), abs=0.6 * 10**-digits)
@@ -372,10 +394,18 @@ def test_report_tables_equal_the_fixture_cells_and_plots_are_png(tmp_path):
     assert s1["none"]["no budget"] == "0.8533 ± 0.0058"
     assert tables[("mimic_mort_icu", "Test AUROC")]["dpsgd"]["ε = 1"] == "0.6600 (1 null)"
     ratio = tables[("mnist_s1", "Seconds ratio DP-SGD / qem")]["dpsgd / qem_T2"]
-    assert float(ratio["ε = 1"]) == pytest.approx(42.0 / 2.5, abs=0.005)
+    medians = [statistics.median([c["seconds"]["fine_tune"] for c in cells if c["scenario"]
+               == "mnist_s1" and c["method"] == m and c["epsilon"] == 1.0])
+               for m in ("dpsgd", "qem_T2")]  # fmt: skip
+    assert float(ratio["ε = 1"]) == pytest.approx(medians[0] / medians[1], abs=0.005)
     assert "## mimic_mort_icu (SYNTHETIC" in markdown
+    assert "'(k null)' means k of the seeds' runs had no finite value" in markdown
     assert "cells present" not in markdown  # no config.json: the whole sweep is unknown
-    for path in written[1:]:
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    entry = next(e for e in summary if (e["scenario"], e["method"], e["epsilon"])
+                 == ("mnist_s1", "qem_T2", 1.0))  # fmt: skip
+    assert entry["metric_mean"] == pytest.approx(0.92) and entry["seeds"] == 3
+    for path in written[2:]:
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         height, width, _ = matplotlib.image.imread(path).shape
         assert height > 200 and width > 200
@@ -475,7 +505,7 @@ def test_releases_reach_disk_before_scoring_and_a_failed_cell_names_them(tmp_pat
     def unreadable_test_set(*args, **kwargs):
         raise RuntimeError("test set unreadable")
 
-    monkeypatch.setattr(runner_module, "evaluate_loss", unreadable_test_set)
+    monkeypatch.setattr(cells_module, "evaluate_loss", unreadable_test_set)
     fakes = Fakes()
     config = single_cell_config()
     partial = tmp_path / "cells" / "toy__fake_grid__eps1.0__seed0.partial"
@@ -486,7 +516,7 @@ def test_releases_reach_disk_before_scoring_and_a_failed_cell_names_them(tmp_pat
     targets = [torch.zeros(CLASSES, FEATURES, dtype=torch.float64), fakes.scenario.true_weight]
     seconds = []
     for index, target in enumerate(targets):
-        saved = load_saved_run(partial / f"point{index}")  # the released model and report
+        saved = read_run(partial / f"point{index}")  # the released model and report
         assert torch.equal(saved.state_dict["weight"], target)
         assert saved.report["noise"] == fakes.calls[index]["noise"]
         record = json.loads((partial / f"point{index}.json").read_text())
@@ -568,7 +598,7 @@ def test_hyperparameters_are_checked_against_the_function_they_reach(tmp_path):
     qem_accepts = accepted_hyperparameters(METHODS["qem"], fine_tune)
     assert {"k", "rounds", "subspace", "damping", "clip_norm"} <= qem_accepts
     assert {"lr", "epochs", "batch_size"} <= accepted_hyperparameters(METHODS["dpsgd"])
-    runner_module._check_registry(load_config(REPO / "configs" / "smoke.json"), default_registry())
+    registry_module.check_registry(load_config(REPO / "configs" / "smoke.json"), default_registry())
     for method in ("qem", "qem_identity", "dpsgd"):
         methods = [{"name": method, "fixed": {"learning_rate": 0.1}}]
         config = toy_config(scenarios=[{"name": "mnist_s1"}], methods=methods)
@@ -579,3 +609,163 @@ def test_hyperparameters_are_checked_against_the_function_they_reach(tmp_path):
     config = toy_config(methods=[{"name": "none", "fixed": {"epochs": 1}}])
     with pytest.raises(InvalidParameterError, match=r"no hyperparameter\(s\) \['epochs'\]"):
         run_experiment(config, tmp_path / "none", progress=False, registry=fakes.registry())
+
+
+def test_tuning_epsilon_serving_each_epsilon_is_the_nearest_on_a_log_scale():
+    tuning = parse_config(toy_config(tuning={"epsilons": [8, 1], "seed": 0})).tuning
+    served = {eps: tuning.serving(eps) for eps in (0.1, 0.5, 1, 2, 2.8, 2.9, 4, 8, 100)}
+    assert served == {0.1: 1, 0.5: 1, 1: 1, 2: 1, 2.8: 1, 2.9: 8, 4: 8, 8: 8, 100: 8}
+    for change, message in (({"epsilons": []}, "non-empty"), ({"seed": -1}, "integer >= 0"),
+                            ({"rounds": 3}, "unknown key")):  # fmt: skip
+        with pytest.raises(InvalidParameterError, match=message):
+            parse_config(toy_config(tuning={"epsilons": [1], "seed": 0, **change}))
+    assert parse_config(toy_config()).tuning is None  # without it: every cell tunes itself
+
+
+def tuned_config(**changes) -> dict:
+    """The picky method (best threshold 2 at epsilon 1, 16 at epsilon 8), tuned at 1 and 8."""
+    methods = [{"name": "picky", "grid": {"threshold": [2, 16]}}, {"name": "none"}]
+    return toy_config(methods=methods, epsilons=[0.5, 1, 2, 4, 8], seeds=[0, 1],
+                      tuning={"epsilons": [1, 8], "seed": 0}, **changes)  # fmt: skip
+
+
+def test_tuning_split_serves_every_epsilon_and_accounts_the_grid_beside_each_cell(tmp_path):
+    fakes = Fakes()
+    run_experiment(tuned_config(reproducible=True), tmp_path, progress=False,
+                   registry=fakes.registry())  # fmt: skip
+    tuning = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "tuning").glob("*.json")}
+    assert sorted(tuning) == ["toy__picky__eps1.0__seed0", "toy__picky__eps8.0__seed0"]
+    assert tuning["toy__picky__eps1.0__seed0"]["hyperparameters"] == {"threshold": 2}  # tie: 1st
+    assert tuning["toy__picky__eps8.0__seed0"]["hyperparameters"] == {"threshold": 16}
+    picky = [call for call in fakes.calls if "threshold" in call]
+    assert len(picky) == 2 * 2 + 5 * 2  # two grids of two points, then one release per cell
+    seeds = [call["seed"] for call in picky]
+    assert len(set(seeds)) == len(seeds)  # the eps-1 seed-0 cell draws apart from its tuning
+    delta = 1e-5
+    for eps in (0.5, 1.0, 2.0, 4.0, 8.0):
+        tuned_at = 1.0 if eps <= 2 else 8.0
+        for seed in (0, 1):
+            record = json.loads((tmp_path / "cells" / f"toy__picky__eps{eps}__seed{seed}.json")
+                                .read_text())  # fmt: skip
+            assert record["hyperparameters"] == {"threshold": 2 if eps <= 2 else 16}
+            assert record["metric"] == 1.0 and len(record["grid_scores"]) == 1
+            assert record["tuning"]["epsilon"] == tuned_at
+            assert record["tuning"]["grid_points"] == 2
+            assert record["tuning"]["key"] == f"toy__picky__eps{tuned_at}__seed0"
+            # independent check: the grid's two releases and the cell's, each mu-GDP, compose
+            # to sqrt(sum mu^2)-GDP; PLD is a slightly pessimistic discretisation of it
+            grid_mu, own_mu = calibrate_gdp_mu(tuned_at, delta), calibrate_gdp_mu(eps, delta)
+            grid = gdp_epsilon(math.sqrt(2) * grid_mu, delta)
+            total = gdp_epsilon(math.sqrt(2 * grid_mu**2 + own_mu**2), delta)
+            spent = record["budget_spent_by_tuning"]
+            assert spent["releases"] == 3
+            assert total - 1e-6 <= spent["epsilon"] <= total * 1.01 + 1e-3
+            assert grid - 1e-6 <= record["tuning"]["budget"]["epsilon"] <= grid * 1.01 + 1e-3
+
+    rerun = Fakes()
+    run_experiment(tuned_config(reproducible=True), tmp_path, progress=False,
+                   registry=rerun.registry())  # fmt: skip
+    assert rerun.calls == []
+
+    report_dir = tmp_path / "report"
+    write_report(tmp_path, report_dir)
+    markdown = (report_dir / "results.md").read_text()
+    tables = parse_tables(markdown)
+    behind = tables[("toy", "Tuning behind each column")]["picky"]
+    grid_spent = json.loads((tmp_path / "cells" / "toy__picky__eps0.5__seed0.json").read_text())
+    text = f"ε 1: 2 points, ε {grid_spent['tuning']['budget']['epsilon']:.3g} together"
+    assert behind["ε = 0.5"] == behind["ε = 2"] == text
+    assert behind["ε = 4"].startswith("ε 8: 2 points")
+    spent = tables[("toy", "Budget spent, tuning included")]["picky"]
+    assert float(spent["ε = 0.5"]) == pytest.approx(
+        grid_spent["budget_spent_by_tuning"]["epsilon"], abs=6e-4
+    )
+    assert float(spent["ε = 8"]) > 8  # the column's epsilon is only the last release
+    assert (
+        "no budget" not in spent and "none" not in tables[("toy", "Budget spent, tuning included")]
+    )
+    assert "(2 of 2 tuning cells)" in markdown
+    grid_rows = [line for line in markdown.splitlines() if line.startswith("| toy | picky |")]
+    assert len(grid_rows) == 4 and sum(line.endswith("| yes |") for line in grid_rows) == 2
+    summary = json.loads((report_dir / "summary.json").read_text())
+    entry = next(e for e in summary if e["method"] == "picky" and e["epsilon"] == 4.0)
+    assert entry["tuning"]["hyperparameters"] == {"threshold": 16}
+    assert entry["epsilon_spent_with_tuning"] == pytest.approx(float(spent["ε = 4"]), rel=1e-2)
+
+
+def test_a_cell_whose_tuning_cell_chose_otherwise_is_refused(tmp_path):
+    run_experiment(tuned_config(), tmp_path, progress=False, registry=Fakes().registry())
+    path = tmp_path / "tuning" / "toy__picky__eps8.0__seed0.json"
+    record = json.loads(path.read_text())
+    record["hyperparameters"] = {"threshold": 2}  # as if it had been recomputed
+    path.write_text(json.dumps(record))
+    fakes = Fakes()
+    with pytest.raises(OutputExistsError, match=re.escape("now chose {'threshold': 2}")):
+        run_experiment(tuned_config(), tmp_path, progress=False, registry=fakes.registry())
+    assert fakes.calls == []
+    path.unlink()  # a missing tuning cell is recomputed first, then its cells are checked
+    again = Fakes()
+    run_experiment(tuned_config(), tmp_path, progress=False, registry=again.registry())
+    assert [call["epsilon"] for call in again.calls] == [8.0, 8.0]  # the grid, nothing else
+
+
+def test_a_grid_may_be_a_union_of_products():
+    config = toy_config(methods=[{"name": "fake", "grid": [
+        {"good": [False], "scale": [1.0, 2.0]}, {"good": [True], "scale": [3.0]}]}])  # fmt: skip
+    method = parse_config(config).methods[0]
+    assert method.grid_points() == [{"good": False, "scale": 1.0}, {"good": False, "scale": 2.0},
+                                    {"good": True, "scale": 3.0}]  # fmt: skip
+    assert parse_config(parse_config(config).to_dict()) == parse_config(config)
+    for grid, message in (([], "non-empty list"), ([{"good": []}], r"grid\[0\]\['good'\]")):
+        with pytest.raises(InvalidParameterError, match=message):
+            parse_config(toy_config(methods=[{"name": "fake", "grid": grid}]))
+
+
+def test_a_tiny_sweep_of_the_real_methods_on_digits_runs_end_to_end(tmp_path):
+    """The real registry: scikit-learn's digits, qem (sequential and partitioned rounds) tuned on
+    public validation at epsilon 1 and 8, DP-SGD with fixed hyperparameters (its calibration
+    is the slow part), and the report's new columns."""
+    logreg = {"name": "logreg", "options": {"in_features": 64, "out_features": 10}}
+    sizes = {"public_size": 100, "valid_size": 100, "private_size": 200, "test_size": 300}
+    schedules = [{"kind": "sequential", "rounds": 1}, {"kind": "partitioned", "rounds": 2}]
+    public_side = {"subspace": "identity", "resample_subspace": False, "curvature": "ggn"}
+    config = {
+        "name": "digits-tiny",
+        "scenarios": [{"name": "digits", "options": sizes, "model": logreg}],
+        "methods": [
+            {"name": "qem", "grid": {"schedule": schedules}, "fixed": public_side},
+            {"name": "dpsgd", "fixed": {"lr": 0.01, "epochs": 1, "batch_size": 64}},
+            {"name": "none"},
+        ],
+        "epsilons": [1, 8],
+        "seeds": [0],
+        "pretrain": {"epochs": 5, "lr": 0.01, "batch_size": 32, "seed": 0},
+        "tuning": {"epsilons": [1, 8], "seed": 0},
+    }
+    run_dir = tmp_path / "run"
+    run_experiment(config, run_dir, progress=False, cache_dir=tmp_path / "cache")
+    assert sorted(p.stem for p in (run_dir / "tuning").glob("*.json")) == [
+        "digits__qem__eps1.0__seed0", "digits__qem__eps8.0__seed0"
+    ]  # fmt: skip
+    write_report(run_dir)
+    markdown = (run_dir / "results.md").read_text()
+    tables = parse_tables(markdown)
+    cells = {p.stem: json.loads(p.read_text()) for p in (run_dir / "cells").glob("*.json")}
+    for eps in (1.0, 8.0):
+        column, qem = f"ε = {eps:g}", cells[f"digits__qem__eps{eps}__seed0"]
+        rounds = len(qem["report"]["step_lengths"])
+        assert rounds == qem["hyperparameters"]["schedule"]["rounds"]
+        fraction = float(tables[("digits", "Rounds with step 0")]["qem"][column])
+        assert fraction == pytest.approx(qem["report"]["zero_step_rounds"] / rounds, abs=0.006)
+        assert qem["tuning"]["epsilon"] == eps and qem["tuning"]["grid_points"] == 2
+        spent = float(tables[("digits", "Budget spent, tuning included")]["qem"][column])
+        assert spent == pytest.approx(qem["budget_spent_by_tuning"]["epsilon"], abs=6e-4)
+        assert spent > qem["tuning"]["budget"]["epsilon"] > eps  # three releases > two > one
+        behind = tables[("digits", "Tuning behind each column")]["qem"][column]
+        assert behind.startswith(f"ε {eps:g}: 2 points, ε ")
+        assert "tuning" not in cells[f"digits__dpsgd__eps{eps}__seed0"]  # nothing to tune
+    accuracy = tables[("digits", "Test accuracy")]
+    assert set(accuracy) == {"qem", "dpsgd", "none"}
+    assert all(0 < parse_mean_sd(accuracy["qem"][f"ε = {eps}"])[0] <= 1 for eps in (1, 8))
+    assert "binomial standard error of one test accuracy" in markdown
+    assert "dpsgd" not in tables[("digits", "Budget spent, tuning included")]  # one release

@@ -21,7 +21,7 @@ from qem.datasets.text import (
 )
 from qem.errors import DataError, MissingExtraError, ShapeError
 from qem.experiments.config import load_config
-from qem.experiments.runner import _check_registry, default_registry
+from qem.experiments.registry import check_registry, default_registry
 from qem.finetune import fine_tune
 from qem.losses import cross_entropy
 from qem.subspace.kronecker import Kronecker
@@ -245,7 +245,7 @@ def test_minilm_classifier_holds_the_packaged_weights() -> None:
 
 def test_text_transfer_config_fits_the_registry() -> None:
     config = load_config(CONFIG)
-    _check_registry(config, default_registry())
+    check_registry(config, default_registry())
     assert {spec.name for spec in config.scenarios} == {"text_transfer"}
 
 

