@@ -288,7 +288,7 @@ def per_example_clipped(data: DataLike, context: dict[str, Any]) -> np.ndarray:
         clip_gradients(
             grads.numpy(), context["clip_norm"], context["clipping"], context["cholesky"]
         )[0]
-        for grads in private_gradient_batches(
+        for grads, _invalid in private_gradient_batches(
             context["model"],
             context["loss_fn"],
             context["subspace"],
