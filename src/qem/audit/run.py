@@ -52,7 +52,6 @@ import numpy as np
 import torch
 from dp_accounting import dp_event
 from scipy import optimize, special
-from tqdm.auto import tqdm
 
 from qem.audit import release_paths
 from qem.audit.pairs import REACH, WorstCasePair, statistic, worst_case_pair
@@ -67,6 +66,7 @@ from qem.audit.statistics import (
 from qem.checks import check_delta, check_epsilon
 from qem.errors import InvalidParameterError
 from qem.losses import cross_entropy
+from qem.progress import progress_bar
 
 DEFAULT_CONFIDENCE = 0.9999
 """Confidence 1 - alpha of every interval and bound. A correct implementation FAILs by the mu
@@ -386,7 +386,7 @@ def _end_to_end_statistics(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for i in tqdm(range(n), desc="audit releases", unit="pair", disable=not progress):
+        for i in progress_bar(range(n), desc="audit releases", unit="pair", enabled=progress):
             for side, data in enumerate((pair.private, pair.neighbour)):
                 result = release_paths.fine_tune(
                     pair.model, cross_entropy, pair.public, data, progress=False, **config
