@@ -28,6 +28,11 @@ COMMANDS: tuple[Command, ...] = (
         "fine-tune a model privately on NPZ/IDX data and write model + privacy report",
     ),
     Command(
+        "check",
+        "qem.cli.check",
+        "list the private records qem would zero (by index and reason), releasing nothing",
+    ),
+    Command(
         "demo",
         "qem.cli.demo",
         "private fine-tuning demos (MNIST S1, MIMIC care units) with their privacy report",

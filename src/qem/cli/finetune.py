@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     any of that fails. With --distributed, join torchrun's process group first; rank 0 alone
     checks and writes --out and prints."""
     kwargs = fine_tune_kwargs(args)
-    _check_data_paths(args)
+    check_data_paths(args)
     if kwargs["distributed"] is not True:  # with it, rank 0 checks once the group is up
         check_output_path(args.out, args.overwrite)
     from qem.cli.user_data import first_inputs
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
-def _check_data_paths(args: argparse.Namespace) -> None:
+def check_data_paths(args: argparse.Namespace) -> None:
     """Every data file named (not a module:factory) exists, before anything is imported."""
     from qem.cli.user_data import is_factory
 
