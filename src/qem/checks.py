@@ -47,14 +47,21 @@ the number means nothing as a privacy statement; for a non-private reference fin
 qem (method ``nonprivate``)."""
 
 
+def _number(value: object, message: str) -> float:
+    """``value`` as a float if it is a real number (bool excluded), else InvalidParameterError
+    with ``message``."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise InvalidParameterError(message)
+    return float(value)
+
+
 def check_epsilon(epsilon: float) -> float:
     """Return epsilon as a float, or raise unless it is a number in (0, MAX_EPSILON]."""
-    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float | np.integer | np.floating):
-        raise InvalidParameterError(
-            f"epsilon must be a number, got {epsilon!r}; typical private fine-tuning budgets "
-            "are 0.5 to 8."
-        )
-    epsilon = float(epsilon)
+    epsilon = _number(
+        epsilon,
+        f"epsilon must be a number, got {epsilon!r}; typical private fine-tuning budgets are "
+        "0.5 to 8.",
+    )
     if not math.isfinite(epsilon) or epsilon <= 0:
         raise InvalidParameterError(
             f"epsilon must be a finite number > 0, got {epsilon!r}; "
@@ -70,12 +77,11 @@ def check_epsilon(epsilon: float) -> float:
 
 def check_delta(delta: float) -> float:
     """Return delta as a float, or raise if it is not a number in the open interval (0, 1)."""
-    if isinstance(delta, bool) or not isinstance(delta, int | float | np.integer | np.floating):
-        raise InvalidParameterError(
-            f"delta must be a number in (0, 1) in Gaussian-DP mode, got {delta!r}; choose delta "
-            "well below 1/N, for example 1e-5 (mode 'pure' takes no delta)."
-        )
-    delta = float(delta)
+    delta = _number(
+        delta,
+        f"delta must be a number in (0, 1) in Gaussian-DP mode, got {delta!r}; choose delta "
+        "well below 1/N, for example 1e-5 (mode 'pure' takes no delta).",
+    )
     if not math.isfinite(delta) or not 0.0 < delta < 1.0:
         raise InvalidParameterError(
             f"delta must lie strictly between 0 and 1, got {delta!r}; "
