@@ -133,9 +133,10 @@ def run(args: argparse.Namespace) -> int:
     spec = schedule_spec(args)
     if spec is None and args.rounds is None:
         spec = default_schedule(args.N, args.mode)
-    if spec is None:
+    if spec is None or spec["kind"] == "sequential":  # closed form, without dp-accounting
+        rounds = args.rounds if spec is None else spec.get("rounds", 1)
         budget = sequential_round(
-            args.epsilon, args.delta, args.mode, args.adjacency, args.N, args.rounds or 1
+            args.epsilon, args.delta, args.mode, args.adjacency, args.N, rounds or 1
         )
     else:
         budget = schedule_round(spec, args.epsilon, args.delta, args.mode, args.adjacency, args.N)
