@@ -10,6 +10,7 @@ vmap over grad, or the Kronecker shortcut), batch by batch: memory is O(batch x 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -105,17 +106,18 @@ def private_gradient_batches(
     ):
         if len(data) == 0:
             return
+        gradients = functools.partial(projected_gradients, subspace, model, loss_fn)
         for batch in batches(data, batch_size, "private data"):
             inputs, targets = on_model_device(model, *batch)
             with torch.no_grad():
                 bad = label_errors(call_model(model, take_rows(inputs, slice(0, 1))), targets)
             safe_targets = torch.where(bad, torch.zeros_like(targets), targets)
             try:
-                grads = projected_gradients(subspace, model, loss_fn, inputs, safe_targets)
+                grads = gradients(inputs, safe_targets)
             except Exception as error:
                 if invalid is InvalidRecords.RAISE:
                     raise DataError(_STRICT_MESSAGE) from _without_message(error)
-                grads = _one_by_one(subspace, model, loss_fn, inputs, safe_targets)
+                grads = _one_by_one(gradients, subspace.k, inputs, safe_targets)
             bad = bad.to(grads.device) | ~torch.isfinite(grads).all(dim=1)
             if invalid is InvalidRecords.RAISE and bad.any():
                 raise DataError(_STRICT_MESSAGE)
@@ -163,21 +165,19 @@ def projected_gradients(
 
 
 def _one_by_one(
-    subspace: Subspace,
-    model: nn.Module,
-    loss_fn: LossFn,
+    gradients: Callable[[Inputs, torch.Tensor], torch.Tensor],
+    k: int,
     inputs: Inputs,
     targets: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-record fallback after a batch failed: a record that still fails gets a NaN row
-    (zeroed by the caller)."""
+    """Per-record fallback after a batch failed: ``gradients`` (the batch's projected gradients,
+    (B, k)) record by record; a record that still fails gets a NaN row (zeroed by the caller)."""
     rows = []
     for j in range(batch_size_of(inputs)):
         try:
-            one = take_rows(inputs, slice(j, j + 1))
-            rows.append(projected_gradients(subspace, model, loss_fn, one, targets[j : j + 1]))
+            rows.append(gradients(take_rows(inputs, slice(j, j + 1)), targets[j : j + 1]))
         except Exception:
-            rows.append(torch.full((1, subspace.k), math.nan, dtype=torch.float64))
+            rows.append(torch.full((1, k), math.nan, dtype=torch.float64))
     return torch.cat(rows)
 
 

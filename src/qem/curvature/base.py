@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -131,6 +132,17 @@ class Curvature(ABC):
             yield inputs, targets
 
 
+class PublicBatch(NamedTuple):
+    """One batch of public data at the expansion point theta0: the model (in eval mode), the
+    per-example loss, the subspace P and the batch's inputs and targets."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    subspace: Subspace
+    inputs: Inputs
+    targets: torch.Tensor
+
+
 class DataCurvature(Curvature):
     """A curvature estimated by one pass over the public data.
 
@@ -139,14 +151,7 @@ class DataCurvature(Curvature):
     """
 
     @abstractmethod
-    def batch_sum(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        subspace: Subspace,
-        inputs: Inputs,
-        targets: torch.Tensor,
-    ) -> torch.Tensor:
+    def batch_sum(self, batch: PublicBatch) -> torch.Tensor:
         """sum_{i in batch} P^T H_i P as a (k, k) tensor (float64)."""
 
     def postprocess(self, curvature: np.ndarray) -> np.ndarray:
@@ -175,8 +180,8 @@ class DataCurvature(Curvature):
             for inputs, targets in self.public_batches(
                 model, loss_fn, reference, public_data, hasher
             ):
-                batch = self.batch_sum(model, loss_fn, subspace, inputs, targets)
-                total += batch.detach().to("cpu", torch.float64)
+                batch = PublicBatch(model, loss_fn, subspace, inputs, targets)
+                total += self.batch_sum(batch).detach().to("cpu", torch.float64)
         check_finite(total, self.kind)
         curvature = (total / hasher.n).numpy()
         A = damped(self.postprocess(0.5 * (curvature + curvature.T)), self.damping)

@@ -8,12 +8,8 @@ differs from the true Fisher).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from qem.curvature.base import DataCurvature
-from qem.data import Inputs
-from qem.losses import LossFn
-from qem.subspace.base import Subspace
+from qem.curvature.base import DataCurvature, PublicBatch
 
 
 class EmpiricalFisher(DataCurvature):
@@ -21,14 +17,8 @@ class EmpiricalFisher(DataCurvature):
 
     kind = "fisher"
 
-    def batch_sum(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        subspace: Subspace,
-        inputs: Inputs,
-        targets: torch.Tensor,
-    ) -> torch.Tensor:
+    def batch_sum(self, batch: PublicBatch) -> torch.Tensor:
         """sum_i g_i g_i^T over the batch, (k, k) float64."""
+        model, loss_fn, subspace, inputs, targets = batch
         grads = subspace.per_example_gradients(model, loss_fn, inputs, targets)
         return grads.T @ grads

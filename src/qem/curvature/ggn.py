@@ -11,14 +11,12 @@ own second derivatives dropped.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.func import hessian, vmap
 
-from qem.curvature.base import DataCurvature
-from qem.data import Inputs, batch_size_of
+from qem.curvature.base import DataCurvature, PublicBatch
+from qem.data import batch_size_of
 from qem.losses import LossFn
 from qem.model_calls import call_model
-from qem.subspace.base import Subspace
 
 
 class GaussNewton(DataCurvature):
@@ -30,15 +28,9 @@ class GaussNewton(DataCurvature):
 
     kind = "ggn"
 
-    def batch_sum(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        subspace: Subspace,
-        inputs: Inputs,
-        targets: torch.Tensor,
-    ) -> torch.Tensor:
+    def batch_sum(self, batch: PublicBatch) -> torch.Tensor:
         """sum_i (J_i P)^T H_L,i (J_i P) over the batch, (k, k) float64."""
+        model, loss_fn, subspace, inputs, targets = batch
         with torch.no_grad():
             outputs = call_model(model, inputs)
         size = batch_size_of(inputs)

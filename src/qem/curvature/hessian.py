@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 from torch.func import grad, jvp, vmap
 
 from qem.checks import check_count
-from qem.curvature.base import DataCurvature
-from qem.data import Inputs
-from qem.losses import LossFn
+from qem.curvature.base import DataCurvature, PublicBatch
 from qem.parameters import flatten
-from qem.subspace.base import Subspace
 
 
 class Hessian(DataCurvature):
@@ -38,15 +34,9 @@ class Hessian(DataCurvature):
         self.clamped_eigenvalues: int | None = None
         self.most_negative_eigenvalue: float | None = None
 
-    def batch_sum(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        subspace: Subspace,
-        inputs: Inputs,
-        targets: torch.Tensor,
-    ) -> torch.Tensor:
+    def batch_sum(self, batch: PublicBatch) -> torch.Tensor:
         """P^T (Hessian of sum_{i in batch} loss_i) P, (k, k) float64."""
+        model, loss_fn, subspace, inputs, targets = batch
         theta, call = subspace.functional(model)
         reference = next(iter(theta.values()))
         sizes = [p.numel() for p in theta.values()]
