@@ -158,15 +158,15 @@ def test_dpsgd_add_remove_agrees_with_opacus_accountant():
 
 def test_replace_one_needs_more_noise_than_add_remove():
     q, steps, eps = 0.25, 20, 2.0
-    add_remove = calibrate_noise_multiplier(eps, DELTA, q, steps, "add_remove")
-    replace_one = calibrate_noise_multiplier(eps, DELTA, q, steps, "replace_one")
+    add_remove = calibrate_noise_multiplier(eps, DELTA, q, steps, adjacency="add_remove")
+    replace_one = calibrate_noise_multiplier(eps, DELTA, q, steps, adjacency="replace_one")
     assert replace_one > 1.2 * add_remove
     for sigma, adjacency in ((add_remove, "add_remove"), (replace_one, "replace_one")):
         assert pld_epsilon(sigma, q, steps, DELTA, adjacency) <= eps
         assert pld_epsilon(0.99 * sigma, q, steps, DELTA, adjacency) > eps  # tight to 1%
     # Without subsampling, replacing a record is add/remove at twice the sensitivity.
-    full_ar = calibrate_noise_multiplier(eps, DELTA, 1.0, 4, "add_remove")
-    full_r1 = calibrate_noise_multiplier(eps, DELTA, 1.0, 4, "replace_one")
+    full_ar = calibrate_noise_multiplier(eps, DELTA, 1.0, 4, adjacency="add_remove")
+    full_r1 = calibrate_noise_multiplier(eps, DELTA, 1.0, 4, adjacency="replace_one")
     assert full_r1 == pytest.approx(2 * full_ar, rel=2e-3)
 
 

@@ -173,7 +173,7 @@ def dpsgd(
     steps = epochs * steps_per_epoch
 
     with timer.phase("calibration"):
-        sigma = calibrate_noise_multiplier(epsilon, delta, sample_rate, steps, adjacency)
+        sigma = calibrate_noise_multiplier(epsilon, delta, sample_rate, steps, adjacency=adjacency)
         certified = poisson_gaussian_epsilon(sigma, sample_rate, steps, delta, adjacency)
 
     with timer.phase("training"):

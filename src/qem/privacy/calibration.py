@@ -67,10 +67,12 @@ def calibrate_noise_multiplier(
     delta: float,
     sample_rate: float,
     steps: int,
+    *,
     adjacency: Adjacency | str = Adjacency.REPLACE_ONE,
     discretization: float = PLD_DISCRETIZATION,
 ) -> float:
-    """The smallest z (to 0.1%) with poisson_gaussian_epsilon(z) <= epsilon.
+    """The smallest z (to 0.1%) with poisson_gaussian_epsilon(z) <= epsilon (``adjacency`` by
+    keyword: a relation given in the wrong place would calibrate for the other one).
 
     Starts from the central-limit guess of Bu et al. (2020), q sqrt(T (e^{1/z^2} - 1)) = mu
     with mu the GDP parameter of (epsilon, delta) (times 2 under replace-one, whose shift is

@@ -59,7 +59,7 @@ class Poisson(Schedule):
     def _plan(self, budget: Budget, n: int, seed: int | None) -> Plan:
         q = self.rate(budget.N)
         z = calibrate_noise_multiplier(
-            budget.epsilon, budget.delta, q, self.rounds, budget.adjacency
+            budget.epsilon, budget.delta, q, self.rounds, adjacency=budget.adjacency
         )
         return _PoissonPlan(self, budget, n, q, z, seed)
 
