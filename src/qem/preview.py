@@ -17,7 +17,7 @@ clipping; qem.privacy.sensitivity) and s = 2 (replace-one) or 1 (add/remove):
 The rounds of the default sequential schedule (``rounds`` = T) are mu / sqrt(T) GDP each, or
 eps / T pure, as qem.schedules.Sequential calibrates them (a test checks the two agree); other
 schedules go through qem.schedules itself (:func:`schedule_round`). Imports neither torch nor
-dp-accounting on the sequential path (scipy.stats in pure mode only), so that ``qem preview``
+dp-accounting on the sequential path (scipy.special only), so that ``qem preview``
 answers at once.
 """
 
