@@ -235,3 +235,23 @@ def test_fine_tune_passes_curvature_every_to_kfac_and_reprojects_each_round(monk
     assert result.report.curvature["refresh_every"] == 3
     assert result.report.curvature["data_passes"] == 1
     assert [r.subspace_seed for r in result.report.rounds] == [0, 1, 2]
+    assert result.report.curvature["calls"] == 3  # one projection per new subspace
+
+
+def test_a_kept_subspace_reuses_the_quadratic_between_refreshes():
+    """With one subspace for the run, A and C are computed only when the curvature is due
+    (rounds 1 and 3 of 4 with curvature_every = 2): between refreshes the stored factors would
+    project to the same A, so nothing is recomputed."""
+    from qem.finetune import fine_tune
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x = torch.randn(90, 6)
+    y = torch.randint(0, 3, (90,))
+    result = fine_tune(
+        model, cross_entropy, (x[:40], y[:40]), (x[40:], y[40:]), epsilon=2.0,
+        subspace="kronecker", k=12, curvature="kfac", curvature_every=2, rounds=4,
+        resample_subspace=False, prior_weight=1.0, seed=0,
+    )  # fmt: skip
+    assert result.report.curvature["calls"] == 2 and result.report.curvature["data_passes"] == 2
+    assert len(set(result.report.C)) <= 2  # the public clip norm on the same cadence

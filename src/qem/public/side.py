@@ -91,7 +91,7 @@ class PublicSideState:
         new_basis = self._redraw(t, model)
         due = t % self.config.curvature_every == 0
         reprojects = self.curvature.reprojects
-        if self.quadratic is None or new_basis or due or reprojects:
+        if self.quadratic is None or new_basis or due:  # else A and C are this round's too
             first = self.quadratic is None
             refresh = first or due or not reprojects
             self.quadratic, self.clip_norm = group.quadratic_from_root(
