@@ -5,27 +5,20 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 import qem.mechanism.quadratic as mechanism_module
+from cli_files import TINY_FACTORY
 from qem.cli.main import main
-
-FACTORY = textwrap.dedent("""
-    import torch
-    def build():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
-""")
 
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """tmp_path as the current directory with mymod.py and a private NPZ file whose record 3
     has a NaN input and record 7 the label 5 (the model has 3 outputs)."""
-    (tmp_path / "mymod.py").write_text(FACTORY)
+    (tmp_path / "mymod.py").write_text(TINY_FACTORY)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20, 4)).astype(np.float32)
     y = rng.integers(0, 3, 20)

@@ -5,7 +5,6 @@ release."""
 from __future__ import annotations
 
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -15,24 +14,18 @@ import qem.cli.demo
 import qem.datasets.files
 import qem.finetune
 import qem.metrics
+from cli_files import TINY_FACTORY
 from qem.cli.main import main
 from qem.errors import UnsupportedModelError
 from qem.io import load
 from qem.model_files import load_exported_model
-
-FACTORY = textwrap.dedent("""
-    import torch
-    def build():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
-""")
 
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """tmp_path as the current directory, holding mymod.py and public/private NPZ files; not on
     sys.path."""
-    (tmp_path / "mymod.py").write_text(FACTORY)
+    (tmp_path / "mymod.py").write_text(TINY_FACTORY)
     rng = np.random.default_rng(0)
     for name, n in (("public", 60), ("private", 80)):
         y = rng.integers(0, 3, n)
@@ -51,7 +44,7 @@ def finetune_argv(model: str, out: str, *extra: str) -> list[str]:
 
 def build_mymod() -> torch.nn.Module:
     namespace: dict = {}
-    exec(FACTORY, namespace)
+    exec(TINY_FACTORY, namespace)
     return namespace["build"]()
 
 
