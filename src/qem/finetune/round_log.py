@@ -53,8 +53,10 @@ def zero_step_message(rounds: list[int], total: int, validation_source: dict) ->
     which = ", ".join(map(str, rounds[:10])) + (", ..." if len(rounds) > 10 else "")
     return (
         f"{len(rounds)} of {total} round(s) (round {which}): the release did not lower the "
-        "public validation loss, so its step length is 0 and the model is unchanged by it (its "
-        "budget is spent all the same). Likely causes: " + "; ".join(causes) + "."
+        "public validation loss beyond its noise (step_significance), so its step length is 0; "
+        "the release joins the next round's step (docs/theory.md §9b), and one that no later "
+        "step takes is never applied (unapplied_releases in the report), its budget spent all "
+        "the same. Likely causes: " + "; ".join(causes) + "."
     )
 
 
