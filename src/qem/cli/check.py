@@ -12,7 +12,13 @@ import argparse
 
 from qem.cli.commands import summary
 from qem.cli.common import print_json
-from qem.cli.finetune import DATA_FORMS, LOSS_NAMES, check_data_paths, data_reader
+from qem.cli.finetune import (
+    DATA_FORMS,
+    add_model_arguments,
+    add_scale_uint8_argument,
+    check_data_paths,
+    data_reader,
+)
 
 SHOWN_RECORDS = 20
 """Records listed in the table (--json lists every one)."""
@@ -31,24 +37,19 @@ def add_parser(subparsers) -> None:
             f"publication. Exit status 1 when a record is invalid. {DATA_FORMS}"
         ),
     )
-    parser.add_argument(
-        "--model", required=True, help="module:factory or a torch.export program file (.pt2)"
-    )
-    parser.add_argument("--state-dict", help="pretrained weights for a module:factory model")
-    parser.add_argument("--loss", choices=LOSS_NAMES, default="cross_entropy")
-    parser.add_argument("--private", required=True, help="the private data to check")
-    parser.add_argument(
-        "--scale-uint8", action="store_true", help="divide uint8 inputs of NPZ files by 255"
-    )
+    add_model_arguments(parser, required=True)
+    data = parser.add_argument_group("data")
+    data.add_argument("--private", required=True, help="the private data to check")
+    add_scale_uint8_argument(data)
     parser.add_argument("--batch-size", type=int, default=256, help="records per batch")
     parser.add_argument("--json", action="store_true", help="print every invalid record as JSON")
-    parser.set_defaults(handler=run, public=None, validation=None, test=None)
+    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Check the data file exists, load the model and the data, and list the invalid records;
     0 when there are none, 1 otherwise."""
-    check_data_paths(args)
+    check_data_paths(args, ("private",))
     from qem.checks import check_count
     from qem.cli.user_model import load_model
     from qem.data_check import check_data

@@ -81,6 +81,17 @@ def add_model_and_public_arguments(
     """--model, --state-dict, --loss (group "model"), --public, --validation and
     --scale-uint8 (group "data", returned): the model and the public data, as ``qem
     finetune`` and ``qem preview`` take them (``required``: --model and --public)."""
+    add_model_arguments(parser, required=required)
+    data = parser.add_argument_group("data")
+    data.add_argument("--public", required=required, help="public data (curvature, clip norm)")
+    data.add_argument("--validation", help="public validation data for the step length")
+    add_scale_uint8_argument(data)
+    return data
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    """--model, --state-dict and --loss (group "model"), as every command that loads the user's
+    model takes them (``required``: --model)."""
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
@@ -95,16 +106,16 @@ def add_model_and_public_arguments(
         "torch.save(model.state_dict()) (read without unpickling code)",
     )
     model.add_argument("--loss", choices=LOSS_NAMES, default="cross_entropy")
-    data = parser.add_argument_group("data")
-    data.add_argument("--public", required=required, help="public data (curvature, clip norm)")
-    data.add_argument("--validation", help="public validation data for the step length")
-    data.add_argument(
+
+
+def add_scale_uint8_argument(group: argparse._ArgumentGroup) -> None:
+    """--scale-uint8, the one conversion of data files that is a choice (data_reader)."""
+    group.add_argument(
         "--scale-uint8",
         action="store_true",
         help="divide uint8 inputs of NPZ files by 255 into the model's floating dtype (images "
         "stored as bytes; default: uint8 stays integer, e.g. token ids)",
     )
-    return data
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,11 +166,16 @@ def run(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
-def check_data_paths(args: argparse.Namespace) -> None:
-    """Every data file named (not a module:factory) exists, before anything is imported."""
+DATA_OPTIONS = ("public", "private", "validation", "test")
+"""The data options of ``qem finetune``."""
+
+
+def check_data_paths(args: argparse.Namespace, options: tuple[str, ...] = DATA_OPTIONS) -> None:
+    """Every data file the ``options`` name (not a module:factory) exists, before anything is
+    imported."""
     from qem.cli.user_data import is_factory
 
-    for option in ("public", "private", "validation", "test"):
+    for option in options:
         spec = getattr(args, option)
         if spec is None or is_factory(spec):
             continue
