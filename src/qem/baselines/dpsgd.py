@@ -62,8 +62,8 @@ from qem.losses import LossFn, check_per_example_loss
 from qem.model_calls import call_model
 from qem.parameters import check_finite_parameters
 from qem.privacy.calibration import (
+    accountant_epsilon,
     calibrate_noise_multiplier,
-    poisson_gaussian_epsilon,
     poisson_gaussian_event,
 )
 from qem.privacy.gdp import warn_large_delta
@@ -174,7 +174,8 @@ def dpsgd(
 
     with timer.phase("calibration"):
         sigma = calibrate_noise_multiplier(epsilon, delta, sample_rate, steps, adjacency=adjacency)
-        certified = poisson_gaussian_epsilon(sigma, sample_rate, steps, delta, adjacency)
+        event = poisson_gaussian_event(sigma, sample_rate, steps)
+        certified = accountant_epsilon(event, delta, adjacency)
 
     with timer.phase("training"):
         trained = copy.deepcopy(model).train()
@@ -213,7 +214,7 @@ def dpsgd(
         raise RuntimeError(f"DP-SGD ran {opacus_steps} steps but {steps} were accounted.")
 
     accountant = accountant_block(
-        poisson_gaussian_event(sigma, sample_rate, steps),
+        event,
         neighboring_relation(adjacency),
         name="dp_accounting PLD",
         epsilon=certified,

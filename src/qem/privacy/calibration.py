@@ -49,19 +49,6 @@ def accountant_epsilon(
     return float(accountant.compose(event).get_epsilon(check_delta(delta)))
 
 
-def poisson_gaussian_epsilon(
-    noise_multiplier: float,
-    sample_rate: float,
-    steps: int,
-    delta: float,
-    adjacency: Adjacency | str = Adjacency.REPLACE_ONE,
-    discretization: float = PLD_DISCRETIZATION,
-) -> float:
-    """epsilon(delta) of T rounds of the Poisson-subsampled Gaussian (PLD accountant)."""
-    event = poisson_gaussian_event(noise_multiplier, sample_rate, steps)
-    return accountant_epsilon(event, delta, adjacency, discretization)
-
-
 def calibrate_noise_multiplier(
     epsilon: float,
     delta: float,
@@ -71,7 +58,8 @@ def calibrate_noise_multiplier(
     adjacency: Adjacency | str = Adjacency.REPLACE_ONE,
     discretization: float = PLD_DISCRETIZATION,
 ) -> float:
-    """The smallest z (to 0.1%) with poisson_gaussian_epsilon(z) <= epsilon (``adjacency`` by
+    """The smallest z (to 0.1%) whose T rounds of the Poisson-subsampled Gaussian
+    (``poisson_gaussian_event``) meet ``epsilon`` by the PLD accountant (``adjacency`` by
     keyword: a relation given in the wrong place would calibrate for the other one).
 
     Starts from the central-limit guess of Bu et al. (2020), q sqrt(T (e^{1/z^2} - 1)) = mu
@@ -86,10 +74,8 @@ def calibrate_noise_multiplier(
     guess = 1.0 / math.sqrt(math.log1p(mu * mu / (sample_rate * sample_rate * steps)))
 
     def meets_target(z: float) -> bool:
-        return (
-            poisson_gaussian_epsilon(z, sample_rate, steps, delta, adjacency, discretization)
-            <= epsilon
-        )
+        event = poisson_gaussian_event(z, sample_rate, steps)
+        return accountant_epsilon(event, delta, adjacency, discretization) <= epsilon
 
     lo = hi = guess  # invariant after the loops: lo misses the target, hi meets it
     if meets_target(guess):
