@@ -16,10 +16,15 @@ realised size, a function of the coins).
 Canaries and score (both chosen to make each canary's influence maximal and the canaries'
 interference minimal, Steinke et al. §6):
 
-* canaries are out-of-distribution records (MNIST: images of uniform pixel noise with random
-  labels; the synthetic task: records on their own input feature), whose loss gradients are far
-  above the public clip norm, so that clipping binds and each included canary moves the release
-  by the largest amount any record can, C in the whitened metric;
+* canaries (``Canaries``) move the release by the largest amount any record can, C in the
+  whitened metric, and as nearly orthogonally to each other as possible. Gradient canaries
+  (``GradientCanaries``, the MNIST default; white-box, Steinke et al. §7) are records whose
+  clipped gradient in round t is the engine's clipping of L_t r_{i,t}, r_{i,t} a public random
+  direction: their whitened shifts are nearly orthogonal whatever the model. Record canaries
+  (``RecordCanaries``: MNIST images of uniform pixel noise with random labels; the synthetic
+  task's records on their own input feature) go through the whole private pass, but images of
+  noise have nearly collinear gradients, so on MNIST each inclusion's estimate has a large
+  standard error and the test is weak (docs/theory.md §17 has the measured bounds);
 * the scores come from the releases' likelihood: in whitened coordinates (Sigma_t^-1 =
   W_t^T W_t) round t's release is y_t = W_t (w_t - m_t(S_data,t)) = sum_i S_i x_{i,t} +
   Normal(0, I), with S_i the coin of canary i, x_{i,t} = W_t m_t(gh_{i,t}) the shift of its
@@ -92,6 +97,76 @@ SYNTHETIC_CONFIGURATION: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
+class RecordCanaries:
+    """m canary records (inputs, labels), appended to the private data when included: the
+    black-box audit of the whole private pass, canaries' per-example gradients included. In
+    round t canary i moves the release by its clipped gradient gh_{i,t}, by the engine's own
+    per-example pass in the round's context."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    kind = "records"
+
+    @property
+    def m(self) -> int:
+        return len(self.labels)
+
+    def clipped(self, context: dict[str, Any], t: int) -> np.ndarray:
+        """gh_{i,t} (m, k)."""
+        return release_paths.per_example_clipped((self.inputs, self.labels), context)
+
+    def with_included(
+        self, private: tuple[torch.Tensor, torch.Tensor], included: np.ndarray
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], None]:
+        """The private data with the included canaries appended; nothing to add to the sums."""
+        chosen = torch.from_numpy(np.flatnonzero(included))
+        inputs = torch.cat([private[0], self.inputs[chosen]])
+        return (inputs, torch.cat([private[1], self.labels[chosen]])), None
+
+
+@dataclass(frozen=True)
+class GradientCanaries:
+    """m white-box gradient canaries (Steinke, Nasr & Jagielski 2023, §7: canaries inserted in
+    the gradients): canary i is a record whose clipped gradient in round t is
+    gh_{i,t} = clip(L_t r_{i,t}), clipped by the engine's own clipping to the per-example bound
+    (release_paths.clipped_along), with r_{1..m,t} public directions drawn from (seed, t) (only
+    the inclusion is secret): orthonormal when m <= k (the Q of a Gaussian k x m matrix), else
+    independent Normal(0, I_k). Its whitened shift x_{i,t} is then r_{i,t} / ||r_{i,t}|| times
+    mu_t, the most any record can move the release, so for m <= k the canaries' shifts are
+    orthogonal in every round and the GLS estimate of each inclusion is N(S_i, 1 / mu^2),
+    mu^2 = sum_t mu_t^2: each canary is a mu-GDP test on its own, the strongest the theorem can
+    use. The included canaries' sum is added to the round's clipped sum
+    (``capture_run(added_gradients=...)``); everything else of the run is the real one."""
+
+    m: int
+    seed: int = 0
+    kind = "gradients"
+
+    def clipped(self, context: dict[str, Any], t: int) -> np.ndarray:
+        """gh_{i,t} (m, k)."""
+        rng = np.random.default_rng([self.seed, t])
+        k = context["subspace"].k
+        if self.m > k:
+            return release_paths.clipped_along(rng.standard_normal((self.m, k)), context)
+        frame, _ = np.linalg.qr(rng.standard_normal((k, self.m)))
+        return release_paths.clipped_along(frame.T, context)
+
+    def with_included(
+        self, private: tuple[torch.Tensor, torch.Tensor], included: np.ndarray
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], Callable[[dict[str, Any], int], Any]]:
+        """The private data unchanged, and round t's addition: the included canaries' sum."""
+        count = int(included.sum())
+
+        def added(context: dict[str, Any], t: int) -> tuple[np.ndarray, int]:
+            return self.clipped(context, t)[included].sum(axis=0), count
+
+        return private, added
+
+
+Canaries = RecordCanaries | GradientCanaries
+
+
+@dataclass(frozen=True)
 class OneRunTask:
     """What one run fine-tunes: the model, its per-example loss, public and validation data, the
     private records without canaries, the m canaries, and fine_tune's options."""
@@ -101,13 +176,13 @@ class OneRunTask:
     public: tuple[torch.Tensor, torch.Tensor]
     validation: tuple[torch.Tensor, torch.Tensor] | None
     private: tuple[torch.Tensor, torch.Tensor]
-    canaries: tuple[torch.Tensor, torch.Tensor]
+    canaries: Canaries
     configuration: dict[str, Any]
     loss_fn: Callable = cross_entropy
 
     @property
     def m(self) -> int:
-        return len(self.canaries[1])
+        return self.canaries.m
 
 
 @dataclass(frozen=True)
@@ -116,6 +191,7 @@ class OneRunResult:
 
     task: str
     canaries: int
+    canary_kind: str
     included_count: int
     claimed_epsilon: float
     accountant_epsilon: float
@@ -138,6 +214,7 @@ class OneRunResult:
         return {
             "task": self.task,
             "canaries": self.canaries,
+            "canary_kind": self.canary_kind,
             "included": self.included_count,
             "claimed_epsilon": self.claimed_epsilon,
             "accountant_epsilon": self.accountant_epsilon,
@@ -184,16 +261,19 @@ def one_run_audit(
     config.setdefault("N", len(task.private[1]) + task.m // 2)
     start = time.perf_counter()
     coins = inclusion_coins(task.m) if included is None else np.asarray(included, dtype=bool)
-    chosen = torch.from_numpy(np.flatnonzero(coins))
-    x, y = task.canaries
-    private = (torch.cat([task.private[0], x[chosen]]), torch.cat([task.private[1], y[chosen]]))
+    private, added = task.canaries.with_included(task.private, coins)
     validation = {} if task.validation is None else {"validation_data": task.validation}
     with (
         release_paths.seeded_bug(seeded_bug),
         release_paths.scaled_noise(noise_scale) if noise_scale is not None else nullcontext(),
     ):
         capture = release_paths.capture_run(
-            task.model, task.loss_fn, task.public, private, {**config, **validation}
+            task.model,
+            task.loss_fn,
+            task.public,
+            private,
+            {**config, **validation},
+            added_gradients=added,
         )
     scores = canary_scores(capture, task)
     bound = one_run_bound(scores, coins, config["delta"], confidence, guess_fractions)
@@ -201,6 +281,7 @@ def one_run_audit(
     return OneRunResult(
         task=task.name,
         canaries=task.m,
+        canary_kind=task.canaries.kind,
         included_count=int(coins.sum()),
         claimed_epsilon=float(config["epsilon"]),
         accountant_epsilon=float(report.accountant["epsilon"]),
@@ -220,10 +301,9 @@ def canary_scores(capture: release_paths.Capture, task: OneRunTask) -> np.ndarra
     """z_i of the module docstring: the generalised least-squares estimate of every canary's
     inclusion from all the captured rounds at once, divided by its standard error."""
     designs, responses = [], []
-    for mechanism, context, w in zip(
-        capture.mechanisms, capture.passes, capture.releases, strict=True
-    ):
-        clipped = release_paths.per_example_clipped(task.canaries, context)
+    rounds = zip(capture.mechanisms, capture.passes, capture.releases, strict=True)
+    for t, (mechanism, context, w) in enumerate(rounds):
+        clipped = task.canaries.clipped(context, t)
         data_mean = mechanism.mean(release_paths.private_sum(task.private, context))
         shifts = np.stack([mechanism.mean(g) for g in clipped], axis=1)  # (k, m): m(gh_i)
         designs.append(mechanism.whitener @ shifts)
@@ -251,29 +331,44 @@ def mnist_canaries(
     return torch.from_numpy(images).to(like.dtype), torch.from_numpy(rng.integers(0, classes, m))
 
 
+CANARY_KINDS = ("gradients", "records")
+"""Canaries of the MNIST audit: white-box gradient canaries (GradientCanaries, the default:
+nearly orthogonal, the strongest test of the mechanism, its calibration and its accounting) or
+images of pixel noise with random labels (RecordCanaries: black-box, through the per-example
+pass too, but their gradients are nearly collinear and the test is weak, docs/theory.md §17)."""
+
+
 def mnist_task(
     canaries: int = MNIST_CANARIES,
     *,
+    kind: str = "gradients",
     private_size: int | None = None,
     cache_dir: str | None = None,
     configuration: dict[str, Any] | None = None,
 ) -> OneRunTask:
     """The MNIST S1 scenario of ``qem demo mnist``: the CNN pretrained on the 1,000 public images
-    (cached), fine-tuned on the 49,000 private ones (``private_size`` fewer) plus the canaries,
-    with the demo's options (MNIST_CONFIGURATION) and its public validation split."""
+    (cached), fine-tuned on the 49,000 private ones (``private_size`` fewer) plus the canaries
+    of ``kind`` (CANARY_KINDS), with the demo's options (MNIST_CONFIGURATION) and its public
+    validation split."""
+    if kind not in CANARY_KINDS:
+        raise InvalidParameterError(f"canary kind must be one of {CANARY_KINDS}, got {kind!r}.")
     from qem.datasets.mnist import load_mnist
     from qem.datasets.scenarios import mnist_s1
     from qem.pretrain import pretrained_mnist_cnn
 
     scenario = mnist_s1(load_mnist(), seed=0, private_size=private_size or 49_000)
     model = pretrained_mnist_cnn(scenario, cache_dir)
+    if kind == "gradients":
+        planted: Canaries = GradientCanaries(canaries)
+    else:
+        planted = RecordCanaries(*mnist_canaries(canaries, scenario.public_train[0]))
     return OneRunTask(
-        name=f"mnist_s1 ({len(scenario.private_train[1])} records + {canaries} canaries)",
+        name=f"mnist_s1 ({len(scenario.private_train[1])} records + {canaries} {kind} canaries)",
         model=model,
         public=scenario.public_train,
         validation=scenario.public_valid,
         private=scenario.private_train,
-        canaries=mnist_canaries(canaries, scenario.public_train[0]),
+        canaries=planted,
         configuration={**MNIST_CONFIGURATION, **(configuration or {})},
     )
 
@@ -311,6 +406,6 @@ def synthetic_task(
         public=records_of(100),
         validation=None,
         private=records_of(records),
-        canaries=(x, labels),
+        canaries=RecordCanaries(x, labels),
         configuration={**SYNTHETIC_CONFIGURATION, **(configuration or {})},
     )

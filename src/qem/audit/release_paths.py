@@ -14,7 +14,9 @@ that a change of the engine's layout is a change of this file alone.
   them is reachable from fine_tune's API; each patches the engine for the duration of a ``with``
   block only (not thread-safe: a patch is process-wide while it lasts).
 * ``per_example_clipped`` / ``private_sum``: the private pass of a recorded round on other data
-  (the one-run audit scores its canaries with them).
+  (the one-run audit scores its canaries with them); ``clipped_along``: gradients of chosen
+  directions clipped by the engine's clipping, and ``capture_run(..., added_gradients=...)``
+  adds them to a round's clipped sum (the one-run audit's gradient canaries).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = [
     "FineTuneResult",
     "RoundMechanism",
     "capture_run",
+    "clipped_along",
     "fine_tune",
     "per_example_clipped",
     "poisson_inclusions",
@@ -123,12 +126,15 @@ def capture_run(
     *,
     replay: list[np.ndarray] | None = None,
     zero_releases: bool = False,
+    added_gradients: Callable[[dict[str, Any], int], tuple[np.ndarray, int]] | None = None,
 ) -> Capture:
     """Run ``fine_tune(model, loss_fn, public, private, **config)`` once, recording each round
     (see ``Capture``); round t continues with ``replay[t]`` when given (a public release of
     another run: the rounds after it then see the same public state), with w_t = 0 under
     ``zero_releases`` (every round then sees theta0), else with the engine's own draw. The
-    ZeroStepWarning a zero release causes is silenced."""
+    ZeroStepWarning a zero release causes is silenced. ``added_gradients(context, t)`` (audit
+    only) returns a sum of clipped gradients and their count, added to round t's clipped sum
+    and count as if that many more records had been read (``context``: ``Capture.passes[t]``)."""
     capture = Capture()
     draw = QuadraticExponentialMechanism.sample
     private_pass = qem.finetune.engine.private_gradient_sum
@@ -149,10 +155,18 @@ def capture_run(
         return w
 
     def recorded_pass(model, loss_fn, subspace, rows, **options):
-        capture.passes.append(
-            {"model": copy.deepcopy(model), "loss_fn": loss_fn, "subspace": subspace, **options}
+        context = {"model": copy.deepcopy(model), "loss_fn": loss_fn, "subspace": subspace}
+        capture.passes.append({**context, **options})
+        statistics = private_pass(model, loss_fn, subspace, rows, **options)
+        if added_gradients is None:
+            return statistics
+        added, count = added_gradients(capture.passes[-1], len(capture.passes) - 1)
+        return dataclasses.replace(
+            statistics,
+            gradient_sum=statistics.gradient_sum + added,
+            count=statistics.count + count,
+            clipped_count=statistics.clipped_count + count,
         )
-        return private_pass(model, loss_fn, subspace, rows, **options)
 
     with (
         patched(QuadraticExponentialMechanism, "sample", sample),
@@ -298,3 +312,20 @@ def per_example_clipped(data: DataLike, context: dict[str, Any]) -> np.ndarray:
         )
     ]
     return np.concatenate(rows) if rows else np.zeros((0, context["subspace"].k))
+
+
+def clipped_along(directions: np.ndarray, context: dict[str, Any]) -> np.ndarray:
+    """Clipped gradients (n, k) whose whitened directions are the rows r_i of ``directions``:
+    g_i = L r_i scaled far beyond the clip bound (A = L L^T of the recorded round's context;
+    L = I without a Cholesky factor), then clipped by the engine's clip_gradients in the round's
+    norm, so that each is a record of the largest influence a record can have: dual norm C
+    (dual clipping) or Euclidean norm C, along L r_i either way."""
+    r = np.asarray(directions, dtype=np.float64)
+    cholesky = context["cholesky"]
+    raw = r if cholesky is None else r @ cholesky.T
+    smallest = np.minimum(np.linalg.norm(r, axis=1), np.linalg.norm(raw, axis=1))
+    beyond = 1e3 * context["clip_norm"] / smallest  # both norms of raw rows >= 1e3 C
+    clipped, _ = clip_gradients(
+        raw * beyond[:, None], context["clip_norm"], context["clipping"], cholesky
+    )
+    return clipped

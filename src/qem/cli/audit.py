@@ -34,10 +34,13 @@ slower). A PASS does not prove privacy: the audit catches violations large enoug
 --n releases (docs/theory.md §17 gives the smallest it flags), on this synthetic pair, and
 nothing outside the released parameters (timing, for one).
 
-One-run audit (--one-run): m canaries (images of pixel noise with random labels), each included
-with probability 1/2 by an OS coin, in ONE fine-tuning of the MNIST S1 demo (add/remove, N
-declared); each canary is scored by its log-likelihood ratio from the releases, and the number
-of correct guesses gives an eps lower bound at delta (Steinke, Nasr & Jagielski 2023).
+One-run audit (--one-run): m canaries, each included with probability 1/2 by an OS coin, in ONE
+fine-tuning of the MNIST S1 demo (add/remove, N declared); each canary is scored from the
+releases (a generalised least-squares estimate of its inclusion), and the number of correct
+guesses gives an eps lower bound at delta (Steinke, Nasr & Jagielski 2023). --canary-kind
+gradients (default, white-box): canaries whose clipped gradients are public random directions
+at the clip bound, added to the private sum; records: images of pixel noise with random labels
+appended to the private data (black-box, weaker: their gradients are nearly collinear).
 
 --noise-scale and --seeded-bug plant audit-only faults, to see an audit flag them.
 """
@@ -84,6 +87,12 @@ def add_parser(subparsers) -> None:
     one_run = parser.add_argument_group("one-run audit")
     one_run.add_argument("--one-run", action="store_true", help="one-run canary audit of MNIST S1")
     one_run.add_argument("--canaries", type=int, help="canaries m (default 1000)")
+    one_run.add_argument(
+        "--canary-kind",
+        choices=("gradients", "records"),
+        default="gradients",
+        help="gradient canaries (white-box, default) or pixel-noise images (black-box)",
+    )
     one_run.add_argument(
         "--private-size", type=int, help="use only this many private MNIST images (default 49000)"
     )
@@ -190,6 +199,7 @@ def _one_run(args: argparse.Namespace) -> int:
 
     task = mnist_task(
         args.canaries or MNIST_CANARIES,
+        kind=args.canary_kind,
         private_size=args.private_size,
         cache_dir=args.cache_dir,
         configuration=_budget(args),
@@ -206,7 +216,10 @@ def _one_run(args: argparse.Namespace) -> int:
         bound = result.bound
         rows = [
             ("task", result.task),
-            ("canaries included", f"{result.included_count} of {result.canaries} (OS coins)"),
+            (
+                "canaries included",
+                f"{result.included_count} of {result.canaries} {result.canary_kind} (OS coins)",
+            ),
             (
                 "claimed epsilon, delta",
                 f"{result.claimed_epsilon:g}, {result.delta:g} (add/remove, N declared)",
