@@ -203,8 +203,9 @@ def size_class(n: int) -> str:
     return "small" if n <= SMALL_N else "large"
 
 
-def method_specs(label: str) -> list[dict[str, Any]]:
-    """Each method with its tuning grid and fixed hyperparameters on scenario ``label``."""
+def method_specs(label: str, qem_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Each method with its tuning grid and fixed hyperparameters on scenario ``label``
+    (``qem_options``: fine_tune keywords that override qem's fixed ones, for ablations)."""
     scenario = SCENARIOS[label]
     n, grids = scenario["n"], GRIDS[size_class(scenario["n"])]
     epochs = max(3, math.ceil(NONPRIVATE_STEPS * 256 / n))
@@ -213,7 +214,7 @@ def method_specs(label: str) -> list[dict[str, Any]]:
             "name": "qem",
             "label": "qem",
             "grid": grids["qem"],
-            "fixed": PUBLIC_SIDE[scenario["family"]],
+            "fixed": {**PUBLIC_SIDE[scenario["family"]], **(qem_options or {})},
         },
         {
             "name": "dpsgd",
@@ -237,6 +238,7 @@ def experiment_config(
     seeds: list[int],
     tune_epsilons: list[float],
     tune_seed: int,
+    qem_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A ``qem experiment`` config for one scenario, tuned on public validation at each of
     ``tune_epsilons`` (the runner's tuning split)."""
@@ -244,7 +246,7 @@ def experiment_config(
     return {
         "name": name,
         "scenarios": [{"label": label, **scenario["spec"]}],
-        "methods": method_specs(label),
+        "methods": method_specs(label, qem_options),
         "epsilons": epsilons,
         "delta": 1e-5,
         "seeds": seeds,
@@ -276,7 +278,15 @@ def main() -> None:
     parser.add_argument("--out", default="runs/compare", help="cells (resumable)")
     parser.add_argument("--docs", default="docs", help="where results.md/.json and plots go")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--qem-option",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override one of qem's fixed fine_tune options, e.g. step_significance=2",
+    )
     args = parser.parse_args()
+    qem_options = dict(_option(text) for text in args.qem_option)
 
     out, progress = Path(args.out), not args.no_progress
     seeds = {
@@ -292,6 +302,7 @@ def main() -> None:
                     seeds[label][:count],
                     args.tune_epsilons,
                     args.tune_seed,
+                    qem_options,
                 )
                 run_experiment(config, out / label, progress=progress)
     gathered = out / args.name
@@ -325,6 +336,17 @@ def main() -> None:
         f"{torch.__version__}. Compute time per stage (sum over its cells): {timing}.\n\n{body}"
     )
     print(paths[0].read_text())
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``KEY=JSON`` -> (key, value)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--qem-option expects KEY=JSON, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"--qem-option {key}: {value!r} is not JSON ({error})") from None
 
 
 if __name__ == "__main__":
