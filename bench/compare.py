@@ -27,8 +27,9 @@ budget with tuning included, DP-SGD/qem time ratio), the plots and every tuning 
 to --docs/results.md; the table numbers (summary) and the cells behind them to
 --docs/results.json.
 
-Time (``make bench`` on 2 cores): ``ESTIMATE_MINUTES`` per scenario, from one cell of each kind
-measured at reduced size (``docs/results.md`` has the measured figures once the bench ran).
+Time (``make bench`` on 2 cores, measured): the six small-n scenarios 80 minutes (tuning 42 of
+them); full-size S1 and S2 with the large grid (up to 500 Poisson rounds of about 1 s) several
+hours (not run with this grid; docs/results.md says which run each row comes from).
 
     .venv/bin/python bench/compare.py                  # the full benchmark (make bench)
     .venv/bin/python bench/compare.py --scenarios digits --seeds 0 --epsilons 1 8 \\
@@ -190,9 +191,6 @@ PUBLIC_SIDE: dict[str, dict[str, Any]] = {
 factors, or the GGN) estimated every ``curvature_every`` rounds and projected into each round's
 subspace in between, on at most ``public_sample_size`` public examples, and the step line search
 on at most ``line_search_size`` validation examples."""
-
-ESTIMATE_MINUTES: dict[str, float] = {}
-"""Estimated minutes of ``make bench`` per scenario on 2 cores (filled from measurements)."""
 
 NONPRIVATE_STEPS = 1_500
 """Non-private fine-tuning gets at least this many Adam steps of batch 256 (with early stopping
