@@ -98,6 +98,7 @@ GIVEN = {
     "momentum": 0.5,
     "line_search_size": 50,
     "step_significance": 2.0,
+    "confirmation_size": 30,
     "radius": 4.0,
     "seed": 11,
     "invalid_records": "raise",

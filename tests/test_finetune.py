@@ -383,6 +383,47 @@ def test_a_release_whose_step_was_not_taken_joins_the_next_step():
     assert result.report.unapplied_releases == (counts[-1] if steps[-1] == 0.0 else 0)
 
 
+def test_the_acceptance_test_runs_on_confirmation_examples_the_search_does_not_read(
+    monkeypatch,
+):
+    """confirmation_size = c: the search reads the first n - c validation examples, the
+    paired test the last c (so it is not biased by the search's choice of alpha); the releases
+    are those of the run without it (post-processing)."""
+    import qem.finetune.step
+    import qem.linesearch
+    from qem.finetune.inputs import RunData
+
+    task = blob_task()
+    n = len(task["validation"][1])
+    data = RunData.build(
+        task["public"], task["private"], task["validation"], searches=True, confirmation_size=7
+    )
+    assert len(data.validation) == n - 7 and len(data.confirmation) == 7
+    assert data.validation_source["confirmation_n"] == 7
+    tested, searched = [], []
+    decrease, search = qem.finetune.step.significant_decrease, qem.finetune.step.line_search_step
+    monkeypatch.setattr(
+        qem.finetune.step,
+        "significant_decrease",
+        lambda a, b, z: tested.append(len(a)) or decrease(a, b, z),
+    )
+    monkeypatch.setattr(
+        qem.finetune.step,
+        "line_search_step",
+        lambda model, loss, step, validation, **kw: searched.append(len(validation))
+        or search(model, loss, step, validation, **kw),
+    )
+    options = dict(epsilon=4.0, rounds=3, subspace="identity", seed=0)
+    plain = run(task, **options)
+    confirmed = run(task, **options, confirmation_size=7)
+    np.testing.assert_array_equal(confirmed.releases[0], plain.releases[0])
+    assert set(searched[len(searched) // 2 :]) == {n - 7}
+    assert tested and set(tested) == {7}
+    assert qem.linesearch.significant_decrease is decrease
+    with pytest.raises(InvalidParameterError, match="confirmation_size"):
+        run(task, **options, confirmation_size=n)
+
+
 def test_a_step_within_the_validation_noise_is_not_taken():
     """The same seeded release: any decrease is a step without the test (None); with a high
     threshold round 1's step is not kept and its release joins round 2's direction."""

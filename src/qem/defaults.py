@@ -85,6 +85,7 @@ FINE_TUNE_DEFAULTS = MappingProxyType(
         "validation_data": None,
         "line_search_size": None,
         "step_significance": 1.0,
+        "confirmation_size": None,
         "radius": None,
         # run
         "seed": None,

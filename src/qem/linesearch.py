@@ -65,13 +65,19 @@ class StepSearch:
 
     def significant(self, z: float) -> bool:
         """Whether the step lowers the mean validation loss by more than ``z`` paired standard
-        errors: with d_i = loss_i(theta + alpha d) - loss_i(theta) over the n validation
-        examples, mean(d) < -z sd(d) / sqrt(n) (a step of length 0 never is)."""
+        errors on the search's own examples (``significant_decrease``; a step of length 0
+        never does)."""
         if self.alpha == 0.0:
             return False
-        d = self.losses_at_alpha - self.losses_at_zero
-        spread = float(d.std(unbiased=True)) if len(d) > 1 else 0.0
-        return float(d.mean()) < -z * spread / math.sqrt(len(d))
+        return significant_decrease(self.losses_at_zero, self.losses_at_alpha, z)
+
+
+def significant_decrease(at_zero: torch.Tensor, at_alpha: torch.Tensor, z: float) -> bool:
+    """With d_i = loss_i(theta + alpha d) - loss_i(theta) over n examples: whether
+    mean(d) < -z sd(d) / sqrt(n), a paired decrease beyond z standard errors."""
+    d = at_alpha - at_zero
+    spread = float(d.std(unbiased=True)) if len(d) > 1 else 0.0
+    return float(d.mean()) < -z * spread / math.sqrt(len(d))
 
 
 def line_search_step(

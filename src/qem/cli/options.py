@@ -214,6 +214,13 @@ FINE_TUNE_OPTIONS: tuple[Option, ...] = (
         STEP,
         float,
     ),
+    Option(
+        "confirmation_size",
+        "run the step acceptance test on the last this many validation examples, which the "
+        "step search then does not read",
+        STEP,
+        int,
+    ),
     Option("radius", "pure mode: radius R (default: chosen)", STEP, float),
     Option(
         "seed",
@@ -413,7 +420,7 @@ POSITIVE = ("damping", "clip_norm", "prior_weight", "radius", "sampling_rate")
 """Options that must be finite numbers > 0 when given."""
 COUNTS = (
     "rounds", "k", "N", "curvature_every", "public_sample_size", "line_search_size",
-    "batch_size", "epochs", "expected_batch",
+    "confirmation_size", "batch_size", "epochs", "expected_batch",
 )  # fmt: skip
 """Options that must be integers >= 1 when given."""
 

@@ -54,6 +54,7 @@ def fine_tune(
     validation_data: DataLike | None = None,
     line_search_size: int | None = None,
     step_significance: float | None = 1.0,
+    confirmation_size: int | None = None,
     public_sample_size: int | None = None,
     radius: float | None = None,
     seed: int | None = None,
@@ -121,7 +122,8 @@ def fine_tune(
             public split); line_search_size: at most that many of its examples.
         step_significance: z; a searched step is kept only when the validation loss falls by
             more than z paired standard errors (None: any decrease); a release whose step is not
-            kept joins the next round's direction (§9b). StepRule.
+            kept joins the next round's direction (§9b); confirmation_size: the test runs on
+            the last that many validation examples, which the search does not read. StepRule.
         batch_size, device, distributed, progress: how the work runs (Performance: none of
             them changes a release); device "cpu" | "cuda" | "auto"; distributed "auto" | True |
             False runs one release over the ranks of a torch.distributed group (each rank reads
@@ -151,7 +153,14 @@ def fine_tune(
         public=public_side,
         private=PrivatePass(clipping=clipping, invalid_records=invalid_records),
         noise=Noise(seed=seed, secure=secure_noise, enabled=noise),
-        step=StepRule(prior_weight, momentum, validation_data, line_search_size, step_significance),
+        step=StepRule(
+            prior_weight,
+            momentum,
+            validation_data,
+            line_search_size,
+            step_significance,
+            confirmation_size,
+        ),
         performance=Performance(batch_size, device, distributed, progress),
         on_release=on_release,
     )

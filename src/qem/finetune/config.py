@@ -66,13 +66,15 @@ class StepRule:
     weight lam = ``prior_weight`` (also pure mode, where lam is not free). A searched step is
     kept only when the validation loss falls by more than ``step_significance`` paired
     standard errors (None: any decrease); a release whose step is not kept is carried into the
-    next round's direction (qem.finetune.step, docs/theory.md §9b)."""
+    next round's direction (qem.finetune.step, docs/theory.md §9b). ``confirmation_size``: the
+    last that many validation examples are kept from the search and the test runs on them."""
 
     prior_weight: float | None = None
     momentum: float = 0.0
     validation_data: DataLike | None = None
     line_search_size: int | None = None
     step_significance: float | None = 1.0
+    confirmation_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.step_significance is not None:
@@ -82,6 +84,8 @@ class StepRule:
         check_in_interval("momentum", self.momentum, 0.0, 1.0, closed="low")
         if self.line_search_size is not None:
             check_count("line_search_size", self.line_search_size)
+        if self.confirmation_size is not None:
+            check_count("confirmation_size", self.confirmation_size)
 
     def searches(self, mode: str) -> bool:
         """Whether the step length is searched (Gaussian-DP mode without a fixed lam)."""

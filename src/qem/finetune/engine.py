@@ -119,6 +119,7 @@ class RoundEngine:
         self.data = RunData.build(
             public_data, private_data, step.validation_data, searches=self.searches,
             line_search_size=step.line_search_size, public_sample_size=public.public_sample_size,
+            confirmation_size=step.confirmation_size,
         )  # fmt: skip
         if schedule is None:
             public_size = budget.for_records(len(self.data.private)).N  # add/remove: declared N
@@ -150,7 +151,10 @@ class RoundEngine:
             clipping=private.clipping, batch_size=self.batch_size, progress=self.progress,
         )  # fmt: skip
         validation = self.data.validation if self.searches else None
-        self.stepper = Stepper(loss_fn, validation, float(step.momentum), step.step_significance)
+        self.stepper = Stepper(
+            loss_fn, validation, float(step.momentum), step.step_significance,
+            confirmation=self.data.confirmation if self.searches else None,
+        )  # fmt: skip
 
     def run(self) -> FineTuneResult:
         """The rounds, in order (module docstring); the whole run's result."""

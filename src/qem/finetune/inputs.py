@@ -25,6 +25,7 @@ class RunData:
     private: Dataset
     validation: Dataset | None
     validation_source: dict
+    confirmation: Dataset | None = None
 
     @classmethod
     def build(
@@ -36,22 +37,38 @@ class RunData:
         searches: bool,
         line_search_size: int | None = None,
         public_sample_size: int | None = None,
+        confirmation_size: int | None = None,
     ) -> RunData:
         """Read the data forms (qem.data); hold out a public validation split when a line
-        search runs without validation data; cut validation and public data to the sizes
-        asked for."""
+        search runs without validation data; set its last ``confirmation_size`` examples apart
+        for the acceptance test; cut validation and public data to the sizes asked for."""
         public = as_dataset(public_data, "public data")
         private = as_dataset(private_data, "private data", addressable=True)
         public, validation, source = _validation_split(public, validation_data, searches)
+        confirmation = None
+        if confirmation_size is not None and validation is not None:
+            validation, confirmation = _confirmation_split(validation, confirmation_size)
+            source = {**source, "confirmation_n": len(confirmation)}
         if line_search_size is not None and validation is not None:
             validation = _head(validation, line_search_size)
         if public_sample_size is not None:
             public = _head(public, public_sample_size)
-        return cls(public, private, validation, source)
+        return cls(public, private, validation, source, confirmation)
 
 
 def _head(data: Dataset, size: int) -> Dataset:
     return data if size >= len(data) else Subset(data, range(size))
+
+
+def _confirmation_split(validation: Dataset, size: int) -> tuple[Dataset, Dataset]:
+    """(the examples the search reads, the last ``size`` that only the acceptance test reads)."""
+    n = len(validation)
+    if size >= n:
+        raise InvalidParameterError(
+            f"confirmation_size={size} leaves none of the {n} validation examples for the step "
+            "search; use fewer confirmation examples or more validation data."
+        )
+    return Subset(validation, range(n - size)), Subset(validation, range(n - size, n))
 
 
 def _validation_split(

@@ -36,13 +36,14 @@ def preflight(model: nn.Module, loss_fn: LossFn, data: RunData) -> None:
     with torch.no_grad():
         public_x, public_y = _first_rows(data.public)
         outputs = _public_forward(model, public_x, public_y, "public data")
-        for part in (data.public, data.validation):
+        for part in (data.public, data.validation, data.confirmation):
             targets = None if part is None else known_targets(part)
             if targets is not None:
                 check_targets(outputs, targets)
         _check_loss(loss_fn, outputs, public_y, "public data")
-        if data.validation is not None:
-            _check_validation(model, loss_fn, data.validation, public_x, public_y)
+        for part in (data.validation, data.confirmation):
+            if part is not None:
+                _check_validation(model, loss_fn, part, public_x, public_y)
         _check_private_structure(model, loss_fn, data.private, public_x, public_y)
 
 

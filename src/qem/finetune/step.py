@@ -8,7 +8,9 @@ since the last step taken, §9b): a release whose step was not taken is still a 
 and the next round's search runs along it plus its own. alpha comes from a line search on the
 public validation data (warm-started at the previous positive step) and is kept only when the
 validation loss falls by more than ``accept_z`` paired standard errors; without validation data
-alpha = 1. Every input of the rule is public or a release, so the rule costs no privacy.
+alpha = 1. With ``confirmation`` (public examples the search does not read) the test runs on
+them instead, free of the bias of testing alpha on the examples that chose it (docs/theory.md
+§9b). Every input of the rule is public or a release, so the rule costs no privacy.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from qem.linesearch import line_search_step
+from qem.linesearch import StepSearch, line_search_step, significant_decrease, step_probe
 from qem.losses import LossFn
+from qem.metrics import example_losses
 from qem.subspace.base import Subspace, add_to_parameters
 
 Direction = dict[str, torch.Tensor]
@@ -36,6 +39,7 @@ class Stepper:
     validation: Dataset | None
     momentum: float
     accept_z: float | None = 1.0
+    confirmation: Dataset | None = None
     previous_step: float | None = None
     velocity: Direction | None = None
     carried: Direction | None = None
@@ -56,7 +60,7 @@ class Stepper:
                 model, self.loss_fn, step, self.validation,
                 start=self.previous_step or 1.0, warm=self.previous_step is not None,
             )  # fmt: skip
-            accepted = self.accept_z is None or search.significant(self.accept_z)
+            accepted = self.accept_z is None or self._significant(model, step, search)
             alpha = search.alpha if accepted else 0.0
             val_loss = search.loss if accepted else float(search.losses_at_zero.mean())
         add_to_parameters(model, step, alpha)
@@ -67,6 +71,17 @@ class Stepper:
             self.carried = {n: d for n, d in step.items()}
             self.carried_releases = releases
         return np.array([alpha, val_loss, releases])
+
+    def _significant(self, model: nn.Module, step: Direction, search: StepSearch) -> bool:
+        """The acceptance test of the searched step: on the confirmation examples when there
+        are some (two passes over them), else on the search's own."""
+        if self.confirmation is None or search.alpha == 0.0:
+            return search.significant(self.accept_z)
+        with step_probe(model, step) as move:
+            at_zero = example_losses(model, self.loss_fn, self.confirmation)
+            move(search.alpha)
+            at_alpha = example_losses(model, self.loss_fn, self.confirmation)
+        return significant_decrease(at_zero, at_alpha, self.accept_z)
 
 
 def _plus(a: Direction, b: Direction | None) -> Direction:
