@@ -410,8 +410,9 @@ def test_the_acceptance_test_runs_on_confirmation_examples_the_search_does_not_r
     monkeypatch.setattr(
         qem.finetune.step,
         "line_search_step",
-        lambda model, loss, step, validation, **kw: searched.append(len(validation))
-        or search(model, loss, step, validation, **kw),
+        lambda model, loss, step, validation, **kw: (
+            searched.append(len(validation)) or search(model, loss, step, validation, **kw)
+        ),
     )
     options = dict(epsilon=4.0, rounds=3, subspace="identity", seed=0)
     plain = run(task, **options)
