@@ -115,6 +115,13 @@ class RecordCanaries:
         """gh_{i,t} (m, k)."""
         return release_paths.per_example_clipped((self.inputs, self.labels), context)
 
+    def records_sum(
+        self, private: tuple[torch.Tensor, torch.Tensor], capture: release_paths.Capture, t: int
+    ) -> np.ndarray:
+        """S_data,t, the clipped sum of the records without canaries in round t: a pass of its
+        own, since the run's pass read the included canaries too."""
+        return release_paths.private_sum(private, capture.passes[t])
+
     def with_included(
         self, private: tuple[torch.Tensor, torch.Tensor], included: np.ndarray
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], None]:
@@ -150,6 +157,14 @@ class GradientCanaries:
             return release_paths.clipped_along(rng.standard_normal((self.m, k)), context)
         frame, _ = np.linalg.qr(rng.standard_normal((k, self.m)))
         return release_paths.clipped_along(frame.T, context)
+
+    def records_sum(
+        self, private: tuple[torch.Tensor, torch.Tensor], capture: release_paths.Capture, t: int
+    ) -> np.ndarray:
+        """S_data,t: the sum the run's own private pass computed in round t, which read exactly
+        the records without canaries (the canaries were added after it), so it depends on no
+        coin."""
+        return capture.pass_sums[t]
 
     def with_included(
         self, private: tuple[torch.Tensor, torch.Tensor], included: np.ndarray
@@ -304,7 +319,7 @@ def canary_scores(capture: release_paths.Capture, task: OneRunTask) -> np.ndarra
     rounds = zip(capture.mechanisms, capture.passes, capture.releases, strict=True)
     for t, (mechanism, context, w) in enumerate(rounds):
         clipped = task.canaries.clipped(context, t)
-        data_mean = mechanism.mean(release_paths.private_sum(task.private, context))
+        data_mean = mechanism.mean(task.canaries.records_sum(task.private, capture, t))
         shifts = np.stack([mechanism.mean(g) for g in clipped], axis=1)  # (k, m): m(gh_i)
         designs.append(mechanism.whitener @ shifts)
         responses.append(mechanism.whitener @ (w - data_mean))

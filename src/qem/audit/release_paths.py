@@ -106,13 +106,15 @@ class RoundMechanism:
 
 @dataclass
 class Capture:
-    """One captured run: per round the mechanism, the clipped gradient sum it was given and the
+    """One captured run: per round the mechanism, the clipped gradient sum it was given, the
     private pass's context (``passes``: model at theta_t, subspace, clip norm, ... as keyword
-    arguments of ``private_sum``); the releases the engine continued with; the run's result."""
+    arguments of ``private_sum``) and the clipped sum that pass itself computed (``pass_sums``:
+    without ``added_gradients``); the releases the engine continued with; the run's result."""
 
     mechanisms: list[RoundMechanism] = field(default_factory=list)
     gradient_sums: list[np.ndarray] = field(default_factory=list)
     passes: list[dict[str, Any]] = field(default_factory=list)
+    pass_sums: list[np.ndarray] = field(default_factory=list)
     releases: list[np.ndarray] = field(default_factory=list)
     result: FineTuneResult | None = None
 
@@ -155,9 +157,11 @@ def capture_run(
         return w
 
     def recorded_pass(model, loss_fn, subspace, rows, **options):
-        context = {"model": copy.deepcopy(model), "loss_fn": loss_fn, "subspace": subspace}
-        capture.passes.append({**context, **options})
+        capture.passes.append(
+            {"model": copy.deepcopy(model), "loss_fn": loss_fn, "subspace": subspace, **options}
+        )
         statistics = private_pass(model, loss_fn, subspace, rows, **options)
+        capture.pass_sums.append(np.array(statistics.gradient_sum, dtype=np.float64))
         if added_gradients is None:
             return statistics
         added, count = added_gradients(capture.passes[-1], len(capture.passes) - 1)
